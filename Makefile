@@ -1,0 +1,31 @@
+# preftune: `make demo` runs the whole loop, `make test` runs the test suite.
+# Both create .venv when missing (torch==2.13.0 first, then the package and its extras).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= plots,test
+DEMO_OUT ?= runs/demo
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup demo quick test test-slow bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/preftune sft --config examples/quick/sft.toml --model smollm2-135m-instruct --out $(DEMO_OUT)/sft
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf runs .pytest_cache

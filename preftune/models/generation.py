@@ -1,0 +1,160 @@
+"""Batched sampling with a KV cache, left padding and early stop.
+
+One loop, used by ``preftune sample``, PPO rollouts, best-of-n and evaluation:
+
+* prompts are left-padded so every sequence's next token sits in the last column;
+* the first forward pass runs over the prompts and keeps only the last position's logits
+  (``logits_to_keep=1``: no vocabulary projection for prompt tokens), later passes feed one token
+  each against the cache;
+* a sequence ends at an EOS token or when its text contains a stop string; the loop stops as soon
+  as every sequence has ended, and the result is trimmed to the longest response;
+* optionally the log-probability of each sampled token under ``logits / temperature`` (the exact
+  quantity PPO needs for its old policy, so no second forward pass is required when the policy is
+  unchanged since sampling).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class Generation:
+    prompt_ids: torch.Tensor  # [B, P] left-padded with pad_token_id
+    prompt_mask: torch.Tensor  # [B, P] 1 on real prompt tokens
+    response_ids: torch.Tensor  # [B, T] right-padded with pad_token_id
+    response_mask: torch.Tensor  # [B, T] 1 on generated tokens (EOS included)
+    ended: torch.Tensor  # [B] bool: reached EOS or a stop string within the limit
+    texts: list[str]  # decoded responses, special tokens removed, cut before a stop string
+    logprobs: torch.Tensor | None = None  # [B, T] log pi(token) under logits / temperature, 0 on padding
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(1)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into (ids, mask)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if len(seq):
+            ids[i, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+            mask[i, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Sample one token per row from ``logits`` [B, V] (greedy when temperature == 0)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits.float(), dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    if not cuts:
+        return text, False
+    return text[:min(cuts)], True
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] = (),
+             min_new_tokens: int = 0, generator: torch.Generator | None = None,
+             return_logprobs: bool = False) -> Generation:
+    """Sample a response for each tokenised prompt (see module docstring)."""
+    device = next(model.parameters()).device
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    eos_ids = torch.tensor(sorted({eos_id} | set(_extra_eos_ids(model, tokenizer))), device=device)
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
+    batch = prompt_ids.shape[0]
+    attention = prompt_mask.clone()
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    cache_kw = _cache_keyword(model)
+    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions,
+                use_cache=True, logits_to_keep=1)
+    cache, logits = _returned_cache(out), out.logits[:, -1, :]
+    next_pos = positions[:, -1:] + 1
+
+    tokens, logps = [], []
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    ended = torch.zeros(batch, dtype=torch.bool, device=device)
+    alive_mask = []
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        if step < min_new_tokens:
+            logits[:, eos_ids] = float("-inf")
+        token = sample_next(logits, temperature, top_p, top_k, generator)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        if return_logprobs:
+            scaled = logits / temperature if temperature > 0 else logits
+            lp = torch.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1)
+            logps.append(lp.masked_fill(done, 0.0))
+        alive_mask.append((~done).long())
+        tokens.append(token)
+        hit_eos = torch.isin(token, eos_ids) & ~done
+        ended |= hit_eos
+        done |= hit_eos
+        if stop:
+            for i in (~done).nonzero().flatten().tolist():
+                text = tokenizer.decode(torch.stack(tokens, 1)[i], skip_special_tokens=True)
+                if _cut_at_stop(text, stop)[1]:
+                    done[i] = True
+                    ended[i] = True
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        # Finished rows keep feeding pad tokens; their outputs are discarded, so attending is harmless.
+        attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos,
+                    use_cache=True, **{cache_kw: cache})
+        cache, logits = _returned_cache(out), out.logits[:, -1, :]
+        next_pos = next_pos + 1
+
+    response_ids = torch.stack(tokens, 1)
+    response_mask = torch.stack(alive_mask, 1)
+    texts = []
+    for i in range(batch):
+        text = tokenizer.decode(response_ids[i][response_mask[i].bool()], skip_special_tokens=True)
+        texts.append(_cut_at_stop(text, stop)[0].strip() if stop else text.strip())
+    return Generation(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
+                      response_mask=response_mask, ended=ended.cpu(), texts=texts,
+                      logprobs=torch.stack(logps, 1) if return_logprobs else None)
+
+
+def _cache_keyword(model) -> str:
+    """transformers 5.x renamed ``past_key_values`` to ``cache``; accept both."""
+    forward = getattr(model, "get_base_model", lambda: model)().forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _extra_eos_ids(model, tokenizer) -> list[int]:
+    """EOS ids declared by the model's generation config (some models list several)."""
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None) if config is not None else None
+    if ids is None:
+        return []
+    ids = [ids] if isinstance(ids, int) else list(ids)
+    return [i for i in ids if i != tokenizer.pad_token_id]

@@ -1,0 +1,47 @@
+"""Logits only where they are needed.
+
+The vocabulary projection is the largest matrix product of a small LM (SmolLM2: 576 x 49152 per
+token). Training losses need logits at response positions only, so ``selected_logits`` runs the
+decoder trunk over the whole sequence and the LM head over the selected positions alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _unwrap(model):
+    """The transformers model inside a peft wrapper (LoRA layers stay active inside it)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def selected_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    select: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [N, V] at the positions where ``select`` [B, T] is true (in row-major order).
+
+    The logits at position t predict token t + 1, so to score response tokens pass the response
+    mask shifted left by one."""
+    inner = _unwrap(model)
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    head = inner.get_output_embeddings()
+    if decoder is None or head is None:  # unknown architecture: full forward, then select
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return out.logits[select]
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False).last_hidden_state
+    logits = head(hidden[select])
+    scale = getattr(inner.config, "logit_scale", None)  # e.g. Cohere; None for Llama
+    if isinstance(scale, (int, float)):
+        logits = logits * scale
+    soft_cap = getattr(inner.config, "final_logit_softcapping", None)  # e.g. Gemma 2
+    if soft_cap:
+        logits = torch.tanh(logits / soft_cap) * soft_cap
+    return logits
+
+
+def response_token_mask(labels: torch.Tensor) -> torch.Tensor:
+    """For labels [B, T] with -100 on ignored tokens: the positions whose logits predict a label."""
+    select = torch.zeros_like(labels, dtype=torch.bool)
+    select[:, :-1] = labels[:, 1:] != -100
+    return select
