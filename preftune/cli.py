@@ -64,6 +64,12 @@ def _sft_command():
 
 _sft_command()
 
+from preftune.feedback.commands import register as _register_feedback  # noqa: E402
+from preftune.reward.cli import register as _register_reward  # noqa: E402
+
+_register_feedback(cli, CONFIG_HELP)
+_register_reward(cli, CONFIG_HELP)
+
 
 def main() -> None:
     cli(prog_name="preftune")

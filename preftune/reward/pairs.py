@@ -36,6 +36,7 @@ class PreferenceGroup:
     pairs: list[Pair]
     annotator: str | None = None
     source: Source = field(default_factory=Source)
+    split: str | None = None  # the record's "split" field (train / eval), for train_eval_split
 
 
 def ranking_pairs(ranking: list[list[int]]) -> tuple[list[tuple[int, int]], int]:
@@ -86,27 +87,28 @@ def expand_preferences(records: list[Comparison | Ranking | Rating], margin_scal
     """Groups of pairs for a mixed list of comparisons, rankings and ratings (see module docstring)."""
     counts: Counter = Counter()
     groups: list[PreferenceGroup] = []
-    rated: dict[tuple[str, str | None], list[Rating]] = {}
+    rated: dict[tuple[str, str | None, str | None], list[Rating]] = {}
     for rec in records:
         if isinstance(rec, Comparison):
             counts["comparisons"] += 1
             margin = margin_scale * rec.strength if rec.strength is not None else 0.0
             groups.append(PreferenceGroup(rec.messages, [rec.chosen, rec.rejected], [Pair(0, 1, margin)],
-                                          rec.annotator, rec.source))
+                                          rec.annotator, rec.source, rec.split))
         elif isinstance(rec, Ranking):
             counts["rankings"] += 1
             index_pairs, ties = ranking_pairs(rec.ranking)
             counts["tied_pairs_skipped"] += ties
             pairs = _without_identical(rec.responses, [Pair(w, l) for w, l in index_pairs], counts)
             if pairs:
-                groups.append(PreferenceGroup(rec.messages, list(rec.responses), pairs, rec.annotator, rec.source))
+                groups.append(PreferenceGroup(rec.messages, list(rec.responses), pairs, rec.annotator, rec.source,
+                                              rec.split))
         elif isinstance(rec, Rating):
             counts["ratings"] += 1
-            key = (json.dumps(rec.messages, sort_keys=True), rec.annotator)
+            key = (json.dumps(rec.messages, sort_keys=True), rec.annotator, rec.split)
             rated.setdefault(key, []).append(rec)
         else:
             raise TypeError(f"not a preference record: {type(rec).__name__}")
-    for (_, annotator), recs in rated.items():
+    for (_, annotator, _), recs in rated.items():
         if len(recs) < 2:
             counts["single_rating_prompts"] += 1
             continue
@@ -116,6 +118,7 @@ def expand_preferences(records: list[Comparison | Ranking | Rating], margin_scal
         responses = [r.response for r in recs]
         pairs = _without_identical(responses, [Pair(w, l) for w, l in index_pairs], counts)
         if pairs:
-            groups.append(PreferenceGroup(recs[0].messages, responses, pairs, annotator, recs[0].source))
+            groups.append(PreferenceGroup(recs[0].messages, responses, pairs, annotator, recs[0].source,
+                                          recs[0].split))
     counts["pairs"] = sum(len(g.pairs) for g in groups)
     return Expansion(groups, counts)
