@@ -158,8 +158,8 @@ def evaluate(rm: RewardModel, groups: list[EncodedGroup], batch_size: int) -> di
     return metrics
 
 
-def load_preferences(cfg: RewardConfig, rm: RewardModel):
-    """(train groups, eval groups, raw training groups, notes)."""
+def read_preferences(cfg: RewardConfig) -> tuple[list[PreferenceGroup], list[PreferenceGroup], list[str]]:
+    """(train groups, eval groups, notes): records read, validated and expanded to pairs."""
     notes: list[str] = []
 
     def read(path: str) -> list[PreferenceGroup]:
@@ -175,14 +175,9 @@ def load_preferences(cfg: RewardConfig, rm: RewardModel):
         train_groups, eval_groups = groups, read(cfg.eval_data)
     else:
         train_groups, eval_groups = train_eval_split(groups, cfg.eval_split, cfg.seed)
-    train, skipped = encode_groups(train_groups, rm, cfg.max_length, cfg.truncate, cfg.skip_invalid)
-    held, skipped_eval = encode_groups(eval_groups, rm, cfg.max_length, cfg.truncate, cfg.skip_invalid)
-    if skipped or skipped_eval:
-        notes.append(f"skipped {len(skipped) + len(skipped_eval)} over-long records, first: "
-                     f"{(skipped + skipped_eval)[0]}")
-    if not train:
+    if not train_groups:
         raise PreftuneError(f"{cfg.data}: no training pairs (all preferences were ties, single ratings or invalid)")
-    return train, held, train_groups, notes
+    return train_groups, eval_groups, notes
 
 
 # ---------------------------------------------------------------- normalisation
@@ -247,8 +242,15 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
     out.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
+    train_groups, eval_groups, notes = read_preferences(cfg)  # bad input fails before the model loads
     rm = RewardModel.from_backbone(cfg.model, device=cfg.device, dtype=cfg.dtype, max_length=cfg.max_length)
-    train, held, train_groups, notes = load_preferences(cfg, rm)
+    train, skipped = encode_groups(train_groups, rm, cfg.max_length, cfg.truncate, cfg.skip_invalid)
+    held, skipped_eval = encode_groups(eval_groups, rm, cfg.max_length, cfg.truncate, cfg.skip_invalid)
+    if skipped or skipped_eval:
+        notes.append(f"skipped {len(skipped) + len(skipped_eval)} over-long records, first: "
+                     f"{(skipped + skipped_eval)[0]}")
+    if not train:
+        raise PreftuneError(f"{cfg.data}: no training pairs left after skipping over-long records")
     for note in notes:
         console.print(note if "skipped" not in note else f"[yellow]{note}")
     if cfg.lora:
