@@ -11,8 +11,9 @@ component          range        meaning
 ``keyword(a|b)``   0 .. 1       share of the listed keywords present (case-insensitive words)
 ``similarity``     -1 .. 1      cosine similarity of all-MiniLM-L6-v2 embeddings of prompt and
                                 response (on topic)
-``ends``           0 or 1       the response ends like a finished sentence (. ! ? ... or a closing
-                                quote/bracket/code fence after one), not cut off mid-sentence
+``ends``           0 or 1       the response ends like a finished sentence (. ! ? ... possibly
+                                followed by closing quotes/brackets) or a closed code block, not
+                                cut off mid-sentence
 ``nonrepetitive``  0 .. 1       distinct word 3-grams / all word 3-grams (``nonrepetitive(n=4)``)
 =================  ===========  ==============================================================
 
@@ -88,12 +89,15 @@ def keyword(words: str = "") -> ScoreFn:
     return lambda prompts, responses: [sum(bool(p.search(r)) for p in patterns) / len(patterns) for r in responses]
 
 
-FINAL_PUNCTUATION = re.compile(r"""[.!?…](["'”’)\]*_]*|\s*```)?\s*$|```\s*$""")
+FINAL_PUNCTUATION = re.compile(r"""[.!?…]["'”’)\]*_]*$""")
 
 
 def ended_properly(text: str) -> bool:
-    """Ends like a finished sentence (see ``ends``)."""
-    return bool(text.strip()) and bool(FINAL_PUNCTUATION.search(text.rstrip()))
+    """Ends like a finished sentence, or with a closed code block (see ``ends``)."""
+    text = text.rstrip()
+    if text.endswith("```"):
+        return text.count("```") % 2 == 0
+    return bool(FINAL_PUNCTUATION.search(text))
 
 
 def ends() -> ScoreFn:
