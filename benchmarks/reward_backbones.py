@@ -117,8 +117,7 @@ def main() -> None:
     prompts = [r["prompt"] for r in rows for _ in r["responses"]]
     responses = [t for r in rows for t in r["responses"]]
     valid = [i for i, t in enumerate(responses) if t.strip()]
-    scores = gold_fn([prompts[i] if isinstance(prompts[i], str) else prompts[i] for i in valid],
-                     [responses[i] for i in valid]).numpy()
+    scores = gold_fn([prompts[i] for i in valid], [responses[i] for i in valid]).numpy()
     gold = {(json.dumps(prompts[i]), responses[i]): float(s) for i, s in zip(valid, scores)}
     components = {c: resolve_gold(c, "cpu")([prompts[i] for i in valid], [responses[i] for i in valid]).mean().item()
                   for c in ("similarity", "sentiment", "ends", "nonrepetitive")}

@@ -112,6 +112,10 @@ def test_missing_metadata_is_a_clear_error(tiny_model_dir):
 def test_reward_spec_routes_to_the_reward_model(tiny_rm_dir, tmp_path):
     from preftune.reward.spec import load_reward
 
+    from preftune.feedback.commands import resolve_gold
+
     tiny_rm_dir.save(tmp_path / "rm2")
-    fn = load_reward(str(tmp_path / "rm2"), device="cpu")
-    assert fn(PROMPTS, RESPONSES).shape == (3,)
+    expected = tiny_rm_dir.score(PROMPTS, RESPONSES)
+    for fn in (load_reward(str(tmp_path / "rm2"), device="cpu"), load_reward(f"rm:{tmp_path / 'rm2'}"),
+               resolve_gold(str(tmp_path / "rm2"), "cpu")):
+        assert torch.allclose(fn(PROMPTS, RESPONSES), expected, atol=1e-5)
