@@ -12,6 +12,7 @@ from pydantic import Field
 
 from preftune.config import TrainConfig
 from preftune.data.jsonl import read_jsonl
+from preftune.data.records import Demonstration
 from preftune.data.split import train_eval_split
 from preftune.errors import PreftuneError
 from preftune.models.loading import load_causal_lm, set_threads
@@ -77,21 +78,26 @@ def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int, 
     return total / max(tokens, 1)
 
 
-def load_demonstrations(cfg: SFTConfig, tokenizer) -> tuple[list[Example], list[Example], list[str]]:
+def read_demonstrations(cfg: SFTConfig) -> tuple[list[Demonstration], list[Demonstration], list[str]]:
+    """Validate the input files before any model is loaded, so bad input fails fast."""
     notes: list[str] = []
     train_read = read_jsonl(cfg.data, "demonstrations", skip_invalid=cfg.skip_invalid)
     if train_read.skipped:
         notes.append(train_read.summary())
-    if cfg.eval_data:
-        eval_read = read_jsonl(cfg.eval_data, "demonstrations", skip_invalid=cfg.skip_invalid)
-        if eval_read.skipped:
-            notes.append(eval_read.summary())
-        train_demos, eval_demos = train_read.records, eval_read.records
-    else:
-        train_demos, eval_demos = train_eval_split(train_read.records, cfg.eval_split, cfg.seed)
+    if not cfg.eval_data:
+        train, held = train_eval_split(train_read.records, cfg.eval_split, cfg.seed)
+        return train, held, notes
+    eval_read = read_jsonl(cfg.eval_data, "demonstrations", skip_invalid=cfg.skip_invalid)
+    if eval_read.skipped:
+        notes.append(eval_read.summary())
+    return train_read.records, eval_read.records, notes
+
+
+def encode_splits(cfg: SFTConfig, tokenizer, train_demos, eval_demos) -> tuple[list[Example], list[Example], list[str]]:
     train, skipped = encode_demonstrations(train_demos, tokenizer, cfg.max_length, cfg.truncate, cfg.skip_invalid)
     held, skipped_eval = encode_demonstrations(eval_demos, tokenizer, cfg.max_length, cfg.truncate,
                                                cfg.skip_invalid)
+    notes = []
     if skipped or skipped_eval:
         notes.append(f"skipped {len(skipped) + len(skipped_eval)} over-long records, first: "
                      f"{(skipped + skipped_eval)[0]}")
@@ -114,10 +120,11 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, quiet: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
+    train_demos, eval_demos, notes = read_demonstrations(cfg)
     model, tokenizer = load_causal_lm(cfg.model, device=cfg.device, dtype=cfg.dtype)
     device = next(model.parameters()).device
-    train, held, notes = load_demonstrations(cfg, tokenizer)
-    for note in notes:
+    train, held, more_notes = encode_splits(cfg, tokenizer, train_demos, eval_demos)
+    for note in notes + more_notes:
         console.print(f"[yellow]{note}")
     if cfg.packing:
         train = pack_examples(train, cfg.max_length)
