@@ -7,12 +7,18 @@ file and line, and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
 from preftune.config import config_from_cli, config_options
 from preftune.errors import PreftuneError
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or the only process): the one that prints."""
+    return os.environ.get("RANK", "0") == "0"
+
 
 CONFIG_HELP = "TOML/YAML config file; its [stage] table (or top-level keys) set any option below."
 
@@ -57,7 +63,8 @@ def _sft_command():
 
         cfg = config_from_cli(SFTConfig, kwargs, "sft")
         summary = train_sft(cfg)
-        click.echo(f"sft done: eval_loss {summary['eval_loss']} -> {cfg.out}")
+        if is_main_process():
+            click.echo(f"sft done: eval_loss {summary['eval_loss']} -> {cfg.out}")
 
     return sft
 

@@ -63,3 +63,11 @@ def test_sft_two_ranks_match_one_rank_with_double_batch(tmp_path, tiny_model_dir
     os.rename(tmp_path / "two" / "checkpoints" / "step-000003", resumed / "checkpoints" / "step-000003")
     launch(1, sft_args(tiny_model_dir, resumed, 8, "--resume", max_steps=6))
     assert_weights_close(resumed, tmp_path / "one", atol=1e-5)
+
+
+def test_sft_fsdp_with_lora_matches_one_rank(tmp_path, tiny_model_dir):
+    common = dict(max_steps=4, lora_r=4, lr="1e-2")
+    launch(2, sft_args(tiny_model_dir, tmp_path / "fsdp", 4, "--fsdp", "--lora", save_every=2, **common))
+    launch(1, sft_args(tiny_model_dir, tmp_path / "one", 8, "--lora", **common))
+    assert_weights_close(tmp_path / "fsdp", tmp_path / "one", atol=1e-5)
+    assert (tmp_path / "fsdp" / "checkpoints" / "step-000002" / "model.safetensors").exists()

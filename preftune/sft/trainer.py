@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -33,6 +32,9 @@ from preftune.training import (
     MetricsLogger,
     Throughput,
     apply_lora,
+    clip_gradients,
+    distribute,
+    gradient_sync,
     latest_checkpoint,
     load_checkpoint,
     make_optimizer,
@@ -82,17 +84,22 @@ def count_targets(examples: list[Example]) -> int:
 
 @torch.no_grad()
 def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int, device,
-                  info: DistInfo = DistInfo()) -> float:
-    """Mean cross-entropy per response token over ``examples`` (each rank scores its share)."""
+                  info: DistInfo = DistInfo(), net=None) -> float:
+    """Mean cross-entropy per response token over ``examples``.
+
+    With replicated weights each rank scores its share and the sums are all-reduced. Under FSDP
+    (``net`` given) every forward pass is a collective, so every rank scores all examples."""
     was_training = model.training
     model.eval()
-    net = ResponseLogits(model)
-    mine = examples[info.rank::info.world]
+    sharded = net is not None
+    mine = examples if sharded else examples[info.rank::info.world]
+    net = net if sharded else ResponseLogits(model)
     total = torch.zeros(2, dtype=torch.float64)
     for i in range(0, len(mine), batch_size):
         loss, n = _batch_loss(net, collate(mine[i:i + batch_size], pad_id), device)
         total += torch.tensor([loss.item(), n], dtype=torch.float64)
-    total = all_reduce_sum(total, info)
+    if not sharded:
+        total = all_reduce_sum(total, info)
     model.train(was_training)
     return (total[0] / total[1].clamp(min=1)).item()
 
@@ -154,9 +161,7 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, quiet: bool = Fa
     if cfg.lora:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model.train()
-    net = ResponseLogits(model)
-    if info.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    net = distribute(ResponseLogits(model), model, info, cfg.fsdp)
 
     global_batch = cfg.batch_size * info.world
     steps_per_epoch = math.ceil(len(train) / global_batch)
@@ -186,7 +191,8 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, quiet: bool = Fa
     pad_id = tokenizer.pad_token_id
     speed = Throughput()
     t_start = time.perf_counter()
-    evaluate = lambda: evaluate_loss(model, held, pad_id, cfg.batch_size, device, info)  # noqa: E731
+    evaluate = lambda: evaluate_loss(model, held, pad_id, cfg.batch_size, device, info,  # noqa: E731
+                                     net if info.enabled and cfg.fsdp else None)
     initial_eval = evaluate() if held and start == 0 else None
     eval_loss, last = None, {}
     with progress_bar(total_steps, "sft", disable=quiet) as bar:
@@ -203,14 +209,12 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, quiet: bool = Fa
             chunks = [mine[j:j + micro] for j in range(0, len(mine), micro)]
             step_loss, step_tokens = torch.zeros(1, dtype=torch.float64), 0
             for k, chunk in enumerate(chunks):
-                sync = nullcontext() if not info.enabled or k == len(chunks) - 1 else net.no_sync()
-                with sync:
+                with gradient_sync(net, enabled=k == len(chunks) - 1):
                     loss_sum, _ = _batch_loss(net, collate(chunk, pad_id), device)
                     (loss_sum * info.world / n_targets).backward()
                 step_loss += loss_sum.item()
                 step_tokens += sum(len(e.input_ids) for e in chunk)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
-                         if cfg.max_grad_norm > 0 else None)
+            grad_norm = clip_gradients(model, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -225,9 +229,9 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, quiet: bool = Fa
             if logger and (done % cfg.log_every == 0 or done == total_steps):
                 logger.log(done, last)
             bar.advance(1, loss=last["loss"], tok_s=round(last["tokens_per_s"]))
-            if cfg.save_every and done % cfg.save_every == 0 and done != total_steps and info.is_main:
+            if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
                 save_checkpoint(out, done, {"model": model}, optimizer, scheduler, {"global_batch": global_batch},
-                                cfg.keep_checkpoints)
+                                cfg.keep_checkpoints, is_main=info.is_main)
             if stop_after is not None and done >= stop_after:
                 barrier(info)
                 if logger:
@@ -236,11 +240,12 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, quiet: bool = Fa
     summary = {"steps": total_steps, "train_examples": len(train), "eval_examples": len(held),
                "final_loss": last.get("loss"), "eval_loss": eval_loss, "initial_eval_loss": initial_eval,
                "world_size": info.world, "seconds": time.perf_counter() - t_start}
-    if info.enabled:  # evidence that data parallelism kept every rank's weights identical
+    if info.enabled and not cfg.fsdp:  # evidence that DDP kept every rank's weights identical
         summary["rank_param_checksums"] = gather_checksums(model, info)
+    save_final_model(model, tokenizer, out, keep_adapter=cfg.keep_adapter, sharded=info.enabled and cfg.fsdp,
+                     is_main=info.is_main)
     if info.is_main:
         logger.close()
-        save_final_model(model, tokenizer, out, keep_adapter=cfg.keep_adapter)
         write_json(out / "metrics.json", summary)
     barrier(info)
     return summary
