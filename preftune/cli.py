@@ -7,18 +7,11 @@ file and line, and exit status 2, never a traceback.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 
-from preftune.config import config_from_cli, config_options
 from preftune.errors import PreftuneError
-
-def is_main_process() -> bool:
-    """Rank 0 under torchrun (or the only process): the one that prints."""
-    return os.environ.get("RANK", "0") == "0"
-
 
 CONFIG_HELP = "TOML/YAML config file; its [stage] table (or top-level keys) set any option below."
 
@@ -48,28 +41,11 @@ def cli() -> None:
     Run `preftune COMMAND --help` for the options of each stage."""
 
 
-def _sft_command():
-    from preftune.sft.trainer import SFTConfig
+from preftune.dpo.cli import register as _register_dpo  # noqa: E402
+from preftune.sft.cli import register as _register_sft  # noqa: E402
 
-    @cli.command("sft")
-    @click.option("--config", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-    @config_options(SFTConfig)
-    def sft(**kwargs) -> None:
-        """Supervised fine-tuning on demonstrations (loss on response tokens only).
-
-        Writes the final model as a plain Hugging Face directory at the top of --out, plus
-        metrics.jsonl, metrics.json and resumable checkpoints under OUT/checkpoints."""
-        from preftune.sft.trainer import train_sft
-
-        cfg = config_from_cli(SFTConfig, kwargs, "sft")
-        summary = train_sft(cfg)
-        if is_main_process():
-            click.echo(f"sft done: eval_loss {summary['eval_loss']} -> {cfg.out}")
-
-    return sft
-
-
-_sft_command()
+_register_sft(cli, CONFIG_HELP)
+_register_dpo(cli, CONFIG_HELP)
 
 
 def main() -> None:

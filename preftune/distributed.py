@@ -104,3 +104,8 @@ def gather_checksums(model: torch.nn.Module, info: DistInfo) -> list[float]:
     sums: list[float | None] = [None] * info.world
     dist.all_gather_object(sums, mine)
     return sums  # type: ignore[return-value]
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or the only process): the one that prints."""
+    return os.environ.get("RANK", "0") == "0"
