@@ -47,6 +47,12 @@ from preftune.sft.cli import register as _register_sft  # noqa: E402
 _register_sft(cli, CONFIG_HELP)
 _register_dpo(cli, CONFIG_HELP)
 
+from preftune.feedback.commands import register as _register_feedback  # noqa: E402
+from preftune.reward.cli import register as _register_reward  # noqa: E402
+
+_register_feedback(cli, CONFIG_HELP)
+_register_reward(cli, CONFIG_HELP)
+
 
 def main() -> None:
     cli(prog_name="preftune")
