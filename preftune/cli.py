@@ -64,6 +64,10 @@ def _sft_command():
 
 _sft_command()
 
+from preftune.ppo.cli import register as _register_ppo  # noqa: E402
+
+_register_ppo(cli, CONFIG_HELP)
+
 
 def main() -> None:
     cli(prog_name="preftune")

@@ -54,17 +54,24 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 # ---------------------------------------------------------------- log-probabilities
 
 
+def scaled_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) over the full vocabulary, in fp32: the distribution PPO
+    scores tokens under, identically at rollout and at update time (top-p/top-k only shape
+    sampling, never the PPO ratio)."""
+    return torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1)
+
+
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(token) under ``softmax(logits / temperature)`` over the full vocabulary: the same
-    quantity at rollout and at update time (top-p/top-k only shape sampling, never the PPO ratio)."""
-    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
-    return torch.log_softmax(scaled, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log pi(token) under ``softmax(logits / temperature)``."""
+    return scaled_log_softmax(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of ``softmax(logits / temperature)`` per position (nats)."""
-    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
-    logp = torch.log_softmax(scaled, -1)
+    return entropy_from_log_softmax(scaled_log_softmax(logits, temperature))
+
+
+def entropy_from_log_softmax(logp: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
