@@ -53,6 +53,10 @@ from preftune.reward.cli import register as _register_reward  # noqa: E402
 _register_feedback(cli, CONFIG_HELP)
 _register_reward(cli, CONFIG_HELP)
 
+from preftune.ppo.cli import register as _register_ppo  # noqa: E402
+
+_register_ppo(cli, CONFIG_HELP)
+
 
 def main() -> None:
     cli(prog_name="preftune")
