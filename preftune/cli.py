@@ -64,6 +64,10 @@ def _sft_command():
 
 _sft_command()
 
+from preftune.evaluation.cli import register as _register_evaluation  # noqa: E402
+
+_register_evaluation(cli)
+
 
 def main() -> None:
     cli(prog_name="preftune")

@@ -149,7 +149,7 @@ def config_options(cls: type[BaseModel], skip: tuple[str, ...] = ()):
                 help_text = f"{field.description or ''} [required]"
             else:
                 default = field.get_default(call_default_factory=True)
-                shown = ",".join(default) if isinstance(default, list) else default
+                shown = ",".join(map(str, default)) if isinstance(default, list) else default
                 help_text = f"{field.description or ''} [default: {shown}]"
             if field.annotation is bool:
                 option = click.option(f"--{flag}/--no-{flag}", name, default=None, help=help_text)
