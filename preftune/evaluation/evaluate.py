@@ -254,7 +254,6 @@ def eval_section(result: dict) -> str:
         ax.set_yticks(range(len(judged)), [j["judge"] for j in judged])
         ax.set_xlim(0, 1)
         ax.set_xlabel("win rate of A over B (95 % Wilson interval)")
-        fig.tight_layout()
         parts.append(R.figure(fig, "win rates"))
     return R.section("Judges", *parts)
 
