@@ -23,7 +23,7 @@ from preftune.data.jsonl import read_dicts, write_jsonl
 from preftune.data.records import prompt_text
 from preftune.errors import PreftuneError
 from preftune.evaluation import report as R
-from preftune.evaluation.evaluate import _prompt_subset, _scores
+from preftune.evaluation.evaluate import prompt_subset, score_all
 from preftune.evaluation.gao import best_of_n_expectation, bon_kl, fit_gao, overoptimisation_section
 from preftune.evaluation.judges import is_human, score_judge
 from preftune.evaluation.sampling import SamplingOptions, sample_responses
@@ -84,7 +84,7 @@ def run_bon(cfg: BonConfig, quiet: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
-    records = _prompt_subset(cfg)
+    records = prompt_subset(cfg)
     N = max(cfg.n)
     messages = [r.messages for r in records for _ in range(N)]
     model, tok = load_causal_lm(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -93,8 +93,8 @@ def run_bon(cfg: BonConfig, quiet: bool = False) -> dict:
     samples = sample_responses(model, tok, messages, options, generator=gen,
                                description=f"sampling {N} per prompt", quiet=quiet)
     del model
-    proxy = np.array(_scores(score_judge(cfg.reward, cfg.device), messages, samples.texts, cfg.batch_size))
-    gold = (np.array(_scores(score_judge(cfg.gold, cfg.device), messages, samples.texts, cfg.batch_size))
+    proxy = np.array(score_all(score_judge(cfg.reward, cfg.device), messages, samples.texts, cfg.batch_size))
+    gold = (np.array(score_all(score_judge(cfg.gold, cfg.device), messages, samples.texts, cfg.batch_size))
             if cfg.gold else None)
     shape = (len(records), N)
     rows = bon_curve(proxy.reshape(shape), None if gold is None else gold.reshape(shape), cfg.n,

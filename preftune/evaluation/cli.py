@@ -95,4 +95,4 @@ def register(cli: click.Group) -> None:
 
 def _rates_line(result: dict) -> str:
     return "  ".join(f"{k} {100 * v['rate']:.1f}% [{100 * v['ci'][0]:.1f}, {100 * v['ci'][1]:.1f}]"
-                     for k, v in result["rates"].items() if v.get("rate") is not None) + f"  (n={result['n']})"
+                     for k, v in result["rates"].items() if v["n"]) + f"  (n={result['n']})"

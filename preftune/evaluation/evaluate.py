@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -62,7 +63,8 @@ class EvalConfig(StageConfig):
                                              "update eval.json and report.html (no sampling).")
 
 
-def _prompt_subset(cfg: EvalConfig):
+def prompt_subset(cfg) -> list:
+    """The prompt records of ``cfg.prompts``, or ``cfg.samples`` of them drawn with ``cfg.seed``."""
     read = read_jsonl(cfg.prompts, "prompts", skip_invalid=cfg.skip_invalid)
     if read.skipped:
         console.print(f"[yellow]{read.summary()}")
@@ -81,7 +83,8 @@ def _kl_per_sequence(model_b, samples_a, temperature: float) -> list[float]:
     return kls
 
 
-def _scores(fn, prompts, responses, batch_size: int) -> list[float]:
+def score_all(fn, prompts, responses, batch_size: int) -> list[float]:
+    """A reward function's scores of every response, ``batch_size`` at a time."""
     out = []
     for i in range(0, len(responses), batch_size):
         out += fn(prompts[i:i + batch_size], responses[i:i + batch_size]).tolist()
@@ -119,7 +122,7 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
-    records = _prompt_subset(cfg)
+    records = prompt_subset(cfg)
     messages = [r.messages for r in records]
     texts = [prompt_text(m) for m in messages]
     options = SamplingOptions(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
@@ -151,15 +154,15 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
     for spec in cfg.judge:
         if is_human(spec):
             judge = HumanJudge.from_spec(spec, cfg.feedback_url)
-            pushed = judge.push(texts, samples_a.texts, samples_b.texts, run=out.name or "eval", seed=cfg.seed,
+            pushed = judge.push(texts, samples_a.texts, samples_b.texts, run=f"{out.name or 'eval'}-{int(time.time())}", seed=cfg.seed,
                                 out=out / f"human-{judge.project}.jsonl")
             entry = judge_summary(spec, None, None, None, None, kl, seed=cfg.seed, resamples=cfg.bootstrap)
             entry.update({"kind": "human", "pending": pushed, "n": 0})
             console.print(f"pushed {pushed} pairs to {spec}; run again with --collect once people have judged")
         else:
             fn = score_judge(spec, device=cfg.device)
-            sa = _scores(fn, messages, samples_a.texts, cfg.batch_size)
-            sb = _scores(fn, messages, samples_b.texts, cfg.batch_size) if samples_b else None
+            sa = score_all(fn, messages, samples_a.texts, cfg.batch_size)
+            sb = score_all(fn, messages, samples_b.texts, cfg.batch_size) if samples_b else None
             per_judge_scores[spec] = (sa, sb)
             outcomes = pairwise_outcomes(sa, sb, cfg.tie_margin).tolist() if sb else None
             entry = {**judge_summary(spec, sa, sb, outcomes, length_diff, kl, seed=cfg.seed,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import importlib.util
 import io
 import math
 from typing import Any, Iterable, Sequence
@@ -103,11 +104,7 @@ def page(title: str, *sections: str) -> str:
 
 
 def plots_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 NO_PLOTS = paragraph("Plots need matplotlib (pip install 'preftune[plots]').", note=True)

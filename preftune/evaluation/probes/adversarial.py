@@ -32,6 +32,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from pydantic import Field
 
 from preftune.data.jsonl import write_jsonl
@@ -45,6 +46,7 @@ from preftune.evaluation.probes.common import (
     required_string,
     subset,
 )
+from preftune.evaluation.sampling import SamplingOptions, sample_responses
 from preftune.evaluation.stats import distinct_ngrams, rate_with_ci
 from preftune.models.loading import load_causal_lm, set_threads
 from preftune.training import seed_everything, write_json
@@ -199,9 +201,6 @@ def first_line(text: str) -> str:
 
 def red_team(cfg: AdversarialConfig, seeds: list[str], quiet: bool = False) -> tuple[dict, list[dict]]:
     """Generate ``cfg.red_team`` attacks from few-shot ``seeds``, keep those eliciting unsafe replies."""
-    from preftune.evaluation.sampling import SamplingOptions, sample_responses
-    import torch
-
     rng = random.Random(cfg.seed)
     attacker, tok = load_causal_lm(cfg.red_team_model or cfg.model, device=cfg.device, dtype=cfg.dtype)
     gen = torch.Generator(device=next(attacker.parameters()).device).manual_seed(cfg.seed)
