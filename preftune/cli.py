@@ -66,7 +66,7 @@ _sft_command()
 
 from preftune.evaluation.cli import register as _register_evaluation  # noqa: E402
 
-_register_evaluation(cli)
+_register_evaluation(cli, CONFIG_HELP)
 
 
 def main() -> None:

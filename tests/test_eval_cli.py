@@ -196,22 +196,3 @@ def test_human_judge_push_and_collect(tiny_model_dir, files, tmp_path, monkeypat
     assert human["pending"] == 1
     assert human["agreement"] == {"agreement": {"percent": 0.75, "cohen_kappa": 0.5}}
 
-
-def test_policy_eval_metrics_for_the_training_loop(tiny_model_dir, files):
-    import torch
-
-    from preftune.evaluation.monitor import policy_eval_metrics
-    from preftune.evaluation.sampling import SamplingOptions
-    from preftune.models.loading import load_causal_lm
-    from preftune.reward.spec import load_reward
-
-    judge, _ = files
-    model, tok = load_causal_lm(tiny_model_dir, device="cpu")
-    prompts = [[{"role": "user", "content": f"Tell me about item {i}."}] for i in range(4)]
-    row = policy_eval_metrics(model, model, tok, prompts, load_reward(f"{judge}:words"), load_reward(f"{judge}:constant"),
-                              SamplingOptions(max_new_tokens=6, temperature=1.0, batch_size=4),
-                              generator=torch.Generator().manual_seed(0))
-    assert row["eval/gold"] == 1.0
-    assert abs(row["eval/kl"]) < 1e-3  # the policy is its own reference
-    assert row["eval/sqrt_kl"] == pytest.approx(max(row["eval/kl"], 0.0) ** 0.5)
-    assert row["eval/proxy"] >= 0

@@ -78,12 +78,3 @@ def test_plot_fits_ppo_and_bon_points():
     assert fits["bon"].beta == pytest.approx(0.2)
     assert len(fig.axes[0].lines) == 6  # proxy, gold, fit for each
 
-
-def test_monitor_class_alerts_once_and_tracks_best_step():
-    from preftune.evaluation.monitor import OveroptimisationMonitor
-
-    monitor = OveroptimisationMonitor(drop_fraction=0.2)
-    fired = [monitor.update(step, {"eval/gold": g, "eval/proxy": p})
-             for step, g, p in [(10, 0.0, 0.0), (20, 1.0, 1.0), (30, 2.0, 2.0), (40, 1.5, 3.0), (50, 1.0, 4.0)]]
-    assert [a is not None for a in fired] == [False, False, False, True, False]
-    assert fired[3].best_step == 30 and monitor.best_step == 30

@@ -6,17 +6,17 @@ import click
 
 from preftune.config import config_from_cli, config_options
 
-CONFIG_HELP = "TOML/YAML config file; its [stage] table (or top-level keys) set any option below."
 
 
-def register(cli: click.Group) -> None:
+def register(cli: click.Group, config_help: str) -> None:
+    """Add ``eval``, ``bon`` and ``probe`` to the ``preftune`` command group."""
     from preftune.evaluation.bon import BonConfig
     from preftune.evaluation.evaluate import EvalConfig
     from preftune.evaluation.probes.adversarial import AdversarialConfig
     from preftune.evaluation.probes.hallucination import HallucinationConfig
 
     @cli.command("eval")
-    @click.option("--config", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+    @click.option("--config", type=click.Path(dir_okay=False), help=config_help)
     @click.option("--judge", "judge", multiple=True, metavar="SPEC",
                   help=EvalConfig.model_fields["judge"].description)
     @config_options(EvalConfig, skip=("judge",))
@@ -39,7 +39,7 @@ def register(cli: click.Group) -> None:
         click.echo(f"report: {cfg.out}/report.html")
 
     @cli.command("bon")
-    @click.option("--config", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+    @click.option("--config", type=click.Path(dir_okay=False), help=config_help)
     @config_options(BonConfig)
     def bon_command(**kwargs) -> None:
         """Best-of-n against a proxy reward: gold and proxy reward against the analytic KL.
@@ -60,7 +60,7 @@ def register(cli: click.Group) -> None:
         """Probes of how tuning goes wrong: hallucination and adversarial prompts."""
 
     @probe.command("hallucination")
-    @click.option("--config", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+    @click.option("--config", type=click.Path(dir_okay=False), help=config_help)
     @config_options(HallucinationConfig)
     def hallucination_command(**kwargs) -> None:
         """Closed-book questions with known answers: correct / wrong (hallucinated) / abstained rates.
@@ -75,7 +75,7 @@ def register(cli: click.Group) -> None:
         click.echo(f"report: {cfg.out}/report.html")
 
     @probe.command("adversarial")
-    @click.option("--config", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+    @click.option("--config", type=click.Path(dir_okay=False), help=config_help)
     @config_options(AdversarialConfig)
     def adversarial_command(**kwargs) -> None:
         """Adversarial prompts: unsafe-reply rate per category, refusals, over-refusal on benign

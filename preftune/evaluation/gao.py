@@ -116,9 +116,9 @@ class OveroptimisationAlert:
                 f"rose {self.proxy_at_best:.4g} -> {self.proxy:.4g}; best checkpoint by gold: step {self.best_step}")
 
 
-def overoptimisation_alert(rows: Sequence[dict], drop_fraction: float = 0.2, gold_key: str = "eval/gold",
+def overoptimisation_alert(rows: Sequence[dict], drop_fraction: float = 0.1, gold_key: str = "eval/gold",
                            proxy_key: str = "eval/proxy") -> OveroptimisationAlert | None:
-    """The first point at which the gold gain over the first evaluation has fallen at least
+    """The first point at which the gold gain over the first evaluation has fallen more than
     ``drop_fraction`` below its best so far while proxy reward is above its value at that best.
 
     ``rows`` are metrics rows (``{"step", gold_key, proxy_key, ...}``) in step order; rows without
@@ -130,7 +130,7 @@ def overoptimisation_alert(rows: Sequence[dict], drop_fraction: float = 0.2, gol
     best = points[0]
     for row in points[1:]:
         gain, best_gain = row[gold_key] - start, best[gold_key] - start
-        if best_gain > 0 and row[proxy_key] > best[proxy_key] and gain <= (1 - drop_fraction) * best_gain:
+        if best_gain > 0 and row[proxy_key] > best[proxy_key] and gain < (1 - drop_fraction) * best_gain:
             return OveroptimisationAlert(step=row["step"], best_step=best["step"], best_gold=best[gold_key],
                                          gold=row[gold_key], proxy=row[proxy_key],
                                          proxy_at_best=best[proxy_key], drop=(best_gain - gain) / best_gain)
@@ -191,7 +191,7 @@ def _ppo_point(row: dict) -> tuple[float | None, float | None, float | None]:
 
 
 def overoptimisation_section(ppo_rows: Sequence[dict] = (), bon_rows: Sequence[dict] = (),
-                             drop_fraction: float = 0.2) -> str:
+                             drop_fraction: float = 0.1) -> str:
     """The report section: the monitor's banner (if it fired), the plot with fits, the fit table."""
     from preftune.evaluation import report as R
 
