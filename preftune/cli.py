@@ -57,6 +57,10 @@ from preftune.ppo.cli import register as _register_ppo  # noqa: E402
 
 _register_ppo(cli, CONFIG_HELP)
 
+from preftune.evaluation.cli import register as _register_evaluation  # noqa: E402
+
+_register_evaluation(cli, CONFIG_HELP)
+
 
 def main() -> None:
     cli(prog_name="preftune")
