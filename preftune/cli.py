@@ -64,6 +64,10 @@ def _sft_command():
 
 _sft_command()
 
+from preftune.feedback.cli import annotate  # noqa: E402  (light: the app loads on first use)
+
+cli.add_command(annotate)
+
 
 def main() -> None:
     cli(prog_name="preftune")
