@@ -36,7 +36,7 @@ def create_app(db_url: str | None = None, settings: Settings | None = None) -> F
 
     engine, sessions = open_database(db_url)
     app = FastAPI(title="preftune feedback", version="1", docs_url="/api/v1/docs",
-                  openapi_url="/api/v1/openapi.json", redoc_url=None,
+                  openapi_url="/api/v1/openapi.json", redoc_url=None, swagger_ui_oauth2_redirect_url=None,
                   description="Push candidates, pull labels. Authenticate with `Authorization: Bearer TOKEN` "
                               "(printed by `preftune annotate add-user`).")
     app.state.engine, app.state.sessions = engine, sessions

@@ -62,6 +62,13 @@ def render(request: Request, name: str, caller: Caller | None, status: int = 200
         status_code=status)
 
 
+def _number(text: str, what: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        raise service.Invalid(f"{what} must be a number") from None
+
+
 def _safe_next(target: str | None) -> str:
     """Only same-site paths after log-in (no open redirect)."""
     if not target or not target.startswith("/") or target.startswith("//") or urlparse(target).netloc:
@@ -74,7 +81,7 @@ def _safe_next(target: str | None) -> str:
 
 @router.get("/login")
 def login_page(request: Request, next: str = "/", error: str | None = None):
-    token = new_secret(24)
+    token = request.cookies.get(LOGIN_CSRF_COOKIE) or new_secret(24)
     response = render(request, "login.html", None, next=_safe_next(next), login_csrf=token, error=error,
                       status=401 if error else 200)
     response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict",
@@ -177,11 +184,11 @@ def _submit_form(request: Request, project: str, form):
 
 
 @router.post("/annotate/{project}/skip")
-def annotate_skip(request: Request, project: str, assignment_id: int = Form(...), csrf_token: str = Form("")):
+def annotate_skip(request: Request, project: str, assignment_id: str = Form(""), csrf_token: str = Form("")):
     with tx(request) as s:
         caller = _caller(request, s)
         _check_csrf(caller, csrf_token)
-        service.skip_assignment(s, assignment_id, caller.user)
+        service.skip_assignment(s, _number(assignment_id, "assignment", int), caller.user)
     return RedirectResponse(f"/annotate/{quote(project)}", status_code=303)
 
 
@@ -197,14 +204,16 @@ def admin_projects(request: Request):
 
 
 @router.post("/admin/projects")
-def admin_create_project(request: Request, name: str = Form(...), kind: str = Form(...), overlap: int = Form(1),
-                         scale: int = Form(3), gold_rate: float = Form(0.0), lease_seconds: int = Form(600),
+def admin_create_project(request: Request, name: str = Form(""), kind: str = Form(""), overlap: str = Form("1"),
+                         scale: str = Form("3"), gold_rate: str = Form("0"), lease_seconds: str = Form("600"),
                          csrf_token: str = Form("")):
+    # Form fields arrive as text and are checked after the caller is: no hints to strangers.
     with tx(request) as s:
         caller = _caller(request, s, admin=True)
         _check_csrf(caller, csrf_token)
-        p = service.create_project(s, name, kind, overlap=overlap, scale=scale, gold_rate=gold_rate,
-                                   lease_seconds=lease_seconds)
+        p = service.create_project(s, name, kind, overlap=_number(overlap, "overlap", int),
+                                   scale=_number(scale, "scale", int), gold_rate=_number(gold_rate, "gold rate", float),
+                                   lease_seconds=_number(lease_seconds, "lease", int))
     return RedirectResponse(f"/admin/projects/{quote(p.name)}", status_code=303)
 
 
@@ -217,12 +226,14 @@ def admin_project(request: Request, project: str, message: str | None = None):
 
 
 @router.post("/admin/projects/{project}/import")
-def admin_import(request: Request, project: str, file: UploadFile = File(...), csrf_token: str = Form("")):
+def admin_import(request: Request, project: str, file: UploadFile | None = File(None), csrf_token: str = Form("")):
     limits = request.app.state.settings.limits
     with tx(request) as s:
         caller = _caller(request, s, admin=True)
         _check_csrf(caller, csrf_token)
         p = service.get_project(s, project)
+        if file is None:
+            raise service.Invalid("choose a JSONL file to import")
         name = file.filename or "upload"
         try:
             numbered = numbered_json_lines(file.file, name)
@@ -246,7 +257,7 @@ def admin_users(request: Request):
 
 
 @router.post("/admin/users")
-def admin_create_user(request: Request, name: str = Form(...), role: str = Form("annotator"),
+def admin_create_user(request: Request, name: str = Form(""), role: str = Form("annotator"),
                       csrf_token: str = Form("")):
     with tx(request) as s:
         caller = _caller(request, s, admin=True)
