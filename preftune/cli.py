@@ -61,6 +61,10 @@ from preftune.evaluation.cli import register as _register_evaluation  # noqa: E4
 
 _register_evaluation(cli, CONFIG_HELP)
 
+from preftune.feedback.cli import annotate  # noqa: E402  (light: the app loads on first use)
+
+cli.add_command(annotate)
+
 
 def main() -> None:
     cli(prog_name="preftune")
