@@ -190,7 +190,10 @@ def read_reference(path: str, skip_invalid: bool) -> list[tuple[Messages, str]]:
     p = Path(path)
     if not p.exists():
         raise DataError(path, None, "no such file")
-    first = next((json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()), {})
+    try:  # the first record's keys tell the kind; a bad line is reported by the reader below
+        first = next((json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()), {})
+    except ValueError:
+        first = {}
     if not isinstance(first, dict):
         first = {}
     if "completion" in first or ("messages" in first and "prompt" not in first and "chosen" not in first):
