@@ -10,7 +10,7 @@ from preftune.reward.model import (
     META_FILE,
     RewardModel,
     last_real_token_index,
-    pool_last_real_token,
+    last_real_token_mask,
     sequence_scores,
 )
 
@@ -26,11 +26,9 @@ def test_last_real_token_index_right_and_left_padding():
     assert last_real_token_index(left).tolist() == [4, 4, 4]
 
 
-def test_pool_last_real_token_picks_values():
-    values = torch.arange(2 * 4 * 2, dtype=torch.float32).reshape(2, 4, 2)
-    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])
-    # row 0 position 1 -> [2, 3]; row 1 position 3 -> [14, 15]
-    assert pool_last_real_token(values, mask).tolist() == [[2.0, 3.0], [14.0, 15.0]]
+def test_last_real_token_mask():
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 1, 0]])
+    assert last_real_token_mask(mask).long().tolist() == [[0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]]
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from preftune.models.loading import (
     resolve_dtype,
     resolve_model_path,
 )
-from preftune.models.logits import _unwrap
+from preftune.models.logits import _unwrap, selected_hidden
 from preftune.sft.data import fit_length
 
 META_FILE = "reward_model.json"
@@ -50,10 +50,11 @@ def last_real_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(-1)
 
 
-def pool_last_real_token(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``values`` [B, T, ...] at each row's last real token -> [B, ...]."""
-    rows = torch.arange(values.shape[0], device=values.device)
-    return values[rows, last_real_token_index(attention_mask).to(values.device)]
+def last_real_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, T], true at each row's last real token: where a causal LM's reward is read."""
+    select = torch.zeros_like(attention_mask, dtype=torch.bool)
+    select[torch.arange(len(select), device=select.device), last_real_token_index(attention_mask)] = True
+    return select
 
 
 def is_decoder(model) -> bool:
@@ -75,11 +76,10 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
     if position_ids is None:  # left padding: positions count real tokens only
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    trunk = getattr(inner, inner.base_model_prefix)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).last_hidden_state
-    # The head on B positions only, not on every token (same numbers as the full HF forward).
-    return inner.score(pool_last_real_token(hidden, attention_mask))[:, 0]
+    # The trunk over every token, the head on one position per row (the same numbers as the full
+    # Hugging Face forward, which applies the head everywhere and then picks).
+    hidden = selected_hidden(model, input_ids, attention_mask, last_real_token_mask(attention_mask), position_ids)
+    return inner.score(hidden)[:, 0]
 
 
 def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
