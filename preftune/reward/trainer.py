@@ -286,6 +286,7 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
     initial = evaluate(rm, held, cfg.batch_size * 2) if held and start == 0 else {}
     evals: dict = {}
     last: dict = {}
+    t_loop, eval_seconds = time.perf_counter(), 0.0
     with progress_bar(total_steps, "reward", disable=quiet) as bar:
         bar.set(start)
         for step in range(start, total_steps):
@@ -309,7 +310,9 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
                     "reward_mean": s.mean().item(), "reward_std": s.std().item() if len(s) > 1 else 0.0,
                     "tokens_per_s": speed.update(sum(g.tokens for g in batch)), "epoch": done / steps_per_epoch}
             if held and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
+                t_eval = time.perf_counter()
                 evals = evaluate(rm, held, cfg.batch_size * 2)
+                eval_seconds += time.perf_counter() - t_eval
                 last.update(evals)
             if done % cfg.log_every == 0 or done == total_steps:
                 logger.log(done, last)
@@ -321,12 +324,14 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
                 logger.close()
                 return {"stopped_at": done}
     logger.close()
+    train_seconds = time.perf_counter() - t_loop - eval_seconds
     norm = normalise(rm, cfg, train_groups)
     rm.save(out)
     summary = {"steps": total_steps, "train_groups": len(train), "train_pairs": sum(len(g.winners) for g in train),
                "eval_groups": len(held), "final_loss": last.get("loss"), **evals,
                **{f"initial_{k}": v for k, v in initial.items() if k in ("eval_accuracy", "eval_loss")},
                "normalisation": norm, "gain": rm.meta.gain, "bias": rm.meta.bias,
+               "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(1, total_steps - start),
                "seconds": time.perf_counter() - t_start}
     if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
         summary["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
