@@ -136,6 +136,8 @@ def main() -> None:
     print(f"labels: {describe_agreement(stats)}; T = {list(stats['temperatures'].values())[0]:.4f}")
     label_rows = [json.loads(line) for line in labels.read_text().splitlines()]
     eval_rows = [r for r in label_rows if r.get("split") == "eval"]
+    # for timing runs (--one NAME --data OUT/train_only.jsonl --max-steps K): no held-out set to score
+    (out / "train_only.jsonl").write_text("".join(json.dumps(r) + "\n" for r in label_rows if r.get("split") != "eval"))
     diffs = eval_pairs(eval_rows, gold)
     realised = float(np.mean((diffs > 0) + 0.5 * (diffs == 0)))  # the gold's accuracy on the drawn labels
     analytic = noise_ceiling(diffs, list(stats["temperatures"].values())[0])
