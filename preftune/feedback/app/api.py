@@ -26,12 +26,12 @@ router = APIRouter(prefix="/api/v1")
 
 def any_user(request: Request) -> User:
     """Authenticate before anything else is looked at (body fields included)."""
-    with tx(request) as s:
+    with tx(request, readonly=True) as s:
         return api_caller(request, s)
 
 
 def admin_user(request: Request) -> User:
-    with tx(request) as s:
+    with tx(request, readonly=True) as s:
         return api_caller(request, s, admin=True)
 
 
@@ -86,7 +86,7 @@ def me(user: AnyUser) -> dict[str, Any]:
 
 @router.get("/projects", summary="Projects (with what is left for me)")
 def list_projects(request: Request, user: AnyUser) -> list[dict[str, Any]]:
-    with tx(request) as s:
+    with tx(request, readonly=True) as s:
         return [{**_project_json(p), "remaining_for_me": service.remaining_for(s, p, user)}
                 for p in s.scalars(select(Project).order_by(Project.name))]
 
@@ -154,7 +154,7 @@ def export(request: Request, _: Admin, project: str,
            format: Literal["comparisons", "raw", "ratings"] = Query("comparisons"),
            include_ties: bool = Query(False, description="comparisons: write ties with strength 0")):
     counts: Counter = Counter()
-    with tx(request) as s:
+    with tx(request, readonly=True) as s:
         p = service.get_project(s, project)
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n"
                        for r in exporting.export_rows(s, p, format, counts, include_ties))
@@ -165,5 +165,5 @@ def export(request: Request, _: Admin, project: str,
 
 @router.get("/projects/{project}/stats", summary="Progress, gold accuracy, agreement (admin)")
 def stats(request: Request, _: Admin, project: str) -> dict[str, Any]:
-    with tx(request) as s:
+    with tx(request, readonly=True) as s:
         return project_stats(s, service.get_project(s, project))

@@ -44,9 +44,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def _sqlite_begin(conn) -> None:
-    # Take the write lock up front: two deferred transactions that both read then write would
-    # otherwise deadlock, and one would fail with "database is locked".
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # Writers take the write lock up front: two deferred transactions that both read then write
+    # would otherwise deadlock, and one would fail with "database is locked". Readers (WAL) don't.
+    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("readonly") else "BEGIN IMMEDIATE")
 
 
 def make_engine(url: str | None = None, *, pool_size: int = 20) -> Engine:
@@ -83,11 +83,18 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
-def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on any error."""
+def transaction(factory: sessionmaker[Session], readonly: bool = False) -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on any error. ``readonly`` transactions
+    don't queue for SQLite's write lock."""
     with factory() as session:
-        with session.begin():
+        if readonly:
+            session.connection(execution_options={"readonly": True})  # begins the transaction
+        try:
             yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
 
 
 # ---------------------------------------------------------------- schema version
