@@ -140,3 +140,22 @@ def test_rating_project_scale_and_help():
     r = run("annotate", "--help")
     for command in ("init", "add-user", "project", "import", "serve", "export", "stats"):
         assert command in r.output
+
+
+@pytest.mark.skipif("reward" not in cli.commands, reason="`preftune reward` is not on this branch yet")
+def test_exported_comparisons_train_a_reward_model(db, tmp_path, tiny_model_dir):
+    """The closed loop: labels exported by the app feed `preftune reward` unchanged."""
+    for name in ("ann1", "ann2"):
+        run("annotate", "add-user", name, "--db", db)
+    run("annotate", "project", "create", "demo", "--kind", "pairwise", "--overlap", "2", "--db", db)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": f"Say something kind {i}.",
+                                         "responses": [f"You are doing great {i}.", f"Go away {i}."]}) + "\n"
+                             for i in range(8)))
+    run("annotate", "import", "demo", str(tasks), "--db", db)
+    _label(db, "demo", {"ann1": ["0"] * 8, "ann2": ["0"] * 7 + ["1"]})
+    out = tmp_path / "comparisons.jsonl"
+    run("annotate", "export", "demo", "--out", str(out), "--db", db)
+    run("reward", "--model", str(tiny_model_dir), "--data", str(out), "--out", str(tmp_path / "rm"), "--max-steps", "2",
+        "--batch-size", "4")
+    assert (tmp_path / "rm" / "metrics.json").exists()

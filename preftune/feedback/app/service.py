@@ -161,9 +161,13 @@ def _available(project: Project, user: User, now, gold: bool):
 
 
 def remaining_for(session: Session, project: Project, user: User) -> int:
-    """Regular tasks this user could still be given."""
-    sub = _available(project, user, utcnow(), gold=False).subquery()
-    return session.scalar(select(func.count()).select_from(sub)) or 0
+    """Regular tasks left for this user: the one they hold now plus those they could be given."""
+    now = utcnow()
+    available = session.scalar(select(func.count()).select_from(_available(project, user, now, gold=False).subquery()))
+    holding = session.scalar(select(func.count(Assignment.id)).join(Task, Assignment.task_id == Task.id).where(
+        Assignment.project_id == project.id, Assignment.user_id == user.id, Assignment.status == "leased",
+        Assignment.expires_at > now, Task.is_gold.is_(False)))
+    return (available or 0) + (holding or 0)
 
 
 def next_assignment(session: Session, project: Project, user: User,
