@@ -4,7 +4,6 @@ export in the foundation's formats, input limits."""
 from __future__ import annotations
 
 import json
-import time
 from urllib.parse import quote
 
 from conftest import pair_tasks
@@ -267,9 +266,42 @@ def test_sql_metacharacters_stored_and_returned_verbatim(env):
     assert stats["project"] == name and user in stats["annotators"]
 
 
-def test_lease_expiry_is_timely(env):
-    env.project("p", overlap=1, lease_seconds=10)
+def test_lease_lasts_the_project_setting(env):
+    from datetime import datetime, timezone
+
+    env.project("p", overlap=1, lease_seconds=90)
     env.tasks("p", pair_tasks(1))
     a = env.next("p", "ann1")
-    expires = a["expires_at"]
-    assert expires.endswith("Z") and time.time() < time.mktime(time.strptime(expires[:19], "%Y-%m-%dT%H:%M:%S")) + 3600
+    expires = datetime.fromisoformat(a["expires_at"].replace("Z", "+00:00"))
+    left = (expires - datetime.now(timezone.utc)).total_seconds()
+    assert 80 < left <= 90
+
+
+def test_malformed_form_data_is_a_4xx_and_writes_nothing(env):
+    import io
+    import re
+
+    from conftest import page_csrf
+
+    env.project("p")
+    env.tasks("p", pair_tasks(1))
+    browser = env.login("ann1")
+    page = browser.get("/annotate/p")
+    csrf = page_csrf(page.text)
+    assignment_id = re.search(r'name="assignment_id" id="assignment_id" value="(\d+)"', page.text).group(1)
+    for data in ({"assignment_id": "x"}, {"assignment_id": assignment_id, "choice": "Z"},
+                 {"assignment_id": assignment_id, "choice": "A", "strength": "9"}, {}):
+        r = browser.post("/annotate/p/submit", data={**data, "csrf_token": csrf}, follow_redirects=False)
+        assert 400 <= r.status_code < 500 and "error" in r.text, data
+    admin = env.login("admin")
+    csrf = page_csrf(admin.get("/admin").text)
+    for content in (b"\xff\xfe not utf-8\n", b'{"prompt": "x", "responses": ["a", "b"]}\n{oops\n', b"", b"[1, 2]"):
+        r = admin.post("/admin/projects/p/import", data={"csrf_token": csrf},
+                       files={"file": ("t.jsonl", io.BytesIO(content), "application/json")}, follow_redirects=False)
+        assert r.status_code == 422 and "t.jsonl" in r.text, content
+    r = admin.post("/admin/projects", data={"csrf_token": csrf, "name": "q", "kind": "pairwise", "overlap": "many"},
+                   follow_redirects=False)
+    assert r.status_code == 422 and "overlap must be a number" in r.text
+    with transaction(env.client.app.state.sessions) as s:
+        assert s.scalars(select(Judgement)).all() == []
+    assert env.export("p", "raw") == []

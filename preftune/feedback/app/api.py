@@ -121,12 +121,22 @@ def import_tasks(request: Request, _: Admin, project: str, records: list[Any] = 
 @router.get("/projects/{project}/next", summary="My next assignment (204 when nothing is left)",
             responses={204: {"description": "nothing left for you in this project"}})
 def next_task(request: Request, user: AnyUser, project: str):
-    with tx(request) as s:
+    # Search without the write lock, then claim under it: the lock is held for milliseconds.
+    with tx(request, readonly=True) as s:
         p = service.get_project(s, project)
-        assignment = service.next_assignment(s, p, user)
+        assignment = service.current_lease(s, p, user)
+        candidates = [] if assignment else service.find_candidates(s, p, user)
+    if assignment is None:
+        with tx(request) as s:
+            assignment = service.claim(s, p, user, candidates)
+            task = assignment and s.get(Task, assignment.task_id)
         if assignment is None:
             return Response(status_code=204)
-        body = service.assignment_json(assignment, s.get(Task, assignment.task_id), p)
+    else:
+        with tx(request, readonly=True) as s:
+            task = s.get(Task, assignment.task_id)
+    body = service.assignment_json(assignment, task, p)
+    with tx(request, readonly=True) as s:
         body["progress"] = progress_for(s, p, user)
     return body
 

@@ -8,7 +8,8 @@ package; every other command checks that the schema is current and says how to f
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -64,6 +65,10 @@ def make_engine(url: str | None = None, *, pool_size: int = 20) -> Engine:
                                pool_size=pool_size, max_overflow=20)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
+        # Writers of this process queue on a lock instead of in SQLite's busy handler (sleep and
+        # retry), which starves some of them under load (p99 submit latency of 10 s with 50
+        # concurrent annotators before, see docs/benchmarks.md).
+        engine.write_lock = threading.Lock()
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we ship
@@ -86,7 +91,8 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 def transaction(factory: sessionmaker[Session], readonly: bool = False) -> Iterator[Session]:
     """One unit of work: commit on success, roll back on any error. ``readonly`` transactions
     don't queue for SQLite's write lock."""
-    with factory() as session:
+    lock = None if readonly else getattr(factory.kw.get("bind"), "write_lock", None)
+    with lock or nullcontext(), factory() as session:
         if readonly:
             session.connection(execution_options={"readonly": True})  # begins the transaction
         try:

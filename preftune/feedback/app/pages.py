@@ -13,6 +13,7 @@ from urllib.parse import quote, urlparse
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy import select
 
 from preftune.data.records import RATING_FLAGS, RecordError
@@ -154,7 +155,7 @@ def annotate(request: Request, project: str, message: str | None = None):
 @router.post("/annotate/{project}/submit")
 async def annotate_submit(request: Request, project: str):
     form = await request.form()  # multi-valued fields (flags) and per-response ranks
-    return _submit_form(request, project, form)
+    return await run_in_threadpool(_submit_form, request, project, form)  # keep the event loop free
 
 
 def _submit_form(request: Request, project: str, form):
