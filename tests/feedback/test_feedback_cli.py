@@ -4,6 +4,7 @@ one-line errors), labelling through the service layer, stats with hand-computed 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 from preftune.cli import cli
 from preftune.data.jsonl import read_jsonl
 from preftune.feedback.app.db import make_engine, open_database, transaction
-from preftune.feedback.app.models import Base, User
+from preftune.feedback.app.models import Base, Task, User
 from preftune.feedback.app.service import get_project, next_assignment, submit_judgement
 
 
@@ -78,13 +79,15 @@ def test_import_errors_name_file_and_line(db, tmp_path):
 
 
 def _label(db: str, project: str, answers: dict[str, list[str]]) -> None:
-    """Each annotator labels tasks t0.. in order; answers are the index of the better response."""
+    """answers[annotator][i] is the label of the task whose prompt holds the number i: the index
+    of the better response, "tie" or "both_bad"."""
     _, sessions = open_database(db)
     for name, labels in answers.items():
-        for label in labels:
+        for _ in labels:
             with transaction(sessions) as s:
                 user = s.query(User).filter_by(name=name).one()
                 a = next_assignment(s, get_project(s, project), user)
+                label = labels[int(re.search(r"\d+", s.get(Task, a.task_id).prompt[0]["content"]).group())]
                 choice = label if label in ("tie", "both_bad") else "AB"[a.shown_order.index(int(label))]
                 submit_judgement(s, a.id, user, {"choice": choice, "strength": 2})
 
