@@ -70,7 +70,7 @@ def prepare(db_url: str, n_annotators: int, n_tasks: int, overlap: int, fresh: b
         project = create_project(s, "load", "pairwise", overlap=overlap)
         records = [{"id": f"t{i}", "prompt": f"Question {i}?", "responses": [f"first {i}", f"second {i}"]}
                    for i in range(n_tasks)]
-        add_tasks(s, project, parse_tasks(enumerate(records, 1), "pairwise", 3))
+        add_tasks(s, project, parse_tasks(enumerate(records, 1), "pairwise", 3).specs)
     engine.dispose()
     return tokens
 

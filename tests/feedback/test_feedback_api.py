@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from urllib.parse import quote
 
-from conftest import pair_tasks
+from .conftest import page_csrf, pair_tasks
 from sqlalchemy import func, select
 
 from preftune.data.jsonl import read_jsonl
@@ -204,7 +204,24 @@ def test_import_accepts_samples_and_comparisons(env):
     comparison = {"prompt": "2+2?", "chosen": "4", "rejected": "5", "annotator": "earlier"}
     assert env.tasks("p", [comparison])["imported"] == 1
     again = env.tasks("p", [comparison])
-    assert again == {"imported": 0, "unchanged": 1}
+    assert again == {"imported": 0, "unchanged": 1, "too_few_responses": 0}
+
+
+def test_import_of_preftune_sample_output_keeps_who_wrote_what(env):
+    env.project("p")
+    sampled = [{"id": "p1", "prompt": "Say hi", "responses": ["hi", "hello", "hi"], "models": ["base", "sft", "sft"],
+                "ended": [True, True, False], "num_tokens": [2, 3, 2], "sampling": {"temperature": 0.7}},
+               {"id": "p2", "prompt": "Say bye", "responses": ["bye", "bye"], "models": ["base", "sft"],
+                "ended": [True, True], "num_tokens": [2, 2], "sampling": {"temperature": 0.7}}]
+    # p1: the repeated "hi" is dropped -> one pair; p2 has no two distinct responses: counted, not imported.
+    assert env.tasks("p", sampled) == {"imported": 1, "unchanged": 0, "too_few_responses": 1}
+    a = env.next("p", "ann1")
+    assert a["task_id"] == "p1" and sorted(a["responses"]) == ["hello", "hi"]
+    hello = a["responses"].index("hello")
+    assert env.judge(a["assignment_id"], "ann1", choice="AB"[hello]).status_code == 201
+    (raw,) = env.export("p", "raw")
+    assert raw["meta"]["per_response"] == {"models": ["base", "sft"], "ended": [True, True], "num_tokens": [2, 3]}
+    assert raw["responses"][raw["meta"]["per_response"]["models"].index("sft")] == "hello"
 
 
 def test_import_is_all_or_nothing_with_a_clear_message(env):
@@ -281,7 +298,6 @@ def test_malformed_form_data_is_a_4xx_and_writes_nothing(env):
     import io
     import re
 
-    from conftest import page_csrf
 
     env.project("p")
     env.tasks("p", pair_tasks(1))

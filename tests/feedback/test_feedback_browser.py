@@ -25,7 +25,7 @@ if not os.path.exists(CHROMIUM):
 pytest.importorskip("playwright", reason="browser tests need playwright (the test extra)")
 
 import uvicorn  # noqa: E402
-from conftest import fresh_database, known_users  # noqa: E402
+from .conftest import fresh_database, known_users  # noqa: E402
 from playwright.sync_api import Page, expect  # noqa: E402
 
 from preftune.data.jsonl import read_jsonl  # noqa: E402

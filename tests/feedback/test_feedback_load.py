@@ -5,7 +5,7 @@ SIGKILL in the middle of the load (SQLite and PostgreSQL). The full 5,000-judgem
 from __future__ import annotations
 
 import pytest
-from conftest import PG_SKIP, PG_URL
+from .conftest import PG_SKIP, PG_URL
 
 from benchmarks.feedback_load import run
 

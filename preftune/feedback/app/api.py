@@ -111,11 +111,11 @@ def import_tasks(request: Request, _: Admin, project: str, records: list[Any] = 
     with tx(request) as s:
         p = service.get_project(s, project)
         try:
-            specs = parse_tasks(enumerate(records, start=1), p.kind, p.scale, request.app.state.settings.limits)
+            parsed = parse_tasks(enumerate(records, start=1), p.kind, p.scale, request.app.state.settings.limits)
         except RecordError as e:
             raise service.Invalid(f"record {e.line}: {e}") from None
-        result = service.add_tasks(s, p, specs)
-        return {"imported": result.added, "unchanged": result.unchanged}
+        result = service.add_tasks(s, p, parsed.specs)
+        return {"imported": result.added, "unchanged": result.unchanged, "too_few_responses": len(parsed.too_few)}
 
 
 @router.get("/projects/{project}/next", summary="My next assignment (204 when nothing is left)",

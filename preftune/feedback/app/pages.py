@@ -241,11 +241,12 @@ def admin_import(request: Request, project: str, file: UploadFile | None = File(
         except DataError as e:
             raise service.Invalid(str(e)) from None
         try:
-            specs = parse_tasks(numbered, p.kind, p.scale, limits)
+            parsed = parse_tasks(numbered, p.kind, p.scale, limits)
         except RecordError as e:
             raise service.Invalid(f"{name}:{e.line}: {e}") from None
-        result = service.add_tasks(s, p, specs)
-    message = f"Imported {result.added} tasks" + (f" ({result.unchanged} already present)" if result.unchanged else "")
+        result = service.add_tasks(s, p, parsed.specs)
+    message = (f"Imported {result.added} tasks" + (f" ({result.unchanged} already present)" if result.unchanged else "")
+               + parsed.note())
     return RedirectResponse(f"/admin/projects/{quote(project)}?message={quote(message)}", status_code=303)
 
 
