@@ -181,6 +181,27 @@ def test_annotator_rates_a_response(live, page: Page, shots: Path):
     expect(page.locator("#done")).to_have_text("1")
 
 
+def test_annotator_ranks_with_the_keyboard(live, page: Page):
+    import httpx
+
+    admin = {"Authorization": f"Bearer {known_users()['admin'][2]}"}
+    assert httpx.post(f"{live}/api/v1/projects", json={"name": "order", "kind": "ranking"}, headers=admin).status_code == 201
+    r = httpx.post(f"{live}/api/v1/projects/order/tasks", headers=admin,
+                   json=[{"id": "r", "prompt": "Rank", "responses": ["good", "also good", "bad"]}])
+    assert r.status_code == 201
+    login(page, live, "ann1")
+    page.goto(f"{live}/annotate/order")
+    texts = [t.inner_text() for t in page.locator(".response .text").all()]
+    pos = {t: str(i + 1) for i, t in enumerate(texts)}
+    for key in (pos["good"], "=", pos["also good"], pos["bad"]):  # best first, "=" ties with the previous
+        page.keyboard.press(key)
+    expect(page.locator(f"select[name=rank_{int(pos['bad']) - 1}]")).to_have_value("2")
+    page.keyboard.press("Enter")
+    expect(page.locator("#all-done")).to_be_visible()
+    raw = httpx.get(f"{live}/api/v1/projects/order/export", params={"format": "raw"}, headers=admin).text
+    assert json.loads(raw)["ranking"] == [[0, 1], [2]]
+
+
 def test_admin_sees_agreement_and_exports_comparisons(live, page: Page, shots: Path, tmp_path):
     # A second annotator labels through the API, as a script would.
     import httpx
