@@ -72,7 +72,8 @@ def _number(text: str, what: str, kind: type):
 
 def _safe_next(target: str | None) -> str:
     """Only same-site paths after log-in (no open redirect)."""
-    if not target or not target.startswith("/") or target.startswith("//") or urlparse(target).netloc:
+    # Browsers read "/\\host" as "//host": refuse backslashes too.
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target or urlparse(target).netloc:
         return "/"
     return target
 
