@@ -65,6 +65,8 @@ class TrainConfig(StageConfig):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     lora_targets: list[str] = Field(default_factory=lambda: ["all-linear"],
                                     description="Modules to adapt, comma-separated (all-linear, q_proj, ...).")
+    fsdp: bool = Field(False, description="Under torchrun: shard weights, gradients and optimiser state "
+                                          "across ranks (FSDP2) instead of replicating them (DDP).")
     keep_adapter: bool = Field(False, description="Save the LoRA adapter instead of merging it into the "
                                                   "final model.")
 
@@ -149,7 +151,7 @@ def config_options(cls: type[BaseModel], skip: tuple[str, ...] = ()):
                 help_text = f"{field.description or ''} [required]"
             else:
                 default = field.get_default(call_default_factory=True)
-                shown = ",".join(default) if isinstance(default, list) else default
+                shown = ",".join(map(str, default)) if isinstance(default, list) else default
                 help_text = f"{field.description or ''} [default: {shown}]"
             if field.annotation is bool:
                 option = click.option(f"--{flag}/--no-{flag}", name, default=None, help=help_text)

@@ -66,3 +66,15 @@ def response_token_mask(labels: torch.Tensor) -> torch.Tensor:
     select = torch.zeros_like(labels, dtype=torch.bool)
     select[:, :-1] = labels[:, 1:] != -100
     return select
+
+
+class ResponseLogits(torch.nn.Module):
+    """``selected_logits`` as a module, so DistributedDataParallel can wrap it (DDP's gradient
+    synchronisation is set up in the wrapped module's ``forward``)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, select, position_ids=None) -> torch.Tensor:
+        return selected_logits(self.model, input_ids, attention_mask, select, position_ids)

@@ -1,0 +1,1 @@
+"""Probes: bundled prompt sets with known failure modes, scored by documented rules."""

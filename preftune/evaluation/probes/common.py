@@ -1,0 +1,98 @@
+"""What both probes share: their config, the question/prompt files, replies from a model, tables."""
+
+from __future__ import annotations
+
+import json
+import random
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import torch
+from pydantic import Field
+
+from preftune.config import StageConfig
+from preftune.data.records import Messages
+from preftune.errors import DataError
+from preftune.evaluation import report as R
+from preftune.evaluation.sampling import SamplingOptions, sample_responses
+from preftune.models.loading import load_causal_lm
+
+
+class ProbeConfig(StageConfig):
+    model: str = Field(..., description="Model to probe (HF directory, .gguf or smollm2-135m-instruct).")
+    baseline: str | None = Field(None, description="The model before tuning, probed the same way for a "
+                                                   "before/after table.")
+    out: str = Field(..., description="Output directory (probe.json, answers.jsonl, report.html).")
+    samples: int = Field(0, ge=0, description="Probe this many items, drawn with --seed (0: all).")
+    max_new_tokens: int = Field(48, ge=1, description="Longest reply in tokens.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0: greedy, reproducible).")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+
+
+def bundled(name: str) -> Path:
+    return Path(str(resources.files("preftune.resources").joinpath("probes", name)))
+
+
+def read_items(path: str | Path, parse: Callable[[dict], dict]) -> list[dict]:
+    """JSONL items checked by ``parse`` (which raises ValueError with a message); errors name
+    file and line; duplicate ids are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), None, "no such file")
+    items, seen = [], {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+            item = parse(obj)
+        except json.JSONDecodeError as e:
+            raise DataError(str(path), lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+        except ValueError as e:
+            raise DataError(str(path), lineno, str(e)) from None
+        item.setdefault("id", str(lineno))
+        item["id"] = str(item["id"])
+        if item["id"] in seen:
+            raise DataError(str(path), lineno, f'duplicate id "{item["id"]}" (first on line {seen[item["id"]]})')
+        seen[item["id"]] = lineno
+        items.append(item)
+    if not items:
+        raise DataError(str(path), None, "file is empty (no items)")
+    return items
+
+
+def required_string(obj: dict, key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f'"{key}" must be a non-empty string')
+    return value
+
+
+def subset(items: list[dict], n: int, seed: int) -> list[dict]:
+    if not n or n >= len(items):
+        return items
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
+
+
+def replies(model_path: str, prompts: list[Messages], cfg: ProbeConfig, description: str,
+            quiet: bool = False) -> list[str]:
+    """One reply per prompt from ``model_path`` (the model is freed afterwards)."""
+    model, tok = load_causal_lm(model_path, device=cfg.device, dtype=cfg.dtype)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    options = SamplingOptions(cfg.max_new_tokens, cfg.temperature, 1.0, cfg.batch_size)
+    texts = sample_responses(model, tok, prompts, options, generator=gen, description=description,
+                             quiet=quiet).texts
+    del model
+    return texts
+
+
+def before_after_table(after: dict, before: dict | None, keys: list[str]) -> str:
+    """Rates of the probed model next to the baseline's (``{"rate", "ci"}`` entries)."""
+    headers = ["rate", "after (model)"] + (["before (baseline)"] if before else [])
+    rows = [[R.esc(k), R.fmt_rate(after["rates"].get(k))] + ([R.fmt_rate(before["rates"].get(k))] if before else [])
+            for k in keys]
+    return R.table(headers, rows, raw=True)
