@@ -64,27 +64,12 @@ def matmul_gflops(n: int = 2048, iters: int = 10, repeats: int = 5) -> float:
     return round(statistics.median(rates), 1)
 
 
-class SequenceClassifierReward:
-    """A reward model directory (AutoModelForSequenceClassification, one label) scored on the chat
-    rendering of (prompt, response): text in between, as for any reward with its own tokenizer."""
+def peer_reward_model(directory: Path):
+    """The peer's reward model (a plain sequence-classification directory, no normalisation) scored
+    by preftune's RewardModel: chat rendering of (prompt, response) as text, last real token."""
+    from preftune.reward.model import RewardModel, _load_seq_cls
 
-    def __init__(self, directory: Path) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(directory)
-        self.model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1,
-                                                                        dtype=torch.float32).eval()
-        self.__name__ = f"rm:{directory}"
-
-    def __call__(self, prompts, responses):
-        import torch
-
-        texts = [self.tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                              tokenize=False) for p, r in zip(prompts, responses)]
-        enc = self.tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
-        with torch.inference_mode():
-            return self.model(**enc).logits[:, 0].tolist()
+    return RewardModel(*_load_seq_cls(directory, "cpu", "fp32")).score
 
 
 def vader_positive(prompts, responses):
@@ -127,7 +112,7 @@ def run_one(model: str, config: str, steps: int, learning: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = PPOConfig(policy=str(d / "policy"), reward=f"rm:{d / 'rm'}", prompts=str(PEERS / "prompts.jsonl"),
                         out=str(Path(tmp) / "out"), steps=1 + steps, **WORKLOAD, **overrides)
-        reward = vader_positive if learning else SequenceClassifierReward(d / "rm")
+        reward = vader_positive if learning else peer_reward_model(d / "rm")
         train_ppo(cfg, reward_fn=reward, quiet=True)
         rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     measured = rows[1:]
