@@ -169,10 +169,11 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
                                      resamples=cfg.bootstrap), "kind": "score"}
         judges.append(entry)
 
+    kl_mean, kl_se = mean_and_se(kl) if kl else (None, None)
     result = {"model": cfg.model, "baseline": cfg.baseline, "prompts": cfg.prompts, "n_prompts": len(records),
               "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                            "top_p": cfg.top_p, "seed": cfg.seed},
-              "kl": mean_and_se(kl)[0] if kl else None, "kl_se": mean_and_se(kl)[1] if kl else None,
+              "kl": kl_mean, "kl_se": kl_se,
               "kl_note": kl_note,
               "length_a": length_stats(samples_a.lengths),
               "length_b": length_stats(samples_b.lengths) if samples_b else None,
