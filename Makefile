@@ -2,7 +2,7 @@
 # Both create .venv when missing (torch==2.13.0 first, then the package and its extras).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= plots,test
+EXTRAS ?= plots,feedback,test
 DEMO_OUT ?= runs/demo
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/preftune sft --config examples/quick/sft.toml --model smollm2-135m-instruct --out $(DEMO_OUT)/sft
 
+# scripts/test-services.sh starts a throwaway PostgreSQL and installs Chromium for the feedback tests.
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	bash scripts/test-services.sh $(PY) -q -m "not slow"
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -11,7 +11,6 @@ import sys
 
 import click
 
-from preftune.config import config_from_cli, config_options
 from preftune.errors import PreftuneError
 
 CONFIG_HELP = "TOML/YAML config file; its [stage] table (or top-level keys) set any option below."
@@ -42,31 +41,29 @@ def cli() -> None:
     Run `preftune COMMAND --help` for the options of each stage."""
 
 
-def _sft_command():
-    from preftune.sft.trainer import SFTConfig
+from preftune.dpo.cli import register as _register_dpo  # noqa: E402
+from preftune.sft.cli import register as _register_sft  # noqa: E402
 
-    @cli.command("sft")
-    @click.option("--config", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-    @config_options(SFTConfig)
-    def sft(**kwargs) -> None:
-        """Supervised fine-tuning on demonstrations (loss on response tokens only).
+_register_sft(cli, CONFIG_HELP)
+_register_dpo(cli, CONFIG_HELP)
 
-        Writes the final model as a plain Hugging Face directory at the top of --out, plus
-        metrics.jsonl, metrics.json and resumable checkpoints under OUT/checkpoints."""
-        from preftune.sft.trainer import train_sft
+from preftune.feedback.commands import register as _register_feedback  # noqa: E402
+from preftune.reward.cli import register as _register_reward  # noqa: E402
 
-        cfg = config_from_cli(SFTConfig, kwargs, "sft")
-        summary = train_sft(cfg)
-        click.echo(f"sft done: eval_loss {summary['eval_loss']} -> {cfg.out}")
+_register_feedback(cli, CONFIG_HELP)
+_register_reward(cli, CONFIG_HELP)
 
-    return sft
+from preftune.ppo.cli import register as _register_ppo  # noqa: E402
 
-
-_sft_command()
+_register_ppo(cli, CONFIG_HELP)
 
 from preftune.evaluation.cli import register as _register_evaluation  # noqa: E402
 
 _register_evaluation(cli, CONFIG_HELP)
+
+from preftune.feedback.cli import annotate  # noqa: E402  (light: the app loads on first use)
+
+cli.add_command(annotate)
 
 
 def main() -> None:

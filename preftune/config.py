@@ -65,6 +65,8 @@ class TrainConfig(StageConfig):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     lora_targets: list[str] = Field(default_factory=lambda: ["all-linear"],
                                     description="Modules to adapt, comma-separated (all-linear, q_proj, ...).")
+    fsdp: bool = Field(False, description="Under torchrun: shard weights, gradients and optimiser state "
+                                          "across ranks (FSDP2) instead of replicating them (DDP).")
     keep_adapter: bool = Field(False, description="Save the LoRA adapter instead of merging it into the "
                                                   "final model.")
 

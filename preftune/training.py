@@ -146,21 +146,42 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _full_options(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, strict=strict)
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that training changes (all of them, or only the LoRA adapters)."""
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    """The full (unsharded) parameters that training changes: all of them, or only the LoRA
+    adapters. A collective under FSDP: every rank calls it; rank 0 gets the tensors."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    full = get_model_state_dict(model, options=_full_options())
+    return {k: v.contiguous() for k, v in full.items() if k in names}
 
 
 def save_checkpoint(out: Path, step: int, modules: dict[str, torch.nn.Module], optimizer, scheduler,
-                    extra: dict[str, Any], keep: int) -> Path:
-    """Write a checkpoint atomically (tmp dir + rename) and keep only the ``keep`` newest."""
+                    extra: dict[str, Any], keep: int, is_main: bool = True) -> Path:
+    """Write a checkpoint atomically (tmp dir + rename) and keep only the ``keep`` newest.
+
+    Weights and optimiser state are stored unsharded and keyed by parameter name, so a checkpoint
+    resumes with any world size, with or without FSDP. Every rank calls this; rank 0 writes."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    weights = {name: trainable_state(module) for name, module in modules.items()}
+    owner = next(iter(modules.values()))
+    optim_state = get_optimizer_state_dict(owner, optimizer, options=_full_options())
     final = checkpoint_dir(out, step)
+    if not is_main:
+        return final
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, module in modules.items():
-        save_file(trainable_state(module), str(tmp / f"{name}.safetensors"))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(),
+    for name, state in weights.items():
+        save_file(state, str(tmp / f"{name}.safetensors"))
+    torch.save({"step": step, "optimizer": optim_state,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "rng": rng_state(), **extra}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
@@ -172,19 +193,80 @@ def save_checkpoint(out: Path, step: int, modules: dict[str, torch.nn.Module], o
 
 
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, scheduler) -> dict[str, Any]:
+    """Restore weights, optimiser, scheduler and RNG states written by ``save_checkpoint``.
+    The first module owns the optimiser."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
     for name, module in modules.items():
         weights = load_file(str(path / f"{name}.safetensors"))
         missing = set(weights) - {n for n, _ in module.named_parameters()}
         if missing:
             raise PreftuneError(f"{path}: checkpoint does not match the model ({len(missing)} unknown tensors, "
                                 f"e.g. {sorted(missing)[0]}); was it written with other options?")
-        module.load_state_dict(weights, strict=False)
+        set_model_state_dict(module, weights, options=_full_options(strict=False))
     state = torch.load(path / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    set_optimizer_state_dict(next(iter(modules.values())), optimizer, state["optimizer"], options=_full_options())
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state
+
+
+def distribute(net: torch.nn.Module, model: torch.nn.Module, info, fsdp: bool) -> torch.nn.Module:
+    """Wrap the training module for data parallelism: DDP, or with ``fsdp`` FSDP2 (each decoder
+    layer of ``model`` sharded, then ``net`` as the root). A no-op in a single process."""
+    if not info.enabled:
+        return net
+    device = next(model.parameters()).device
+    if not fsdp:
+        return torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer_names = set(getattr(inner, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_names]
+    if not layers:
+        raise PreftuneError(f"--fsdp: cannot find the decoder layers of {type(inner).__name__}")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(net)
+    return net
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float | None:
+    """Clip the global gradient norm (0: off); returns the norm before clipping."""
+    if max_norm <= 0:
+        return None
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        norm = norm.full_tensor()
+    return norm.item()
+
+
+def gradient_sync(net: torch.nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on accumulation micro-batches that are not the last."""
+    from contextlib import nullcontext
+
+    if enabled:
+        return nullcontext()
+    if hasattr(net, "no_sync"):  # DDP
+        return net.no_sync()
+    if hasattr(net, "set_requires_gradient_sync"):  # FSDP2
+        net.set_requires_gradient_sync(False)
+        return _ReenableSync(net)
+    return nullcontext()
+
+
+class _ReenableSync:
+    def __init__(self, net) -> None:
+        self.net = net
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.net.set_requires_gradient_sync(True)
 
 
 # ---------------------------------------------------------------- LoRA and the final model
@@ -199,17 +281,46 @@ def apply_lora(model, r: int, alpha: int, dropout: float, targets: list[str], ta
     return get_peft_model(model, config)
 
 
-def save_final_model(model, tokenizer, out: Path, keep_adapter: bool = False) -> None:
+def save_final_model(model, tokenizer, out: Path, keep_adapter: bool = False, sharded: bool = False,
+                     is_main: bool = True) -> None:
     """Write the final model at the top level of ``out`` as a plain Hugging Face directory.
 
     LoRA adapters are merged unless ``keep_adapter``; either way
-    ``AutoModelFor...from_pretrained(out)`` loads it without preftune."""
+    ``AutoModelFor...from_pretrained(out)`` loads it without preftune. With ``sharded`` (FSDP)
+    every rank must call this: the full weights are gathered to rank 0, which writes them."""
     out = Path(out)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full = get_model_state_dict(model, options=_full_options())
+        if not is_main:
+            return
+        model = _unsharded_copy(model, full)
+    elif not is_main:
+        return
     is_peft = hasattr(model, "peft_config")
     if is_peft and not keep_adapter:
         model = model.merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def _unsharded_copy(model, full_state: dict[str, torch.Tensor]):
+    """A plain CPU copy of an FSDP-sharded model (built from its config), holding ``full_state``."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    auto = AutoModelForSequenceClassification if "SequenceClassification" in type(inner).__name__ else AutoModelForCausalLM
+    with torch.device("cpu"):
+        plain = auto.from_config(copy.deepcopy(inner.config), dtype=next(iter(full_state.values())).dtype)
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model
+
+        plain = get_peft_model(plain, model.peft_config["default"])
+    plain.load_state_dict(full_state, strict=False)
+    return plain
 
 
 class Throughput:

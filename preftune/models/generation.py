@@ -10,16 +10,20 @@ One loop, used by ``preftune sample``, PPO rollouts, best-of-n and evaluation:
   as every sequence has ended, and the result is trimmed to the longest response;
 * optionally the log-probability of each sampled token under ``logits / temperature`` (the exact
   quantity PPO needs for its old policy, so no second forward pass is required when the policy is
-  unchanged since sampling).
+  unchanged since sampling), and the final hidden state that produced each token's logits (what a
+  value head on the policy trunk reads, so its values come for free as well).
 """
 
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
+
+from preftune.models.logits import _unwrap
 
 
 @dataclass
@@ -31,6 +35,7 @@ class Generation:
     ended: torch.Tensor  # [B] bool: reached EOS or a stop string within the limit
     texts: list[str]  # decoded responses, special tokens removed, cut before a stop string
     logprobs: torch.Tensor | None = None  # [B, T] log pi(token) under logits / temperature, 0 on padding
+    hidden: torch.Tensor | None = None  # [B, T, H] final hidden state before each response token
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -79,9 +84,34 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] = (),
              min_new_tokens: int = 0, generator: torch.Generator | None = None,
-             return_logprobs: bool = False) -> Generation:
+             return_logprobs: bool = False, return_hidden: bool = False) -> Generation:
     """Sample a response for each tokenised prompt (see module docstring)."""
     device = next(model.parameters()).device
+    with _head_inputs(model, return_hidden) as hidden_states:
+        return _generate(model, tokenizer, prompts, device, hidden_states, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p, top_k=top_k, stop=stop,
+                         min_new_tokens=min_new_tokens, generator=generator, return_logprobs=return_logprobs,
+                         return_hidden=return_hidden)
+
+
+@contextmanager
+def _head_inputs(model, enabled: bool) -> Iterator[list[torch.Tensor]]:
+    """Collect the LM head's input (the trunk's final hidden state) at the last position of every
+    forward pass while active."""
+    captured: list[torch.Tensor] = []
+    if not enabled:
+        yield captured
+        return
+    head = _unwrap(model).get_output_embeddings()
+    hook = head.register_forward_hook(lambda _m, args, _out: captured.append(args[0][:, -1, :]))
+    try:
+        yield captured
+    finally:
+        hook.remove()
+
+
+def _generate(model, tokenizer, prompts, device, hidden_states, *, max_new_tokens, temperature, top_p, top_k,
+              stop, min_new_tokens, generator, return_logprobs, return_hidden) -> Generation:
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     eos_ids = torch.tensor(sorted({eos_id} | set(_extra_eos_ids(model, tokenizer))), device=device)
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
@@ -136,7 +166,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
         texts.append(_cut_at_stop(text, stop)[0].strip() if stop else text.strip())
     return Generation(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
                       response_mask=response_mask, ended=ended.cpu(), texts=texts,
-                      logprobs=torch.stack(logps, 1) if return_logprobs else None)
+                      logprobs=torch.stack(logps, 1) if return_logprobs else None,
+                      hidden=torch.stack(hidden_states[:len(tokens)], 1) if return_hidden else None)
 
 
 def _cache_keyword(model) -> str:

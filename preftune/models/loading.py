@@ -28,6 +28,14 @@ import torch
 
 from preftune.errors import PreftuneError
 
+try:  # preftune draws its own progress bars; keep transformers' per-file bars and notices quiet
+    from transformers.utils import logging as _hf_logging
+
+    _hf_logging.disable_progress_bar()
+    _hf_logging.set_verbosity_error()
+except ImportError:  # pragma: no cover
+    pass
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 KNOWN_MODELS = {
     DEFAULT_MODEL: {

@@ -16,21 +16,23 @@ def _unwrap(model):
     return get_base() if callable(get_base) else model
 
 
-def selected_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+def selected_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     select: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits [N, V] at the positions where ``select`` [B, T] is true (in row-major order).
-
-    The logits at position t predict token t + 1, so to score response tokens pass the response
-    mask shifted left by one."""
+    """The decoder trunk's final hidden states [N, H] at the positions where ``select`` is true
+    (what the LM head, or a value head on the same trunk, reads)."""
     inner = _unwrap(model)
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
-    head = inner.get_output_embeddings()
-    if decoder is None or head is None:  # unknown architecture: full forward, then select
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        return out.logits[select]
+    if decoder is None:
+        raise TypeError(f"{type(inner).__name__} exposes no decoder trunk (get_decoder)")
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False).last_hidden_state
-    logits = head(hidden[select])
+    return hidden[select]
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head applied to final hidden states, with the model's logit scaling if any."""
+    inner = _unwrap(model)
+    logits = inner.get_output_embeddings()(hidden)
     scale = getattr(inner.config, "logit_scale", None)  # e.g. Cohere; None for Llama
     if isinstance(scale, (int, float)):
         logits = logits * scale
@@ -40,8 +42,35 @@ def selected_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return logits
 
 
+def selected_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    select: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [N, V] at the positions where ``select`` [B, T] is true (in row-major order).
+
+    The logits at position t predict token t + 1, so to score response tokens pass the response
+    mask shifted left by one."""
+    inner = _unwrap(model)
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    if decoder is None or inner.get_output_embeddings() is None:
+        # unknown architecture: full forward, then select
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return out.logits[select]
+    return head_logits(model, selected_hidden(model, input_ids, attention_mask, select, position_ids))
+
+
 def response_token_mask(labels: torch.Tensor) -> torch.Tensor:
     """For labels [B, T] with -100 on ignored tokens: the positions whose logits predict a label."""
     select = torch.zeros_like(labels, dtype=torch.bool)
     select[:, :-1] = labels[:, 1:] != -100
     return select
+
+
+class ResponseLogits(torch.nn.Module):
+    """``selected_logits`` as a module, so DistributedDataParallel can wrap it (DDP's gradient
+    synchronisation is set up in the wrapped module's ``forward``)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, select, position_ids=None) -> torch.Tensor:
+        return selected_logits(self.model, input_ids, attention_mask, select, position_ids)

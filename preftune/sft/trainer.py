@@ -12,16 +12,29 @@ from pydantic import Field
 
 from preftune.config import TrainConfig
 from preftune.data.jsonl import read_jsonl
+from preftune.data.records import Demonstration
 from preftune.data.split import train_eval_split
+from preftune.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    check_same_config,
+    device_for,
+    gather_checksums,
+    init_distributed,
+)
 from preftune.errors import PreftuneError
 from preftune.models.loading import load_causal_lm, set_threads
-from preftune.models.logits import response_token_mask, selected_logits
+from preftune.models.logits import ResponseLogits, response_token_mask
 from preftune.progress import console, progress_bar
 from preftune.sft.data import Example, collate, encode_demonstrations, pack_examples
 from preftune.training import (
     MetricsLogger,
     Throughput,
     apply_lora,
+    clip_gradients,
+    distribute,
+    gradient_sync,
     latest_checkpoint,
     load_checkpoint,
     make_optimizer,
@@ -54,44 +67,63 @@ def response_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def _batch_loss(model, batch: dict, device) -> tuple[torch.Tensor, int]:
+def _batch_loss(net, batch: dict, device) -> tuple[torch.Tensor, int]:
+    """Summed response-token loss of one micro-batch and its number of target tokens."""
     labels = batch["labels"].to(device)
     select = response_token_mask(labels)
     targets = labels[:, 1:][select[:, :-1]]
-    mask = batch["attention_mask"]
-    logits = selected_logits(model, batch["input_ids"].to(device), None if mask is None else mask.to(device),
-                             select, None if batch.get("position_ids") is None else batch["position_ids"].to(device))
+    mask, positions = batch["attention_mask"], batch.get("position_ids")
+    logits = net(batch["input_ids"].to(device), None if mask is None else mask.to(device), select,
+                 None if positions is None else positions.to(device))
     return response_loss_sum(logits, targets), int(targets.numel())
 
 
+def count_targets(examples: list[Example]) -> int:
+    return sum(sum(1 for t in e.labels[1:] if t != -100) for e in examples)
+
+
 @torch.no_grad()
-def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int, device) -> float:
-    """Mean cross-entropy per response token over ``examples``."""
+def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int, device,
+                  info: DistInfo = DistInfo(), net=None) -> float:
+    """Mean cross-entropy per response token over ``examples``.
+
+    With replicated weights each rank scores its share and the sums are all-reduced. Under FSDP
+    (``net`` given) every forward pass is a collective, so every rank scores all examples."""
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        loss, n = _batch_loss(model, collate(examples[i:i + batch_size], pad_id), device)
-        total, tokens = total + loss.item(), tokens + n
+    sharded = net is not None
+    mine = examples if sharded else examples[info.rank::info.world]
+    net = net if sharded else ResponseLogits(model)
+    total = torch.zeros(2, dtype=torch.float64)
+    for i in range(0, len(mine), batch_size):
+        loss, n = _batch_loss(net, collate(mine[i:i + batch_size], pad_id), device)
+        total += torch.tensor([loss.item(), n], dtype=torch.float64)
+    if not sharded:
+        total = all_reduce_sum(total, info)
     model.train(was_training)
-    return total / max(tokens, 1)
+    return (total[0] / total[1].clamp(min=1)).item()
 
 
-def load_demonstrations(cfg: SFTConfig, tokenizer) -> tuple[list[Example], list[Example], list[str]]:
+def read_demonstrations(cfg: SFTConfig) -> tuple[list[Demonstration], list[Demonstration], list[str]]:
+    """Validate the input files before any model is loaded, so bad input fails fast."""
     notes: list[str] = []
     train_read = read_jsonl(cfg.data, "demonstrations", skip_invalid=cfg.skip_invalid)
     if train_read.skipped:
         notes.append(train_read.summary())
-    if cfg.eval_data:
-        eval_read = read_jsonl(cfg.eval_data, "demonstrations", skip_invalid=cfg.skip_invalid)
-        if eval_read.skipped:
-            notes.append(eval_read.summary())
-        train_demos, eval_demos = train_read.records, eval_read.records
-    else:
-        train_demos, eval_demos = train_eval_split(train_read.records, cfg.eval_split, cfg.seed)
+    if not cfg.eval_data:
+        train, held = train_eval_split(train_read.records, cfg.eval_split, cfg.seed)
+        return train, held, notes
+    eval_read = read_jsonl(cfg.eval_data, "demonstrations", skip_invalid=cfg.skip_invalid)
+    if eval_read.skipped:
+        notes.append(eval_read.summary())
+    return train_read.records, eval_read.records, notes
+
+
+def encode_splits(cfg: SFTConfig, tokenizer, train_demos, eval_demos) -> tuple[list[Example], list[Example], list[str]]:
     train, skipped = encode_demonstrations(train_demos, tokenizer, cfg.max_length, cfg.truncate, cfg.skip_invalid)
     held, skipped_eval = encode_demonstrations(eval_demos, tokenizer, cfg.max_length, cfg.truncate,
                                                cfg.skip_invalid)
+    notes = []
     if skipped or skipped_eval:
         notes.append(f"skipped {len(skipped) + len(skipped_eval)} over-long records, first: "
                      f"{(skipped + skipped_eval)[0]}")
@@ -108,24 +140,31 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, quiet: bool = False) -> dict:
-    """Run SFT; returns the final metrics. ``stop_after`` ends the run early after that step's
-    checkpoint, as an interruption would (used by the resume tests)."""
+    """Run SFT (one process, or one rank under torchrun); returns the final metrics.
+    ``stop_after`` ends the run early after that step, as an interruption would (resume tests)."""
+    info = init_distributed(cfg.device)
+    check_same_config(cfg.model_dump(), info)
+    quiet = quiet or not info.is_main
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
-    model, tokenizer = load_causal_lm(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    train_demos, eval_demos, notes = read_demonstrations(cfg)
+    model, tokenizer = load_causal_lm(cfg.model, device=device_for(info, cfg.device), dtype=cfg.dtype)
     device = next(model.parameters()).device
-    train, held, notes = load_demonstrations(cfg, tokenizer)
-    for note in notes:
-        console.print(f"[yellow]{note}")
+    train, held, more_notes = encode_splits(cfg, tokenizer, train_demos, eval_demos)
+    for note in notes + more_notes:
+        if info.is_main:
+            console.print(f"[yellow]{note}")
     if cfg.packing:
         train = pack_examples(train, cfg.max_length)
     if cfg.lora:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model.train()
+    net = distribute(ResponseLogits(model), model, info, cfg.fsdp)
 
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    global_batch = cfg.batch_size * info.world
+    steps_per_epoch = math.ceil(len(train) / global_batch)
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
@@ -134,59 +173,79 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, quiet: bool = Fa
 
     start = 0
     ckpt = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None:
+    if cfg.resume and ckpt is None and info.is_main:
         console.print(f"[yellow]--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
     if ckpt is not None:
-        start = load_checkpoint(ckpt, {"model": model}, optimizer, scheduler)["step"]
-        console.print(f"resuming from {ckpt} (step {start})")
-    write_json(out / "run_config.json", {"stage": "sft", **cfg.model_dump()})
-    logger = MetricsLogger(out, cfg.tensorboard, resume_step=start if ckpt is not None else None)
+        state = load_checkpoint(ckpt, {"model": model}, optimizer, scheduler)
+        start = state["step"]
+        if state.get("global_batch", global_batch) != global_batch and info.is_main:
+            console.print(f"[yellow]resuming with global batch {global_batch} (world {info.world} x "
+                          f"{cfg.batch_size}); the checkpoint was written with {state['global_batch']}")
+        if info.is_main:
+            console.print(f"resuming from {ckpt} (step {start})")
+    logger = None
+    if info.is_main:
+        write_json(out / "run_config.json", {"stage": "sft", "world_size": info.world, **cfg.model_dump()})
+        logger = MetricsLogger(out, cfg.tensorboard, resume_step=start if ckpt is not None else None)
 
     pad_id = tokenizer.pad_token_id
-    micro = max(1, cfg.batch_size // cfg.grad_accum)
     speed = Throughput()
     t_start = time.perf_counter()
-    eval_loss = None
-    initial_eval = evaluate_loss(model, held, pad_id, cfg.batch_size, device) if held and start == 0 else None
-    last = {}
+    evaluate = lambda: evaluate_loss(model, held, pad_id, cfg.batch_size, device, info,  # noqa: E731
+                                     net if info.enabled and cfg.fsdp else None)
+    initial_eval = evaluate() if held and start == 0 else None
+    eval_loss, last = None, {}
     with progress_bar(total_steps, "sft", disable=quiet) as bar:
         bar.set(start)
         for step in range(start, total_steps):
             epoch, pos = divmod(step, steps_per_epoch)
             order = epoch_order(len(train), cfg.seed, epoch)
-            batch_examples = [train[i] for i in order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]]
-            n_targets = sum(sum(1 for t in e.labels[1:] if t != -100) for e in batch_examples)
-            step_loss, step_tokens = 0.0, 0
-            for j in range(0, len(batch_examples), micro):
-                loss_sum, n = _batch_loss(model, collate(batch_examples[j:j + micro], pad_id), device)
-                (loss_sum / max(n_targets, 1)).backward()
+            global_examples = [train[i] for i in order[pos * global_batch:(pos + 1) * global_batch]]
+            mine = info.my_slice(global_examples)
+            # Normalise by the global number of target tokens: accumulation and data parallelism then
+            # give the gradient of one big batch (DDP averages over ranks, hence the world factor).
+            n_targets = max(count_targets(global_examples), 1)
+            micro = max(1, -(-len(mine) // cfg.grad_accum))
+            chunks = [mine[j:j + micro] for j in range(0, len(mine), micro)]
+            step_loss, step_tokens = torch.zeros(1, dtype=torch.float64), 0
+            for k, chunk in enumerate(chunks):
+                with gradient_sync(net, enabled=k == len(chunks) - 1):
+                    loss_sum, _ = _batch_loss(net, collate(chunk, pad_id), device)
+                    (loss_sum * info.world / n_targets).backward()
                 step_loss += loss_sum.item()
-                step_tokens += sum(len(e.input_ids) for e in batch_examples[j:j + micro])
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
-                         if cfg.max_grad_norm > 0 else None)
+                step_tokens += sum(len(e.input_ids) for e in chunk)
+            grad_norm = clip_gradients(model, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            last = {"loss": step_loss / max(n_targets, 1), "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": speed.update(step_tokens), "grad_norm": grad_norm, "epoch": done / steps_per_epoch,
-                    "eval_loss": None}
-            if held and cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
-                last["eval_loss"] = eval_loss = evaluate_loss(model, held, pad_id, cfg.batch_size, device)
-            if done == total_steps and held:
-                last["eval_loss"] = eval_loss = evaluate_loss(model, held, pad_id, cfg.batch_size, device)
-            if done % cfg.log_every == 0 or done == total_steps:
+            step_loss = all_reduce_sum(step_loss, info).item()
+            tokens = int(all_reduce_sum(torch.tensor([step_tokens]), info).item())
+            last = {"loss": step_loss / n_targets, "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": speed.update(tokens), "grad_norm": grad_norm,
+                    "epoch": done / steps_per_epoch, "eval_loss": None}
+            if held and (done == total_steps or (cfg.eval_every and done % cfg.eval_every == 0)):
+                last["eval_loss"] = eval_loss = evaluate()
+            if logger and (done % cfg.log_every == 0 or done == total_steps):
                 logger.log(done, last)
             bar.advance(1, loss=last["loss"], tok_s=round(last["tokens_per_s"]))
             if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
-                save_checkpoint(out, done, {"model": model}, optimizer, scheduler, {}, cfg.keep_checkpoints)
+                save_checkpoint(out, done, {"model": model}, optimizer, scheduler, {"global_batch": global_batch},
+                                cfg.keep_checkpoints, is_main=info.is_main)
             if stop_after is not None and done >= stop_after:
-                logger.close()
+                barrier(info)
+                if logger:
+                    logger.close()
                 return {"stopped_at": done}
-    logger.close()
-    save_final_model(model, tokenizer, out, keep_adapter=cfg.keep_adapter)
     summary = {"steps": total_steps, "train_examples": len(train), "eval_examples": len(held),
                "final_loss": last.get("loss"), "eval_loss": eval_loss, "initial_eval_loss": initial_eval,
-               "seconds": time.perf_counter() - t_start}
-    write_json(out / "metrics.json", summary)
+               "world_size": info.world, "seconds": time.perf_counter() - t_start}
+    if info.enabled and not cfg.fsdp:  # evidence that DDP kept every rank's weights identical
+        summary["rank_param_checksums"] = gather_checksums(model, info)
+    save_final_model(model, tokenizer, out, keep_adapter=cfg.keep_adapter, sharded=info.enabled and cfg.fsdp,
+                     is_main=info.is_main)
+    if info.is_main:
+        logger.close()
+        write_json(out / "metrics.json", summary)
+    barrier(info)
     return summary

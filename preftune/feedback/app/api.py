@@ -1,0 +1,169 @@
+"""The JSON API under ``/api/v1`` (OpenAPI docs at ``/api/v1/docs``), authenticated by
+``Authorization: Bearer TOKEN`` (or, for the app's own pages, the session cookie plus an
+``X-CSRF-Token`` header on writes)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+
+from preftune.data.records import RecordError
+from preftune.feedback.app import export as exporting
+from preftune.feedback.app import service
+from preftune.feedback.app.models import Assignment, Judgement, Project, Task, User
+from preftune.feedback.app.stats import project_stats
+from preftune.feedback.app.tasks import parse_tasks
+from preftune.feedback.app.web import api_caller, tx
+
+router = APIRouter(prefix="/api/v1")
+
+
+def any_user(request: Request) -> User:
+    """Authenticate before anything else is looked at (body fields included)."""
+    with tx(request) as s:
+        return api_caller(request, s)
+
+
+def admin_user(request: Request) -> User:
+    with tx(request) as s:
+        return api_caller(request, s, admin=True)
+
+
+AnyUser = Annotated[User, Depends(any_user)]
+Admin = Annotated[User, Depends(admin_user)]
+
+
+class ProjectIn(BaseModel):
+    name: str = Field(..., max_length=100)
+    kind: Literal["pairwise", "ranking", "rating"]
+    overlap: int = 1
+    scale: int = 3
+    gold_rate: float = 0.0
+    lease_seconds: int = 600
+
+
+class UserIn(BaseModel):
+    name: str = Field(..., max_length=100)
+    role: Literal["admin", "annotator"] = "annotator"
+
+
+class JudgementIn(BaseModel):
+    """Fields as fit the project's kind. Positions refer to the responses in the order shown."""
+    choice: Literal["A", "B", "tie", "both_bad"] | None = Field(None, description="pairwise: A = first shown")
+    strength: int | None = Field(None, description="pairwise: 1 slightly .. 4 much better")
+    ranking: list[int | list[int]] | None = Field(None, description="ranking: shown positions best first; "
+                                                                     "a list of positions is a tie")
+    rating: int | None = Field(None, description="rating: 1 .. the project's scale")
+    flags: list[str] | None = Field(None, description="rating: hallucination, harmful, ignores_instruction, "
+                                                      "unhelpful, other")
+    rationale: str | None = None
+    client_key: str | None = Field(None, max_length=100, description="idempotency key: the same key again "
+                                                                     "returns the stored judgement")
+
+
+def _project_json(p: Project) -> dict[str, Any]:
+    return {"name": p.name, "kind": p.kind, "overlap": p.overlap, "scale": p.scale, "gold_rate": p.gold_rate,
+            "lease_seconds": p.lease_seconds}
+
+
+def progress_for(s, p: Project, user: User) -> dict[str, int]:
+    """What the annotator's progress line shows: judged so far, and what is left for them."""
+    done = s.scalar(select(func.count(Judgement.id)).where(Judgement.project_id == p.id,
+                                                           Judgement.user_id == user.id)) or 0
+    return {"done": done, "remaining": service.remaining_for(s, p, user)}
+
+
+@router.get("/me", summary="Who am I")
+def me(user: AnyUser) -> dict[str, Any]:
+    return {"user": user.name, "role": user.role}
+
+
+@router.get("/projects", summary="Projects (with what is left for me)")
+def list_projects(request: Request, user: AnyUser) -> list[dict[str, Any]]:
+    with tx(request) as s:
+        return [{**_project_json(p), "remaining_for_me": service.remaining_for(s, p, user)}
+                for p in s.scalars(select(Project).order_by(Project.name))]
+
+
+@router.post("/projects", status_code=201, summary="Create a project (admin)")
+def create_project(request: Request, _: Admin, body: ProjectIn) -> dict[str, Any]:
+    with tx(request) as s:
+        return _project_json(service.create_project(s, **body.model_dump()))
+
+
+@router.post("/users", status_code=201, summary="Create a user (admin); answers the credentials once")
+def create_user(request: Request, _: Admin, body: UserIn) -> dict[str, Any]:
+    with tx(request) as s:
+        new = service.create_user(s, body.name, body.role)
+        return {"user": new.user.name, "role": new.user.role, "password": new.password, "token": new.token}
+
+
+@router.post("/projects/{project}/tasks", status_code=201, summary="Import tasks (admin)")
+def import_tasks(request: Request, _: Admin, project: str, records: list[Any] = Body(
+        ..., description='task records: {"prompt", "responses": [...], "id"?, "gold"?, "meta"?}, samples '
+                         '{"prompt", "response"} or comparisons')) -> dict[str, int]:
+    with tx(request) as s:
+        p = service.get_project(s, project)
+        try:
+            specs = parse_tasks(enumerate(records, start=1), p.kind, p.scale, request.app.state.settings.limits)
+        except RecordError as e:
+            raise service.Invalid(f"record {e.line}: {e}") from None
+        result = service.add_tasks(s, p, specs)
+        return {"imported": result.added, "unchanged": result.unchanged}
+
+
+@router.get("/projects/{project}/next", summary="My next assignment (204 when nothing is left)",
+            responses={204: {"description": "nothing left for you in this project"}})
+def next_task(request: Request, user: AnyUser, project: str):
+    with tx(request) as s:
+        p = service.get_project(s, project)
+        assignment = service.next_assignment(s, p, user)
+        if assignment is None:
+            return Response(status_code=204)
+        body = service.assignment_json(assignment, s.get(Task, assignment.task_id), p)
+        body["progress"] = progress_for(s, p, user)
+    return body
+
+
+@router.post("/assignments/{assignment_id}/judgement", status_code=201,
+             summary="Submit a judgement (201; 200 with the stored one for a repeated client_key)")
+def submit(request: Request, user: AnyUser, assignment_id: int, body: JudgementIn):
+    with tx(request) as s:
+        judgement, created = service.submit_judgement(s, assignment_id, user, body.model_dump(),
+                                                      request.app.state.settings.limits)
+        content = service.judgement_json(judgement, s.get(Assignment, judgement.assignment_id))
+    return JSONResponse(content, status_code=201 if created else 200)
+
+
+@router.post("/assignments/{assignment_id}/skip", summary="Skip an assignment")
+def skip(request: Request, user: AnyUser, assignment_id: int) -> dict[str, Any]:
+    with tx(request) as s:
+        service.skip_assignment(s, assignment_id, user)
+    return {"assignment_id": assignment_id, "status": "skipped"}
+
+
+@router.get("/projects/{project}/export", summary="Export labels as JSONL (admin)",
+            response_class=Response, responses={200: {"content": {"application/x-ndjson": {}}}})
+def export(request: Request, _: Admin, project: str,
+           format: Literal["comparisons", "raw", "ratings"] = Query("comparisons"),
+           include_ties: bool = Query(False, description="comparisons: write ties with strength 0")):
+    counts: Counter = Counter()
+    with tx(request) as s:
+        p = service.get_project(s, project)
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                       for r in exporting.export_rows(s, p, format, counts, include_ties))
+    return Response(text, media_type="application/x-ndjson", headers={
+        "Content-Disposition": f'attachment; filename="{format}.jsonl"',
+        "X-Preftune-Counts": json.dumps(dict(counts), sort_keys=True)})
+
+
+@router.get("/projects/{project}/stats", summary="Progress, gold accuracy, agreement (admin)")
+def stats(request: Request, _: Admin, project: str) -> dict[str, Any]:
+    with tx(request) as s:
+        return project_stats(s, service.get_project(s, project))

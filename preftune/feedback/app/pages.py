@@ -1,0 +1,271 @@
+"""Server-rendered pages (Jinja2, autoescaped: model output is always shown as text).
+
+Every form carries a CSRF token; the log-in form uses a double-submit cookie since there is no
+session yet. The annotate page works as plain forms; ``static/annotate.js`` adds keyboard
+shortcuts and loads the next task through the JSON API without reloading the page.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import quote, urlparse
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import select
+
+from preftune.data.records import RATING_FLAGS, RecordError
+from preftune.errors import DataError
+from preftune.feedback.app import service
+from preftune.feedback.app.api import progress_for
+from preftune.feedback.app.models import Project, Task, User, WebSession
+from preftune.feedback.app.security import new_secret, same_secret, verify_password
+from preftune.feedback.app.stats import project_stats
+from preftune.feedback.app.tasks import numbered_json_lines, parse_tasks
+from preftune.feedback.app.web import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Caller, identify, start_session, tx
+
+router = APIRouter(include_in_schema=False)
+templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+
+FLAG_KEYS = {"hallucination": "h", "harmful": "m", "ignores_instruction": "i", "unhelpful": "u", "other": "o"}
+STRENGTH_NAMES = {1: "slightly", 2: "somewhat", 3: "clearly", 4: "much"}
+
+
+class LoginRequired(Exception):
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+class PageForbidden(Exception):
+    pass
+
+
+def _caller(request: Request, s, *, admin: bool = False) -> Caller:
+    caller = identify(request, s)
+    if caller is None or caller.session is None:  # pages use the session cookie, not tokens
+        raise LoginRequired(request.url.path)
+    if admin and caller.user.role != "admin":
+        raise PageForbidden()
+    return caller
+
+
+def _check_csrf(caller: Caller, token: str | None) -> None:
+    if not same_secret(token, caller.session.csrf_token):
+        raise service.FeedbackError("the form has expired or did not come from this site (CSRF check "
+                                    "failed): reload the page and try again")
+
+
+def render(request: Request, name: str, caller: Caller | None, status: int = 200, **context) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, {
+        "user": caller.user if caller else None, "csrf": caller.session.csrf_token if caller else "", **context},
+        status_code=status)
+
+
+def _number(text: str, what: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        raise service.Invalid(f"{what} must be a number") from None
+
+
+def _safe_next(target: str | None) -> str:
+    """Only same-site paths after log-in (no open redirect)."""
+    if not target or not target.startswith("/") or target.startswith("//") or urlparse(target).netloc:
+        return "/"
+    return target
+
+
+# ---------------------------------------------------------------- log-in
+
+
+@router.get("/login")
+def login_page(request: Request, next: str = "/", error: str | None = None):
+    token = request.cookies.get(LOGIN_CSRF_COOKIE) or new_secret(24)
+    response = render(request, "login.html", None, next=_safe_next(next), login_csrf=token, error=error,
+                      status=401 if error else 200)
+    response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict",
+                        secure=request.app.state.settings.secure_cookies)
+    return response
+
+
+@router.post("/login")
+def login(request: Request, username: str = Form("", max_length=100), password: str = Form("", max_length=1000),
+          csrf_token: str = Form(""), next: str = Form("/")):
+    settings, limiter = request.app.state.settings, request.app.state.limiter
+    if not same_secret(csrf_token, request.cookies.get(LOGIN_CSRF_COOKIE)):
+        return login_page(request, next, "The log-in form expired (CSRF check failed). Please try again.")
+    keys = (f"ip:{request.client.host if request.client else '?'}", f"user:{username}")
+    wait = limiter.retry_after(*keys)
+    if wait > 0:
+        response = login_page(request, next, f"Too many failed log-ins. Try again in {int(wait) + 1} seconds.")
+        response.status_code = 429
+        response.headers["Retry-After"] = str(int(wait) + 1)
+        return response
+    with tx(request) as s:
+        user = s.scalar(select(User).where(User.name == username))
+        if user is None or not verify_password(user.password_hash, password):
+            limiter.failed(*keys)
+            return login_page(request, next, "Wrong user name or password.")
+        cookie, _ = start_session(s, user, settings.session_hours)
+        target = _safe_next(next) if next != "/" else ("/admin" if user.role == "admin" else "/")
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(SESSION_COOKIE, cookie, httponly=True, samesite="strict", secure=settings.secure_cookies,
+                        max_age=int(settings.session_hours * 3600))
+    response.delete_cookie(LOGIN_CSRF_COOKIE)
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, csrf_token: str = Form("")):
+    with tx(request) as s:
+        caller = _caller(request, s)
+        _check_csrf(caller, csrf_token)
+        s.delete(s.get(WebSession, caller.session.id))
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE)
+    return response
+
+
+# ---------------------------------------------------------------- annotators
+
+
+@router.get("/")
+def home(request: Request):
+    with tx(request) as s:
+        caller = _caller(request, s)
+        projects = [(p, progress_for(s, p, caller.user)) for p in s.scalars(select(Project).order_by(Project.name))]
+        return render(request, "home.html", caller, projects=projects)
+
+
+@router.get("/annotate/{project}")
+def annotate(request: Request, project: str, message: str | None = None):
+    with tx(request) as s:
+        caller = _caller(request, s)
+        p = service.get_project(s, project)
+        assignment = service.next_assignment(s, p, caller.user)
+        task = s.get(Task, assignment.task_id) if assignment else None
+        view = service.assignment_json(assignment, task, p) if assignment else None
+        return render(request, "annotate.html", caller, project=p, task=view, progress=progress_for(s, p, caller.user),
+                      client_key=new_secret(12), flags=[(f, FLAG_KEYS[f]) for f in RATING_FLAGS],
+                      strengths=STRENGTH_NAMES, message=message)
+
+
+@router.post("/annotate/{project}/submit")
+async def annotate_submit(request: Request, project: str):
+    form = await request.form()  # multi-valued fields (flags) and per-response ranks
+    return _submit_form(request, project, form)
+
+
+def _submit_form(request: Request, project: str, form):
+    with tx(request) as s:
+        caller = _caller(request, s)
+        _check_csrf(caller, form.get("csrf_token"))
+        p = service.get_project(s, project)
+        try:
+            assignment_id = int(form.get("assignment_id", ""))
+        except ValueError:
+            raise service.Invalid("the form has no assignment") from None
+        body = {"client_key": form.get("client_key") or None, "rationale": form.get("rationale") or None}
+        if p.kind == "pairwise":
+            strength = form.get("strength")
+            body.update(choice=form.get("choice"), strength=int(strength) if strength and strength.isdigit() else None)
+        elif p.kind == "rating":
+            rating = form.get("rating", "")
+            body.update(rating=int(rating) if rating.isdigit() else None, flags=form.getlist("flags"))
+        else:
+            ranks: dict[int, list[int]] = {}
+            for key, value in form.multi_items():
+                if key.startswith("rank_") and key[5:].isdigit() and value.isdigit():
+                    ranks.setdefault(int(value), []).append(int(key[5:]))
+            body["ranking"] = [sorted(ranks[r]) for r in sorted(ranks)]
+        service.submit_judgement(s, assignment_id, caller.user, body, request.app.state.settings.limits)
+    return RedirectResponse(f"/annotate/{quote(project)}", status_code=303)
+
+
+@router.post("/annotate/{project}/skip")
+def annotate_skip(request: Request, project: str, assignment_id: str = Form(""), csrf_token: str = Form("")):
+    with tx(request) as s:
+        caller = _caller(request, s)
+        _check_csrf(caller, csrf_token)
+        service.skip_assignment(s, _number(assignment_id, "assignment", int), caller.user)
+    return RedirectResponse(f"/annotate/{quote(project)}", status_code=303)
+
+
+# ---------------------------------------------------------------- admins
+
+
+@router.get("/admin")
+def admin_projects(request: Request):
+    with tx(request) as s:
+        caller = _caller(request, s, admin=True)
+        rows = [(p, project_stats(s, p)["progress"]) for p in s.scalars(select(Project).order_by(Project.name))]
+        return render(request, "admin_projects.html", caller, rows=rows)
+
+
+@router.post("/admin/projects")
+def admin_create_project(request: Request, name: str = Form(""), kind: str = Form(""), overlap: str = Form("1"),
+                         scale: str = Form("3"), gold_rate: str = Form("0"), lease_seconds: str = Form("600"),
+                         csrf_token: str = Form("")):
+    # Form fields arrive as text and are checked after the caller is: no hints to strangers.
+    with tx(request) as s:
+        caller = _caller(request, s, admin=True)
+        _check_csrf(caller, csrf_token)
+        p = service.create_project(s, name, kind, overlap=_number(overlap, "overlap", int),
+                                   scale=_number(scale, "scale", int), gold_rate=_number(gold_rate, "gold rate", float),
+                                   lease_seconds=_number(lease_seconds, "lease", int))
+    return RedirectResponse(f"/admin/projects/{quote(p.name)}", status_code=303)
+
+
+@router.get("/admin/projects/{project}")
+def admin_project(request: Request, project: str, message: str | None = None):
+    with tx(request) as s:
+        caller = _caller(request, s, admin=True)
+        p = service.get_project(s, project)
+        return render(request, "admin_project.html", caller, project=p, stats=project_stats(s, p), message=message)
+
+
+@router.post("/admin/projects/{project}/import")
+def admin_import(request: Request, project: str, file: UploadFile | None = File(None), csrf_token: str = Form("")):
+    limits = request.app.state.settings.limits
+    with tx(request) as s:
+        caller = _caller(request, s, admin=True)
+        _check_csrf(caller, csrf_token)
+        p = service.get_project(s, project)
+        if file is None:
+            raise service.Invalid("choose a JSONL file to import")
+        name = file.filename or "upload"
+        try:
+            numbered = numbered_json_lines(file.file, name)
+        except DataError as e:
+            raise service.Invalid(str(e)) from None
+        try:
+            specs = parse_tasks(numbered, p.kind, p.scale, limits)
+        except RecordError as e:
+            raise service.Invalid(f"{name}:{e.line}: {e}") from None
+        result = service.add_tasks(s, p, specs)
+    message = f"Imported {result.added} tasks" + (f" ({result.unchanged} already present)" if result.unchanged else "")
+    return RedirectResponse(f"/admin/projects/{quote(project)}?message={quote(message)}", status_code=303)
+
+
+@router.get("/admin/users")
+def admin_users(request: Request):
+    with tx(request) as s:
+        caller = _caller(request, s, admin=True)
+        users = list(s.scalars(select(User).order_by(User.name)))
+        return render(request, "admin_users.html", caller, users=users, created=None)
+
+
+@router.post("/admin/users")
+def admin_create_user(request: Request, name: str = Form(""), role: str = Form("annotator"),
+                      csrf_token: str = Form("")):
+    with tx(request) as s:
+        caller = _caller(request, s, admin=True)
+        _check_csrf(caller, csrf_token)
+        new = service.create_user(s, name, role)
+        created = {"user": new.user.name, "role": new.user.role, "password": new.password, "token": new.token}
+        users = list(s.scalars(select(User).order_by(User.name)))
+        # Shown once: only hashes are stored.
+        response = render(request, "admin_users.html", caller, users=users, created=created)
+    response.headers["Cache-Control"] = "no-store"
+    return response

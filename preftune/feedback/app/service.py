@@ -1,0 +1,338 @@
+"""What the app does, as functions on a database session: users, projects, task import,
+assignment with leases and overlap, idempotent judgements. The web API, the pages and the CLI
+are thin layers over these; each call runs inside the caller's transaction.
+
+Concurrency: everything that counts assignments of a task first locks the project row
+(``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite transactions already start with
+``BEGIN IMMEDIATE``), so two annotators asking at once cannot both take the last slot.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from preftune.data.records import RATING_FLAGS
+from preftune.errors import PreftuneError
+from preftune.feedback.app.models import Assignment, Judgement, Project, Task, User, utcnow
+from preftune.feedback.app.security import hash_password, new_secret, token_hash
+from preftune.feedback.app.tasks import KINDS, Limits, TaskSpec, ranking_groups
+
+ROLES = ("admin", "annotator")
+CHOICES = ("A", "B", "tie", "both_bad")
+STRENGTHS = (1, 2, 3, 4)  # slightly, somewhat, clearly, much better
+
+
+class FeedbackError(PreftuneError):
+    """An error with the HTTP status the API answers it with."""
+
+    status = 400
+
+
+class NotFound(FeedbackError):
+    status = 404
+
+
+class Conflict(FeedbackError):
+    status = 409
+
+
+class Invalid(FeedbackError):
+    status = 422
+
+
+# ---------------------------------------------------------------- users and projects
+
+
+@dataclass
+class NewUser:
+    user: User
+    password: str
+    token: str
+
+
+def create_user(session: Session, name: str, role: str, password: str | None = None) -> NewUser:
+    if role not in ROLES:
+        raise Invalid(f"role must be one of {', '.join(ROLES)}")
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise Invalid("user name must be 1 to 100 characters")
+    if session.scalar(select(User.id).where(User.name == name)) is not None:
+        raise Conflict(f"user {name!r} already exists")
+    password = password or new_secret(12)
+    token = new_secret(32)
+    user = User(name=name, role=role, password_hash=hash_password(password), token_hash=token_hash(token))
+    session.add(user)
+    session.flush()
+    return NewUser(user, password, token)
+
+
+def create_project(session: Session, name: str, kind: str, *, overlap: int = 1, scale: int = 3,
+                   gold_rate: float = 0.0, lease_seconds: int = 600) -> Project:
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise Invalid("project name must be 1 to 100 characters")
+    if "/" in name:
+        raise Invalid("project name must not contain '/' (it is part of URLs)")
+    if kind not in KINDS:
+        raise Invalid(f"kind must be one of {', '.join(KINDS)}")
+    if not 1 <= overlap <= 100:
+        raise Invalid("overlap must be between 1 and 100")
+    if not 2 <= scale <= 10:
+        raise Invalid("scale must be between 2 and 10")
+    if not 0.0 <= gold_rate < 1.0:
+        raise Invalid("gold rate must be at least 0 and below 1")
+    if lease_seconds < 10:
+        raise Invalid("lease must be at least 10 seconds")
+    if session.scalar(select(Project.id).where(Project.name == name)) is not None:
+        raise Conflict(f"project {name!r} already exists")
+    project = Project(name=name, kind=kind, overlap=overlap, scale=scale, gold_rate=gold_rate,
+                      lease_seconds=lease_seconds)
+    session.add(project)
+    session.flush()
+    return project
+
+
+def get_project(session: Session, name: str, *, lock: bool = False) -> Project:
+    query = select(Project).where(Project.name == name)
+    if lock:
+        query = query.with_for_update()  # no-op on SQLite, which holds the write lock already
+    project = session.scalar(query)
+    if project is None:
+        raise NotFound(f"no project named {name!r}")
+    return project
+
+
+@dataclass
+class ImportResult:
+    added: int
+    unchanged: int  # already present with the same content (re-imports are harmless)
+
+
+def add_tasks(session: Session, project: Project, specs: list[TaskSpec]) -> ImportResult:
+    """Add tasks; an id already in the project is skipped when its content is the same and an
+    error (naming the line) when it differs. Nothing is written if any record is rejected."""
+    existing = {t.ext_id: t for t in session.scalars(
+        select(Task).where(Task.project_id == project.id, Task.ext_id.in_([s.ext_id for s in specs])))}
+    added = unchanged = 0
+    for spec in specs:
+        old = existing.get(spec.ext_id)
+        if old is not None:
+            if (old.prompt, old.responses, old.gold) != (spec.prompt, spec.responses, spec.gold):
+                raise Conflict(f"line {spec.line}: task id {spec.ext_id!r} already exists in project "
+                               f"{project.name!r} with different content")
+            unchanged += 1
+            continue
+        session.add(Task(project_id=project.id, ext_id=spec.ext_id, prompt=spec.prompt, responses=spec.responses,
+                         is_gold=spec.is_gold, gold=spec.gold, meta=spec.meta))
+        added += 1
+    session.flush()
+    return ImportResult(added, unchanged)
+
+
+# ---------------------------------------------------------------- assignment
+
+
+def _active(now):
+    """Assignments that hold a slot of their task: done, or leased and not yet expired."""
+    return or_(Assignment.status == "done", and_(Assignment.status == "leased", Assignment.expires_at > now))
+
+
+def _slots_taken(now):
+    return (select(func.count(Assignment.id)).where(Assignment.task_id == Task.id, _active(now))
+            .correlate(Task).scalar_subquery())
+
+
+def _available(project: Project, user: User, now, gold: bool):
+    """Tasks this user may take: never seen by them (an expired lease of theirs may be renewed)
+    and, for regular tasks, still short of ``overlap`` judgements."""
+    seen = exists().where(Assignment.task_id == Task.id, Assignment.user_id == user.id,
+                          ~and_(Assignment.status == "leased", Assignment.expires_at <= now))
+    query = select(Task).where(Task.project_id == project.id, Task.is_gold == gold, ~seen)
+    if not gold:
+        query = query.where(_slots_taken(now) < project.overlap)
+    return query
+
+
+def remaining_for(session: Session, project: Project, user: User) -> int:
+    """Regular tasks this user could still be given."""
+    sub = _available(project, user, utcnow(), gold=False).subquery()
+    return session.scalar(select(func.count()).select_from(sub)) or 0
+
+
+def next_assignment(session: Session, project: Project, user: User,
+                    rng: random.Random | None = None) -> Assignment | None:
+    """The user's current lease in this project, else a new one; None when nothing is left.
+    Gold tasks are mixed in at ``project.gold_rate`` while regular work remains."""
+    rng = rng or random.Random()
+    now = utcnow()
+    project = get_project(session, project.name, lock=True)
+    current = session.scalar(select(Assignment).where(
+        Assignment.project_id == project.id, Assignment.user_id == user.id,
+        Assignment.status == "leased", Assignment.expires_at > now).order_by(Assignment.id).limit(1))
+    if current is not None:
+        return current
+    # Prefer tasks closest to complete, so finished items (full overlap) accumulate early.
+    task = session.scalar(_available(project, user, now, gold=False)
+                          .order_by(_slots_taken(now).desc(), Task.id).limit(1))
+    if task is None:
+        return None
+    if project.gold_rate > 0 and rng.random() < project.gold_rate:
+        gold_task = session.scalar(_available(project, user, now, gold=True).order_by(func.random()).limit(1))
+        task = gold_task or task
+    order = list(range(len(task.responses)))
+    rng.shuffle(order)  # recorded, so position bias can be measured
+    expires = now + timedelta(seconds=project.lease_seconds)
+    stale = session.scalar(select(Assignment).where(Assignment.task_id == task.id, Assignment.user_id == user.id))
+    if stale is not None:  # this user's own expired lease: renew it
+        stale.shown_order, stale.leased_at, stale.expires_at = order, now, expires
+        session.flush()
+        return stale
+    assignment = Assignment(task_id=task.id, user_id=user.id, project_id=project.id, shown_order=order,
+                            status="leased", leased_at=now, expires_at=expires)
+    session.add(assignment)
+    session.flush()
+    return assignment
+
+
+def own_assignment(session: Session, assignment_id: int, user: User) -> tuple[Assignment, Task, Project]:
+    row = session.execute(select(Assignment, Task, Project).join(Task, Assignment.task_id == Task.id)
+                          .join(Project, Assignment.project_id == Project.id)
+                          .where(Assignment.id == assignment_id)).first()
+    # Someone else's assignment looks exactly like a missing one.
+    if row is None or row[0].user_id != user.id:
+        raise NotFound(f"no assignment {assignment_id} for you")
+    return row[0], row[1], row[2]
+
+
+def skip_assignment(session: Session, assignment_id: int, user: User) -> None:
+    assignment, _, _ = own_assignment(session, assignment_id, user)
+    if assignment.status == "done":
+        raise Conflict("this assignment is already judged")
+    assignment.status = "skipped"
+    session.flush()
+
+
+# ---------------------------------------------------------------- judgements
+
+
+def _validate(kind: str, scale: int, order: list[int], body: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """The judgement fields in canonical form (indices of ``task.responses``), or ``Invalid``."""
+    out: dict[str, Any] = {}
+    allowed = {"pairwise": {"choice", "strength", "rationale"}, "ranking": {"ranking", "rationale"},
+               "rating": {"rating", "flags", "rationale"}}[kind]
+    given = {k for k, v in body.items() if v is not None and k != "client_key"}
+    if given - allowed:
+        raise Invalid(f"{', '.join(sorted(given - allowed))} not allowed for a {kind} task "
+                      f"(expected {', '.join(sorted(allowed))})")
+    rationale = body.get("rationale")
+    if rationale is not None:
+        if not isinstance(rationale, str):
+            raise Invalid("rationale must be a string")
+        if len(rationale) > limits.max_text_chars:
+            raise Invalid(f"rationale is longer than {limits.max_text_chars} characters")
+        out["rationale"] = rationale or None
+    if kind == "pairwise":
+        choice = body.get("choice")
+        if choice not in CHOICES:
+            raise Invalid(f"choice must be one of {', '.join(CHOICES)}")
+        strength = body.get("strength")
+        if strength is not None and (isinstance(strength, bool) or strength not in STRENGTHS):
+            raise Invalid("strength must be 1, 2, 3 or 4")
+        if choice in ("tie", "both_bad"):
+            strength = None  # no direction to be strong about
+        label = str(order[0 if choice == "A" else 1]) if choice in ("A", "B") else choice
+        out.update(choice=choice, label=label, strength=strength)
+    elif kind == "ranking":
+        try:
+            shown = ranking_groups(body.get("ranking"), len(order))
+        except Exception as e:
+            raise Invalid(str(e).replace('"', "")) from None
+        out["ranking"] = [sorted(order[i] for i in g) for g in shown]
+    else:
+        rating = body.get("rating")
+        if isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= scale:
+            raise Invalid(f"rating must be an integer from 1 to {scale}")
+        flags = body.get("flags") or []
+        if not isinstance(flags, list) or any(f not in RATING_FLAGS for f in flags):
+            raise Invalid(f"flags must be a list of: {', '.join(RATING_FLAGS)}")
+        out.update(rating=rating, flags=sorted(set(flags)))
+    return out
+
+
+def grade(kind: str, gold: Any, fields: dict[str, Any]) -> bool:
+    """Does a judgement match the known answer? Rankings: the same best group."""
+    if kind == "pairwise":
+        return fields["label"] == gold
+    if kind == "ranking":
+        return sorted(fields["ranking"][0]) == sorted(gold[0])
+    return fields["rating"] == gold
+
+
+def submit_judgement(session: Session, assignment_id: int, user: User, body: dict[str, Any],
+                     limits: Limits = Limits()) -> tuple[Judgement, bool]:
+    """Store a judgement; returns (judgement, created). The same ``client_key`` again returns the
+    stored judgement unchanged, so a retried submit never creates a duplicate."""
+    client_key = body.get("client_key")
+    if client_key is not None and (not isinstance(client_key, str) or not 1 <= len(client_key) <= 100):
+        raise Invalid("client_key must be a string of 1 to 100 characters")
+    assignment, task, project = own_assignment(session, assignment_id, user)
+    get_project(session, project.name, lock=True)
+    if client_key is not None:
+        previous = session.scalar(select(Judgement).where(Judgement.user_id == user.id,
+                                                          Judgement.client_key == client_key))
+        if previous is not None:
+            if previous.assignment_id != assignment.id:
+                raise Conflict("client_key was already used for another assignment")
+            return previous, False
+    session.refresh(assignment)  # its state after the lock
+    if assignment.status == "done":
+        raise Conflict("this assignment is already judged")
+    if assignment.status == "skipped":
+        raise Conflict("this assignment was skipped")
+    now = utcnow()
+    if assignment.expires_at <= now:
+        others = session.scalar(select(func.count(Assignment.id)).where(
+            Assignment.task_id == task.id, Assignment.id != assignment.id, _active(now)))
+        if not task.is_gold and others >= project.overlap:
+            raise Conflict("this assignment expired and the task was given to someone else")
+    fields = _validate(project.kind, project.scale, assignment.shown_order, body, limits)
+    judgement = Judgement(assignment_id=assignment.id, task_id=task.id, user_id=user.id, project_id=project.id,
+                          client_key=client_key or new_secret(12), created_at=now,
+                          seconds=(now - assignment.leased_at).total_seconds(),
+                          gold_correct=grade(project.kind, task.gold, fields) if task.is_gold else None, **fields)
+    assignment.status, assignment.done_at = "done", now
+    session.add(judgement)
+    try:
+        with session.begin_nested():
+            session.flush()
+    except IntegrityError:
+        raise Conflict("this assignment is already judged") from None
+    return judgement, True
+
+
+# ---------------------------------------------------------------- JSON views
+
+
+def assignment_json(assignment: Assignment, task: Task, project: Project) -> dict[str, Any]:
+    """What the annotator sees: responses in the order shown to them ("A" is the first)."""
+    return {"assignment_id": assignment.id, "task_id": task.ext_id, "kind": project.kind,
+            "project": project.name, "prompt": task.prompt[-1]["content"] if len(task.prompt) == 1 else task.prompt,
+            "messages": task.prompt, "responses": [task.responses[i] for i in assignment.shown_order],
+            "scale": project.scale if project.kind == "rating" else None,
+            "expires_at": assignment.expires_at.isoformat() + "Z"}
+
+
+def judgement_json(j: Judgement, assignment: Assignment) -> dict[str, Any]:
+    """The annotator's own judgement, in the terms they submitted it (shown positions)."""
+    where = {idx: pos for pos, idx in enumerate(assignment.shown_order)}
+    ranking = None if j.ranking is None else [sorted(where[i] for i in g) for g in j.ranking]
+    return {"judgement_id": j.id, "assignment_id": j.assignment_id, "client_key": j.client_key,
+            "choice": j.choice, "strength": j.strength, "ranking": ranking, "rating": j.rating,
+            "flags": j.flags, "rationale": j.rationale, "created_at": j.created_at.isoformat() + "Z"}

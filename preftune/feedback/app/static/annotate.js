@@ -1,0 +1,152 @@
+// Keyboard shortcuts and page-less submits for the annotate page. Everything from the server
+// is written with textContent: model output is never parsed as HTML.
+(function () {
+  "use strict";
+  const section = document.getElementById("task");
+  const form = document.getElementById("judge");
+  if (!section || !form) return;
+  const kind = section.dataset.kind;
+  const project = section.dataset.project;
+  const csrf = document.querySelector('meta[name="csrf-token"]').content;
+  const status = document.getElementById("status");
+  let busy = false;
+  let tieNext = false;
+
+  function randomKey() {
+    const bytes = new Uint8Array(16);
+    crypto.getRandomValues(bytes);
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  function showError(message) {
+    status.textContent = message;
+    status.hidden = false;
+  }
+
+  function check(name, value) {
+    const input = form.querySelector(`input[name="${name}"][value="${value}"]`);
+    if (input) { input.checked = input.type === "checkbox" ? !input.checked : true; input.dispatchEvent(new Event("change", { bubbles: true })); }
+  }
+
+  function rankSelects() { return Array.from(form.querySelectorAll('select[name^="rank_"]')); }
+
+  function rankByKey(pos) {
+    const selects = rankSelects();
+    if (pos >= selects.length || selects[pos].value) return;
+    const used = selects.map((s) => Number(s.value || 0));
+    const top = Math.max(0, ...used);
+    selects[pos].value = String(tieNext && top > 0 ? top : top + 1);
+    tieNext = false;
+  }
+
+  function body() {
+    const data = new FormData(form);
+    const out = { client_key: data.get("client_key"), rationale: data.get("rationale") || null };
+    if (kind === "pairwise") {
+      out.choice = data.get("choice");
+      out.strength = data.get("strength") ? Number(data.get("strength")) : null;
+    } else if (kind === "rating") {
+      out.rating = data.get("rating") ? Number(data.get("rating")) : null;
+      out.flags = data.getAll("flags");
+    } else {
+      const groups = new Map();
+      rankSelects().forEach((s, pos) => { if (s.value) { const r = Number(s.value); groups.set(r, [...(groups.get(r) || []), pos]); } });
+      out.ranking = Array.from(groups.keys()).sort((a, b) => a - b).map((r) => groups.get(r));
+    }
+    return out;
+  }
+
+  async function api(method, url, payload) {
+    const response = await fetch(url, {
+      method, credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
+      body: payload === undefined ? undefined : JSON.stringify(payload),
+    });
+    if (response.status === 204) return null;
+    const json = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(json.detail || `HTTP ${response.status}`);
+    return json;
+  }
+
+  function renderText(container, text) {
+    container.textContent = text;
+  }
+
+  function show(next) {
+    const cards = form.querySelectorAll(".response");
+    if (!next) { window.location.reload(); return; }  // all done: the server renders that page
+    if (next.responses.length !== cards.length) { window.location.reload(); return; }
+    form.reset();
+    document.getElementById("assignment_id").value = next.assignment_id;
+    document.getElementById("client_key").value = randomKey();
+    const prompt = document.getElementById("prompt");
+    prompt.replaceChildren(...next.messages.map((m) => {
+      const div = document.createElement("div");
+      div.className = "msg";
+      const role = document.createElement("span");
+      role.className = "role";
+      renderText(role, m.role);
+      const text = document.createElement("div");
+      text.className = "text";
+      renderText(text, m.content);
+      div.append(role, text);
+      return div;
+    }));
+    cards.forEach((card, i) => { renderText(card.querySelector(".text"), next.responses[i]); card.classList.remove("picked"); });
+    document.getElementById("done").textContent = next.progress.done;
+    document.getElementById("remaining").textContent = next.progress.remaining;
+    status.hidden = true;
+    window.scrollTo(0, 0);
+  }
+
+  async function submit(skip) {
+    if (busy) return;
+    if (!skip && !form.checkValidity()) { form.reportValidity(); return; }
+    busy = true;
+    const id = document.getElementById("assignment_id").value;
+    try {
+      if (skip) await api("POST", `/api/v1/assignments/${id}/skip`);
+      else await api("POST", `/api/v1/assignments/${id}/judgement`, body());
+      show(await api("GET", `/api/v1/projects/${encodeURIComponent(project)}/next`));
+    } catch (err) {
+      showError(err.message);
+    } finally {
+      busy = false;
+    }
+  }
+
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    submit(event.submitter && event.submitter.id === "skip");
+  });
+
+  form.addEventListener("change", () => {
+    if (kind !== "pairwise") return;
+    const choice = new FormData(form).get("choice");
+    form.querySelectorAll(".response").forEach((card, i) => card.classList.toggle("picked", choice === "AB"[i]));
+  });
+
+  const FLAG_KEYS = { h: "hallucination", m: "harmful", i: "ignores_instruction", u: "unhelpful", o: "other" };
+  const CHOICE_KEYS = { a: "A", b: "B", t: "tie", x: "both_bad" };
+
+  document.addEventListener("keydown", (event) => {
+    if (event.altKey || event.metaKey) return;
+    const typing = event.target.matches("textarea, input[type=text], select");
+    if (event.key === "Enter" && (!typing || event.ctrlKey)) { event.preventDefault(); submit(false); return; }
+    if (typing || event.ctrlKey) return;
+    const key = event.key.toLowerCase();
+    if (key === "s") { event.preventDefault(); submit(true); return; }
+    if (kind === "pairwise") {
+      if (CHOICE_KEYS[key]) check("choice", CHOICE_KEYS[key]);
+      else if ("1234".includes(key) && key.length === 1) check("strength", key);
+    } else if (kind === "rating") {
+      const scale = Number(section.dataset.scale);
+      if (/^[1-9]$/.test(key) && Number(key) <= scale) check("rating", key);
+      else if (FLAG_KEYS[key]) check("flags", FLAG_KEYS[key]);
+    } else {
+      if (key === "=") tieNext = true;
+      else if (key === "0" || key === "backspace") { rankSelects().forEach((s) => { s.value = ""; }); tieNext = false; }
+      else if (/^[1-9]$/.test(key)) rankByKey(Number(key) - 1);
+    }
+  });
+})();

@@ -1,0 +1,220 @@
+"""Task import: JSONL records -> tasks of a project's kind, with input limits.
+
+Accepted records (one JSON object each):
+- a task: ``{"prompt", "responses": [...], "id"?, "gold"?, "meta"?}``;
+- a sample (what ``preftune sample`` writes): ``{"prompt", "response", ...}``, grouped by prompt;
+- a comparison in any format ``preftune.data`` reads: its two responses become the task's.
+
+A pairwise project turns K > 2 responses into all K(K-1)/2 pairs; a rating project rates each
+response separately. Known answers (``"gold"``) are normalised to the form judgements are
+stored in (see ``canonical_gold``), so grading is a comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from preftune.data.records import RecordError, parse_comparison, parse_prompt
+from preftune.errors import DataError
+
+KINDS = ("pairwise", "ranking", "rating")
+PAIR_LABELS = ("0", "1", "tie", "both_bad")  # canonical pairwise labels: index of the better response
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_responses: int = 16
+    max_text_chars: int = 20_000  # per prompt message, response and rationale
+    max_meta_chars: int = 10_000
+    max_id_chars: int = 200
+
+
+@dataclass
+class TaskSpec:
+    ext_id: str
+    prompt: list[dict[str, str]]
+    responses: list[str]
+    gold: Any = None
+    meta: Any = None
+    line: int = field(default=0, compare=False)
+
+    @property
+    def is_gold(self) -> bool:
+        return self.gold is not None
+
+
+def numbered_json_lines(lines: Iterable[bytes], name: str) -> list[tuple[int, Any]]:
+    """(line number, decoded JSON) for each non-blank line; ``DataError`` names file and line."""
+    out = []
+    for lineno, raw in enumerate(lines, start=1):
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise DataError(name, lineno, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+        if not text:
+            continue
+        if not out and text.startswith("["):
+            raise DataError(name, lineno, "this is a JSON array; expected JSONL (one JSON object per line)")
+        try:
+            out.append((lineno, json.loads(text)))
+        except json.JSONDecodeError as e:
+            raise DataError(name, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not out:
+        raise DataError(name, None, "file is empty (no records)")
+    return out
+
+
+def _content_id(prompt: list[dict], responses: list[str]) -> str:
+    blob = json.dumps([prompt, responses], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _record_id(obj: dict) -> str | None:
+    value = obj.get("id")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RecordError('"id" must be a string or an integer')
+    return str(value)
+
+
+def _check_text(text: str, what: str, limits: Limits) -> None:
+    if len(text) > limits.max_text_chars:
+        raise RecordError(f"{what} is {len(text)} characters long (limit {limits.max_text_chars})")
+
+
+def canonical_gold(kind: str, gold: Any, n_responses: int, scale: int) -> Any:
+    """A known answer in stored form: pairwise "0"/"1"/"tie"/"both_bad" (index of the better
+    response; "A"/"B" also name responses 0/1), ranking tie groups best first, rating an int."""
+    if kind == "pairwise":
+        aliases = {0: "0", 1: "1", "0": "0", "1": "1", "A": "0", "B": "1", "tie": "tie", "both_bad": "both_bad"}
+        if isinstance(gold, bool) or not isinstance(gold, (int, str)) or gold not in aliases:
+            raise RecordError('"gold" of a pairwise task must be 0, 1 (the better response), "tie" or "both_bad"')
+        return aliases[gold]
+    if kind == "ranking":
+        return ranking_groups(gold, n_responses, "gold")
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 1 <= gold <= scale:
+        raise RecordError(f'"gold" of a rating task must be an integer from 1 to {scale}')
+    return gold
+
+
+def ranking_groups(raw: Any, n: int, key: str = "ranking") -> list[list[int]]:
+    """Validate a ranking of ``n`` responses: indices best first, a list of indices for a tie,
+    every response exactly once."""
+    if not isinstance(raw, list) or not raw:
+        raise RecordError(f'"{key}" must be a list of response indices, best first (a list of indices for a tie)')
+    groups = []
+    for item in raw:
+        group = item if isinstance(item, list) else [item]
+        if not group or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in group):
+            raise RecordError(f'"{key}" entries must be response indices 0..{n - 1} or lists of them (ties)')
+        groups.append(list(group))
+    flat = sorted(i for g in groups for i in g)
+    if flat != list(range(n)):
+        raise RecordError(f'"{key}" must place each of the {n} responses exactly once')
+    return groups
+
+
+def _responses(obj: dict, limits: Limits) -> list[str]:
+    responses = obj["responses"]
+    if not isinstance(responses, list) or not responses:
+        raise RecordError('"responses" must be a non-empty list of strings')
+    if len(responses) > limits.max_responses:
+        raise RecordError(f'"responses" has {len(responses)} entries (limit {limits.max_responses})')
+    for i, r in enumerate(responses):
+        if not isinstance(r, str) or not r.strip():
+            raise RecordError(f'"responses"[{i}] must be a non-empty string')
+        _check_text(r, f'"responses"[{i}]', limits)
+    return responses
+
+
+def _base_record(obj: dict, limits: Limits) -> tuple[list[dict], list[str], Any]:
+    """(prompt messages, responses, meta) of one record in any accepted shape."""
+    if "chosen" in obj or "rejected" in obj:
+        comp = parse_comparison(obj)
+        prior = {k: v for k, v in (("strength", comp.strength), ("annotator", comp.annotator)) if v is not None}
+        return comp.messages, [comp.chosen, comp.rejected], {"prior_chosen": 0, **prior}
+    prompt = parse_prompt(obj).messages
+    if "responses" in obj:
+        responses = _responses(obj, limits)
+    elif isinstance(obj.get("response"), str) and obj["response"].strip():
+        responses = [obj["response"]]
+    else:
+        raise RecordError('missing "responses" (a list of strings), "response" or "chosen"/"rejected"')
+    meta = obj.get("meta")
+    if meta is not None and len(json.dumps(meta)) > limits.max_meta_chars:
+        raise RecordError(f'"meta" is longer than {limits.max_meta_chars} characters as JSON')
+    return prompt, responses, meta
+
+
+def _expand(kind: str, scale: int, ext_id: str, prompt, responses, gold_raw, meta, line) -> list[TaskSpec]:
+    k = len(responses)
+    if kind == "rating":
+        if gold_raw is not None and k > 1 and not (isinstance(gold_raw, list) and len(gold_raw) == k):
+            raise RecordError(f'"gold" of a rating record with {k} responses must be a list of {k} ratings')
+        golds = gold_raw if k > 1 and gold_raw is not None else [gold_raw] * k
+        return [TaskSpec(ext_id if k == 1 else f"{ext_id}:{i}", prompt, [r],
+                         None if g is None else canonical_gold(kind, g, 1, scale), meta, line)
+                for i, (r, g) in enumerate(zip(responses, golds))]
+    if k < 2:
+        raise RecordError(f"a {kind} task needs at least 2 responses, got {k}")
+    if len(set(responses)) < k:
+        raise RecordError('"responses" contains the same text twice')
+    gold = None if gold_raw is None else canonical_gold(kind, gold_raw, k, scale)
+    if kind == "ranking" or k == 2:
+        return [TaskSpec(ext_id, prompt, list(responses), gold, meta, line)]
+    if gold is not None:
+        raise RecordError('"gold" of a pairwise task needs exactly 2 responses')
+    return [TaskSpec(f"{ext_id}:{i}-{j}", prompt, [responses[i], responses[j]], None, meta, line)
+            for i, j in itertools.combinations(range(k), 2)]
+
+
+def parse_tasks(numbered: Iterable[tuple[int, Any]], kind: str, scale: int,
+                limits: Limits = Limits()) -> list[TaskSpec]:
+    """Tasks from ``(line, object)`` pairs. Raises ``RecordError`` carrying the line in ``.line``."""
+    specs: list[TaskSpec] = []
+    samples: dict[str, tuple[int, str | None, list, list[str]]] = {}  # prompt -> (line, id, messages, responses)
+    for line, obj in numbered:
+        try:
+            if not isinstance(obj, dict):
+                raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
+            prompt, responses, meta = _base_record(obj, limits)
+            for i, msg in enumerate(prompt):
+                _check_text(msg["content"], "the prompt" if len(prompt) == 1 else f"prompt message {i}", limits)
+            rid = _record_id(obj)
+            if rid is not None and len(rid) > limits.max_id_chars:
+                raise RecordError(f'"id" is longer than {limits.max_id_chars} characters')
+            if "response" in obj and "responses" not in obj and "chosen" not in obj:
+                # One sample per line: gather the candidates of each prompt.
+                key = json.dumps(prompt, sort_keys=True)
+                group_id = obj.get("prompt_id")
+                first = samples.setdefault(key, (line, None if group_id is None else str(group_id), prompt, []))
+                if responses[0] not in first[3]:
+                    first[3].append(responses[0])
+                    if len(first[3]) > limits.max_responses:
+                        raise RecordError(f"more than {limits.max_responses} responses for this prompt")
+                continue
+            ext_id = rid if rid is not None else _content_id(prompt, responses)
+            specs.extend(_expand(kind, scale, ext_id, prompt, responses, obj.get("gold"), meta, line))
+        except RecordError as e:
+            e.line = line
+            raise
+    for line, group_id, prompt, responses in samples.values():
+        try:
+            ext_id = group_id if group_id is not None else _content_id(prompt, responses)
+            specs.extend(_expand(kind, scale, ext_id, prompt, responses, None, None, line))
+        except RecordError as e:
+            e.line = line
+            raise
+    seen: dict[str, int] = {}
+    for spec in specs:
+        if spec.ext_id in seen:
+            err = RecordError(f'duplicate task id "{spec.ext_id}" (first on line {seen[spec.ext_id]})')
+            err.line = spec.line
+            raise err
+        seen[spec.ext_id] = spec.line
+    return specs

@@ -1,0 +1,229 @@
+"""``preftune annotate ...``: set up the feedback database, users and projects, import tasks,
+serve the app, export labels and print agreement statistics.
+
+Every command takes ``--db URL`` (default: ``$PREFTUNE_DB``, else the SQLite file
+``preftune-feedback.db`` in the working directory; a plain path means a SQLite file).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+
+import click
+
+DB_HELP = ("Database URL (sqlite:///FILE or postgresql://USER@HOST/DB) or a SQLite file path. "
+           "[default: $PREFTUNE_DB, else preftune-feedback.db]")
+
+
+def db_option(func):
+    return click.option("--db", "db", envvar="PREFTUNE_DB", default=None, metavar="URL", help=DB_HELP)(func)
+
+
+def _open(db: str | None):
+    try:
+        from preftune.feedback.app.db import open_database
+    except ImportError as e:
+        from preftune.errors import PreftuneError
+
+        raise PreftuneError(f"the feedback app needs its extra: pip install 'preftune[feedback]' ({e.name} "
+                            "is missing)") from None
+    return open_database(db)
+
+
+@click.group("annotate")
+def annotate() -> None:
+    """Human feedback: people rate, compare and rank responses in the browser.
+
+    \b
+    preftune annotate init                       create or migrate the database
+    preftune annotate add-user alice --role annotator
+    preftune annotate project create demo --kind pairwise --overlap 3
+    preftune annotate import demo tasks.jsonl
+    preftune annotate serve                      http://127.0.0.1:8000
+    preftune annotate stats demo
+    preftune annotate export demo --format comparisons --out comparisons.jsonl"""
+
+
+@annotate.command("init")
+@db_option
+def init(db: str | None) -> None:
+    """Create the database schema, or migrate it to the newest version."""
+    from preftune.feedback.app.db import make_engine, migrate
+
+    engine = make_engine(db)
+    before, after = migrate(engine)
+    where = engine.url.render_as_string()
+    if before == after:
+        click.echo(f"{where}: schema is current ({after})")
+    else:
+        click.echo(f"{where}: schema {'created' if before is None else 'migrated from ' + before} -> {after}")
+
+
+@annotate.command("add-user")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["admin", "annotator"]), default="annotator", show_default=True,
+              help="admins import, export, manage users and see statistics; annotators label.")
+@click.option("--password", default=None, help="Set this password instead of a generated one.")
+@db_option
+def add_user(name: str, role: str, password: str | None, db: str | None) -> None:
+    """Create a user; prints {"user", "role", "password", "token"} as JSON (shown only once:
+    the database keeps hashes)."""
+    from preftune.feedback.app.db import transaction
+    from preftune.feedback.app.service import create_user
+
+    _, sessions = _open(db)
+    with transaction(sessions) as s:
+        new = create_user(s, name, role, password)
+        out = {"user": new.user.name, "role": new.user.role, "password": new.password, "token": new.token}
+    click.echo(json.dumps(out))
+
+
+@annotate.group("project")
+def project() -> None:
+    """Create and list projects."""
+
+
+@project.command("create")
+@click.argument("name")
+@click.option("--kind", type=click.Choice(["pairwise", "ranking", "rating"]), required=True,
+              help="pairwise: A/B/tie/both bad with strength; ranking: order K responses (ties allowed); "
+                   "rating: one response on the scale, with flags.")
+@click.option("--overlap", type=int, default=1, show_default=True, help="Distinct annotators per task.")
+@click.option("--scale", type=int, default=3, show_default=True, help="Rating scale 1..S (rating projects).")
+@click.option("--gold-rate", type=float, default=0.0, show_default=True,
+              help="Share of assignments drawn from gold (known-answer) tasks, for quality control.")
+@click.option("--lease", "lease_seconds", type=int, default=600, show_default=True,
+              help="Seconds an assignment stays reserved for its annotator before it may go to someone else.")
+@db_option
+def project_create(name: str, kind: str, overlap: int, scale: int, gold_rate: float, lease_seconds: int,
+                   db: str | None) -> None:
+    """Create a project holding tasks of one kind."""
+    from preftune.feedback.app.db import transaction
+    from preftune.feedback.app.service import create_project
+
+    _, sessions = _open(db)
+    with transaction(sessions) as s:
+        p = create_project(s, name, kind, overlap=overlap, scale=scale, gold_rate=gold_rate,
+                           lease_seconds=lease_seconds)
+    click.echo(f"project {p.name}: {p.kind}, overlap {p.overlap}" + (f", scale 1-{p.scale}" if kind == "rating" else ""))
+
+
+@project.command("list")
+@db_option
+def project_list(db: str | None) -> None:
+    """List projects with their progress."""
+    from sqlalchemy import select
+
+    from preftune.feedback.app.db import transaction
+    from preftune.feedback.app.models import Project
+    from preftune.feedback.app.stats import project_stats
+
+    _, sessions = _open(db)
+    with transaction(sessions) as s:
+        for p in s.scalars(select(Project).order_by(Project.name)):
+            prog = project_stats(s, p)["progress"]
+            click.echo(f"{p.name}\t{p.kind}\toverlap {p.overlap}\ttasks {prog['tasks']}\t"
+                       f"done {prog['done']}/{prog['judgements_needed']}")
+
+
+@annotate.command("import")
+@click.argument("project_name", metavar="PROJECT")
+@click.argument("file", type=click.Path(dir_okay=False))
+@db_option
+def import_(project_name: str, file: str, db: str | None) -> None:
+    """Import tasks from JSONL: {"prompt", "responses": [...], "id"?, "gold"?, "meta"?} per line,
+    or samples {"prompt", "response"} (grouped by prompt), or comparison records.
+    All or nothing: a bad record stops the import with its file and line."""
+    from pathlib import Path
+
+    from preftune.data.records import RecordError
+    from preftune.errors import DataError
+    from preftune.feedback.app.db import transaction
+    from preftune.feedback.app.service import Conflict, add_tasks, get_project
+    from preftune.feedback.app.tasks import numbered_json_lines, parse_tasks
+
+    _, sessions = _open(db)
+    if not Path(file).is_file():
+        raise DataError(file, None, "no such file")
+    with open(file, "rb") as f:
+        numbered = numbered_json_lines(f, file)
+    with transaction(sessions) as s:
+        p = get_project(s, project_name)
+        try:
+            specs = parse_tasks(numbered, p.kind, p.scale)
+            result = add_tasks(s, p, specs)
+        except RecordError as e:
+            raise DataError(file, e.line, str(e)) from None
+        except Conflict as e:
+            raise DataError(file, None, str(e)) from None
+    extra = f" ({result.unchanged} already present)" if result.unchanged else ""
+    click.echo(f"imported {result.added} tasks into {p.name}{extra}")
+
+
+@annotate.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--secure-cookies/--no-secure-cookies", default=False, show_default=True,
+              help="Mark cookies Secure (when served behind HTTPS).")
+@db_option
+def serve(host: str, port: int, secure_cookies: bool, db: str | None) -> None:
+    """Serve the annotation app and the JSON API (docs at /api/v1/docs)."""
+    import uvicorn
+
+    from preftune.feedback.app import Settings, create_app
+
+    app = create_app(db, Settings(secure_cookies=secure_cookies))
+    click.echo(f"preftune feedback on http://{host}:{port}  (API docs: /api/v1/docs; Ctrl+C stops)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@annotate.command("export")
+@click.argument("project_name", metavar="PROJECT")
+@click.option("--format", "fmt", type=click.Choice(["comparisons", "raw", "ratings"]), default="comparisons",
+              show_default=True, help="comparisons: chosen/rejected JSONL for `preftune reward`; raw: every "
+                                      "judgement; ratings: rating records.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Output JSONL file ('-' for stdout).")
+@click.option("--include-ties", is_flag=True, help="comparisons: also write ties (strength 0, \"tie\": true).")
+@db_option
+def export(project_name: str, fmt: str, out: str, include_ties: bool, db: str | None) -> None:
+    """Export labels in the JSONL formats every preftune stage reads."""
+    from preftune.data.jsonl import write_jsonl
+    from preftune.feedback.app.db import transaction
+    from preftune.feedback.app.export import export_rows
+    from preftune.feedback.app.service import get_project
+
+    _, sessions = _open(db)
+    counts: Counter = Counter()
+    with transaction(sessions) as s:
+        p = get_project(s, project_name)
+        rows = export_rows(s, p, fmt, counts, include_ties)
+        if out == "-":
+            n = 0
+            for row in rows:
+                sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+        else:
+            n = write_jsonl(out, rows)
+    left_out = {k: v for k, v in counts.items() if k.endswith("excluded")}
+    note = ("; left out: " + ", ".join(f"{v} {k.removesuffix('_excluded').replace('_', ' ')}"
+                                        for k, v in sorted(left_out.items()))) if left_out else ""
+    click.echo(f"wrote {n} {fmt} records to {out}{note}", err=True)
+
+
+@annotate.command("stats")
+@click.argument("project_name", metavar="PROJECT")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+@db_option
+def stats(project_name: str, as_json: bool, db: str | None) -> None:
+    """Progress, per-annotator gold accuracy, agreement (percent, Cohen's and Fleiss' kappa,
+    Krippendorff's alpha) and position bias."""
+    from preftune.feedback.app.db import transaction
+    from preftune.feedback.app.service import get_project
+    from preftune.feedback.app.stats import format_stats, project_stats
+
+    _, sessions = _open(db)
+    with transaction(sessions) as s:
+        result = project_stats(s, get_project(s, project_name))
+    click.echo(json.dumps(result, indent=2) if as_json else format_stats(result))

@@ -1,0 +1,216 @@
+"""The mathematics of PPO for language models, as small pure functions on tensors.
+
+Shapes: ``[B, T]`` tensors run over the *response* tokens of B episodes (right-padded);
+``mask`` is 1.0 on real response tokens (the EOS token included) and 0.0 on padding. Nothing
+here touches a model, so each function is tested against hand-computed values.
+
+Statistics over the batch (``masked_mean``/``masked_var``) are the only places where episodes
+are mixed; under data parallelism they are where sums and counts would be all-reduced.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+KLEstimator = Literal["k1", "k3"]
+
+
+# ---------------------------------------------------------------- masked statistics
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is 1."""
+    return masked_sum(x, mask) / mask.sum().clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over the masked positions (Bessel-corrected by default)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_sum((x - mean) ** 2, mask) / n.clamp(min=1)
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Scale ``x`` to unit variance over the masked positions (and zero mean when ``shift_mean``);
+    padding positions come out as 0. Rewards are whitened without shifting the mean, so a
+    positive reward stays positive (lm-human-preferences / TRL)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+# ---------------------------------------------------------------- log-probabilities
+
+
+def scaled_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) over the full vocabulary, in fp32: the distribution PPO
+    scores tokens under, identically at rollout and at update time (top-p/top-k only shape
+    sampling, never the PPO ratio)."""
+    return torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(token) under ``softmax(logits / temperature)``."""
+    return scaled_log_softmax(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)`` per position (nats)."""
+    return entropy_from_log_softmax(scaled_log_softmax(logits, temperature))
+
+
+def entropy_from_log_softmax(logp: torch.Tensor) -> torch.Tensor:
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ---------------------------------------------------------------- KL and rewards
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi.
+
+    k1 = log pi - log pi_ref (unbiased, can be negative per token);
+    k3 = (r - 1) - log r with r = pi_ref / pi (unbiased, never negative, lower variance)."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r} (use k1 or k3)")
+
+
+def ended_with_eos(response_ids: torch.Tensor, mask: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the last *real* response token is an EOS token.
+
+    Looks at the token at ``length - 1`` and compares it with the EOS ids, never with the pad id
+    (a peer implementation tested the wrong token id, so truncated responses escaped the penalty)."""
+    last = last_token_index(mask)
+    return torch.isin(response_ids.gather(1, last[:, None]).squeeze(1), eos_ids) & (mask.sum(1) > 0)
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the last real token of each right-padded row (0 for an empty row)."""
+    return (mask.sum(1).long() - 1).clamp(min=0)
+
+
+def final_scores(scores: torch.Tensor, ended: torch.Tensor, missing_eos_penalty: float | None) -> torch.Tensor:
+    """The score each episode receives: the reward's, or ``missing_eos_penalty`` for a response
+    that never ended (EOS or stop string) within the length limit (the "EOS trick")."""
+    if missing_eos_penalty is None:
+        return scores
+    return torch.where(ended, scores, torch.full_like(scores, missing_eos_penalty))
+
+
+def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                      kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards, non_score_rewards), both [B, T]: ``-kl_coef * KL_t`` on every response token,
+    plus the episode's score at its last real token (the EOS itself, never the pad after it)."""
+    non_score = -kl_coef * kl * mask
+    rewards = non_score.clone()
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    rewards[rows, last_token_index(mask)] += scores
+    return rewards, non_score
+
+
+# ---------------------------------------------------------------- advantages
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                   lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens only: (advantages, returns).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}, with
+    V and A taken as 0 after the last real token (the episode ends there)."""
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = (delta + gamma * lam * next_advantage) * m
+        advantages[:, t] = advantage
+        # A padding position passes zeros backwards: the sequence ended before it.
+        next_value = values[:, t] * m
+        next_advantage = advantage
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+# ---------------------------------------------------------------- losses
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip_ratio: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate (to minimise) and its diagnostics.
+
+    loss = mean_t max(-A_t * r_t, -A_t * clip(r_t, 1 - eps, 1 + eps)), r_t = pi / pi_old."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                 "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
+                 "ratio": masked_mean(ratio, mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * mean_t max((V - R)^2, (V_old + clip(V - V_old, +-c) - R)^2)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_value, clip_value)
+    unclipped_err = (values - returns) ** 2
+    clipped_err = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped_err > unclipped_err).float(), mask)}
+    return loss, stats
+
+
+# ---------------------------------------------------------------- KL coefficient
+
+
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_episodes: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. (2019): move beta towards the KL target, proportionally to the error
+    clipped to +-20 %, at a rate set by the horizon in episodes:
+    ``e = clip(KL / target - 1, -0.2, 0.2); beta <- beta * (1 + e * n / horizon)``."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int) -> None:
+        super().__init__(kl_coef)
+        self.target, self.horizon = target, horizon
+
+    def update(self, current_kl: float, n_episodes: int) -> None:
+        if not math.isfinite(current_kl):
+            return
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_episodes / self.horizon

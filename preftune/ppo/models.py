@@ -1,0 +1,89 @@
+"""The models PPO holds: the policy, its frozen reference, and the value function.
+
+* **Reference**: with LoRA it is the policy itself with its adapters disabled (one copy of the
+  weights in memory); with full fine-tuning it is a second, frozen copy of the SFT model.
+* **Value function** (``value_model``):
+  ``head``   -- a scalar head on the policy's own trunk, initialised at zero (lm-human-preferences).
+                It reads the hidden states the policy computes anyway, so values cost nothing at
+                rollout (captured during generation) and share the update's forward pass;
+  ``policy`` -- a separate trunk initialised from the SFT model, with a zero head;
+  ``reward`` -- a separate trunk and head initialised from the reward-model directory (InstructGPT);
+  a path   -- a separate trunk (and head, if it is a sequence-classification model) from that directory.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from preftune.errors import PreftuneError
+from preftune.models.loading import disable_dropout, resolve_model_path
+
+
+class ValueHead(nn.Module):
+    """A scalar read-out of final hidden states, zero-initialised so the first values are 0."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()
+
+
+class ValueModel(nn.Module):
+    """A separate value network: a transformer trunk and a scalar head."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.trunk, self.head = trunk, head
+
+    def forward(self, input_ids, attention_mask, position_ids, select) -> torch.Tensor:
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state
+        return self.head(hidden[select]).squeeze(-1).float()
+
+
+def load_value_model(path: str | Path, device, dtype) -> ValueModel:
+    """A value model from a directory: a sequence-classification model (a reward model) keeps its
+    trunk and score head; a causal LM keeps its trunk and gets a zero-initialised head."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    directory = resolve_model_path(path)
+    config = AutoConfig.from_pretrained(directory)
+    try:
+        if any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+            classifier = AutoModelForSequenceClassification.from_pretrained(directory, dtype=dtype, num_labels=1)
+            head = getattr(classifier, "score", None) or getattr(classifier, "classifier", None)
+            if head is None:
+                raise PreftuneError(f"{directory}: cannot find the score head of {type(classifier).__name__}")
+            model = ValueModel(classifier.base_model, head)
+        else:
+            trunk = AutoModel.from_pretrained(directory, dtype=dtype)
+            head = ValueHead(config.hidden_size).to(dtype)
+            model = ValueModel(trunk, nn.Sequential(head.linear))
+    except (OSError, ValueError) as e:
+        raise PreftuneError(f"{directory}: could not load a value model: {str(e).splitlines()[0]}") from None
+    disable_dropout(model.trunk)
+    return model.to(device).eval()
+
+
+@contextmanager
+def reference_mode(policy, reference):
+    """Run the block as the reference policy: the separate frozen copy when there is one, else
+    the LoRA policy with its adapters disabled."""
+    if reference is not None:
+        with nullcontext():
+            yield reference
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id

@@ -1,0 +1,33 @@
+"""``preftune reward``: train a reward model from comparisons, rankings and ratings."""
+
+from __future__ import annotations
+
+import click
+
+from preftune.config import config_from_cli, config_options
+from preftune.reward.trainer import RewardConfig
+
+
+def register(cli: click.Group, config_help: str) -> None:
+    @cli.command("reward")
+    @click.option("--config", type=click.Path(dir_okay=False), help=config_help)
+    @config_options(RewardConfig)
+    def reward(**kwargs) -> None:
+        """Train a scalar reward model on human (or simulated) preferences.
+
+        \b
+        Comparisons: Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin).
+        Rankings of K: all C(K,2) pairs in one batch element, averaged (InstructGPT).
+        Ratings: pairs of responses to the same prompt with different ratings (ties skipped).
+
+        Writes OUT as a Hugging Face directory that AutoModelForSequenceClassification loads
+        (num_labels=1), plus reward_model.json (normalisation: reference responses score mean 0,
+        std 1), metrics.jsonl, metrics.json (eval_accuracy, eval_loss, eval_ece, ...) and
+        checkpoints. Use it from Python with preftune.reward.model.RewardModel.load(OUT).score."""
+        from preftune.reward.trainer import train_reward
+
+        cfg = config_from_cli(RewardConfig, kwargs, "reward")
+        summary = train_reward(cfg)
+        acc = summary.get("eval_accuracy")
+        shown = f"eval_accuracy {acc:.3f}, eval_loss {summary['eval_loss']:.4f}" if acc is not None else "no eval data"
+        click.echo(f"reward done: {shown} -> {cfg.out}")

@@ -1,0 +1,275 @@
+"""The reward model: a Hugging Face sequence-classification model (one label) that scores text.
+
+The scalar is read exactly where the architecture's ``...ForSequenceClassification`` class reads
+it, so ``AutoModelForSequenceClassification.from_pretrained(DIR)`` reproduces our raw scores:
+
+* causal LMs (Llama, Qwen, GPT-2, ...): the score head applied to the hidden state of the last
+  real token (the response's end-of-turn token). We find it from the attention mask, which works
+  with left and right padding; the pad id is distinct from EOS and never occurs in real text, so
+  Hugging Face's pad-id search lands on the same token;
+* encoders (BERT and friends): the model's own head on the pooled first token ([CLS]); prompt and
+  response are encoded as a text pair ``[CLS] prompt [SEP] response [SEP]``.
+
+The reward model keeps its own tokenizer and chat rendering, so a policy with another tokenizer
+can use it: ``RewardModel.load(DIR).score(prompts, responses)`` takes text. Scores are normalised
+with the stored ``gain`` and ``bias`` (``score = gain * raw + bias``), chosen after training so
+that reference responses score mean 0 and standard deviation 1.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from preftune.data.chat import EncodedPair, encode_pair, has_chat_template, render_prompt
+from preftune.data.records import Messages, RecordError
+from preftune.errors import PreftuneError
+from preftune.models.loading import (
+    disable_dropout,
+    ensure_pad_token,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_path,
+)
+from preftune.models.logits import _unwrap
+from preftune.sft.data import fit_length
+
+META_FILE = "reward_model.json"
+
+
+# ---------------------------------------------------------------- pooling
+
+
+def last_real_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index [B] of the rightmost attended position of each row (left or right padding)."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+def pool_last_real_token(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``values`` [B, T, ...] at each row's last real token -> [B, ...]."""
+    rows = torch.arange(values.shape[0], device=values.device)
+    return values[rows, last_real_token_index(attention_mask).to(values.device)]
+
+
+def is_decoder(model) -> bool:
+    """Causal LMs read the last token; encoders (BERT-style) read the first."""
+    inner = _unwrap(model)
+    return hasattr(inner, "score") and not getattr(inner.config, "is_encoder_decoder", False) \
+        and inner.config.model_type not in ENCODER_TYPES
+
+
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra",
+                 "albert", "camembert", "mpnet", "modernbert"}
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw scalar reward [B] of each sequence (see module docstring for where it is read)."""
+    inner = _unwrap(model)
+    if not is_decoder(model):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+    if position_ids is None:  # left padding: positions count real tokens only
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    trunk = getattr(inner, inner.base_model_prefix)
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).last_hidden_state
+    # The head on B positions only, not on every token (same numbers as the full HF forward).
+    return inner.score(pool_last_real_token(hidden, attention_mask))[:, 0]
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into (ids, mask)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[i, :len(seq)] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode_for_reward(tokenizer, messages: Messages, response: str, *, decoder: bool, max_length: int,
+                      truncate: bool) -> list[int]:
+    """Token ids the reward model reads for one (prompt, response); ``RecordError`` when over
+    ``max_length`` and not ``truncate`` (prompt tokens are cut from the left)."""
+    if decoder:
+        pair = encode_pair(tokenizer, messages, response)
+        eos = tokenizer.eos_token_id
+        ids = pair.response_ids
+        if eos in ids:  # end at the end-of-turn token, not at the template's trailing newline
+            end = len(ids) - 1 - ids[::-1].index(eos)
+            if not tokenizer.decode(ids[end + 1:]).strip():
+                pair = EncodedPair(pair.prompt_ids, ids[:end + 1])
+        fitted = fit_length(pair, max_length, truncate)
+        if fitted is None:
+            raise RecordError(f"prompt + response is {len(pair)} tokens, over --max-length {max_length} "
+                              f"(use --truncate to cut the prompt)")
+        if tokenizer.pad_token_id in fitted.input_ids:
+            raise RecordError(f"the text contains the pad token {tokenizer.pad_token!r}")
+        return fitted.input_ids
+    prompt = render_prompt(tokenizer, messages)
+    full = tokenizer(prompt, response, add_special_tokens=True)["input_ids"]
+    if len(full) <= max_length:
+        return full
+    if not truncate:
+        raise RecordError(f"prompt + response is {len(full)} tokens, over --max-length {max_length} "
+                          f"(use --truncate to cut the prompt)")
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        return tokenizer(prompt, response, add_special_tokens=True, truncation="longest_first",
+                         max_length=max_length)["input_ids"]
+    finally:
+        tokenizer.truncation_side = side
+
+
+# ---------------------------------------------------------------- the model
+
+
+@dataclass
+class RewardMeta:
+    """What ``score`` needs besides the weights; stored as ``reward_model.json``."""
+
+    gain: float = 1.0
+    bias: float = 0.0
+    max_length: int = 512
+    rendering: str = "chat_template"  # chat_template | plain | text_pair
+    normalisation: dict = field(default_factory=dict)  # reference, count, raw mean / std
+    backbone: str = ""
+    format: str = "preftune-reward-model/1"
+
+
+def _as_messages(prompt: Messages | str) -> Messages:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+class RewardModel:
+    """Scores (prompt, response) text with a sequence-classification model and its own tokenizer."""
+
+    def __init__(self, model, tokenizer, meta: RewardMeta | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.meta = meta or RewardMeta(rendering=self.default_rendering(model, tokenizer))
+        self.decoder = is_decoder(model)
+
+    @staticmethod
+    def default_rendering(model, tokenizer) -> str:
+        if not is_decoder(model):
+            return "text_pair"
+        return "chat_template" if has_chat_template(tokenizer) else "plain"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def from_backbone(cls, path: str, *, device: str | torch.device | None = None,
+                      dtype: str | torch.dtype | None = None, max_length: int = 512) -> "RewardModel":
+        """A fresh reward model on top of a causal-LM or encoder directory (score head newly
+        initialised by transformers, small random values)."""
+        model, tokenizer = _load_seq_cls(resolve_model_path(path), device, dtype)
+        rm = cls(model, tokenizer)
+        rm.meta.max_length, rm.meta.backbone = max_length, str(path)
+        return rm
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None,
+             dtype: str | torch.dtype | None = None) -> "RewardModel":
+        """Load a directory written by ``preftune reward`` (or ``RewardModel.save``)."""
+        path = Path(path)
+        meta_path = path / META_FILE
+        if not meta_path.exists():
+            raise PreftuneError(f"{path}: not a preftune reward model (no {META_FILE}); "
+                                f"train one with `preftune reward`")
+        try:
+            meta = RewardMeta(**json.loads(meta_path.read_text()))
+        except (ValueError, TypeError) as e:
+            raise PreftuneError(f"{meta_path}: invalid reward-model metadata: {e}") from None
+        model, tokenizer = _load_seq_cls(path, device, dtype)
+        return cls(model, tokenizer, meta)
+
+    def save(self, out: str | Path) -> None:
+        """Plain Hugging Face directory (+ ``reward_model.json``); LoRA adapters are merged."""
+        from preftune.training import save_final_model
+
+        out = Path(out)
+        with quiet_transformers():
+            save_final_model(self.model, self.tokenizer, out)
+        (out / META_FILE).write_text(json.dumps(asdict(self.meta), indent=2) + "\n")
+
+    # ------------------------------------------------------------ scoring
+
+    def encode(self, prompt: Messages | str, response: str, *, truncate: bool = True) -> list[int]:
+        return encode_for_reward(self.tokenizer, _as_messages(prompt), response, decoder=self.decoder,
+                                 max_length=self.meta.max_length, truncate=truncate)
+
+    def render(self, prompt: Messages | str, response: str) -> str:
+        """The exact text the model reads for one (prompt, response)."""
+        return self.tokenizer.decode(self.encode(prompt, response))
+
+    def forward_ids(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Raw scores [N] of already encoded sequences, one right-padded forward (with grad)."""
+        ids, mask = right_pad(sequences, self.tokenizer.pad_token_id)
+        return sequence_scores(self.model, ids.to(self.device), mask.to(self.device))
+
+    @torch.no_grad()
+    def raw_scores(self, prompts: Sequence[Messages | str], responses: Sequence[str],
+                   batch_size: int = 16) -> torch.Tensor:
+        """Unnormalised scores [N] (float32, CPU); long inputs are truncated from the prompt's start."""
+        if len(prompts) != len(responses):
+            raise PreftuneError(f"score: {len(prompts)} prompts but {len(responses)} responses")
+        was_training = self.model.training
+        self.model.eval()
+        encoded = [self.encode(p, r) for p, r in zip(prompts, responses)]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # less padding
+        scores = torch.zeros(len(encoded), dtype=torch.float32)
+        for i in range(0, len(order), batch_size):
+            chunk = order[i:i + batch_size]
+            scores[chunk] = self.forward_ids([encoded[j] for j in chunk]).float().cpu()
+        self.model.train(was_training)
+        return scores
+
+    def score(self, prompts: Sequence[Messages | str], responses: Sequence[str]) -> torch.Tensor:
+        """Normalised rewards [N] (float32, CPU): ``gain * raw + bias``."""
+        return self.meta.gain * self.raw_scores(prompts, responses) + self.meta.bias
+
+
+@contextmanager
+def quiet_transformers():
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _load_seq_cls(directory: Path, device, dtype):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        with quiet_transformers():  # a new score head is expected, not worth a warning table
+            model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=dt)
+    except (OSError, ValueError) as e:
+        raise PreftuneError(f"{directory}: could not load a reward model: {str(e).splitlines()[0]}") from None
+    ensure_pad_token(tokenizer, model)
+    disable_dropout(model)
+    return model.to(dev).eval(), tokenizer

@@ -1,0 +1,275 @@
+"""The JSON API against SQLite and PostgreSQL: assignment, overlap, leases, gold, idempotency,
+export in the foundation's formats, input limits."""
+
+from __future__ import annotations
+
+import json
+import time
+from urllib.parse import quote
+
+from conftest import pair_tasks
+from sqlalchemy import func, select
+
+from preftune.data.jsonl import read_jsonl
+from preftune.feedback.app.db import transaction
+from preftune.feedback.app.models import Assignment, Judgement
+
+
+def test_overlap_distinct_annotators_and_204_when_done(env):
+    env.project("p", overlap=2)
+    env.tasks("p", pair_tasks(3))
+    seen: dict[str, list[str]] = {}
+    for user in ("ann1", "ann2", "ann3"):
+        while (a := env.next("p", user)) is not None:
+            assert a["task_id"] not in seen.get(user, [])  # never the same task twice
+            seen.setdefault(user, []).append(a["task_id"])
+            assert env.judge(a["assignment_id"], user, choice="A").status_code == 201
+    per_task = {}
+    for user, tasks in seen.items():
+        for t in tasks:
+            per_task.setdefault(t, []).append(user)
+    assert sorted(per_task) == ["t0", "t1", "t2"]
+    assert all(len(users) == 2 for users in per_task.values())  # exactly overlap, no more
+    assert sum(len(v) for v in seen.values()) == 6
+
+
+def test_next_returns_the_same_lease_until_judged(env):
+    env.project("p")
+    env.tasks("p", pair_tasks(2))
+    a, again = env.next("p", "ann1"), env.next("p", "ann1")
+    assert a["assignment_id"] == again["assignment_id"] and a["responses"] == again["responses"]
+
+
+def test_shown_order_maps_choice_to_the_right_response(env):
+    env.project("p")
+    env.tasks("p", pair_tasks(12))
+    orders = set()
+    for _ in range(12):
+        a = env.next("p", "ann1")
+        orders.add(tuple(a["responses"]) == tuple(sorted(a["responses"], key=lambda r: not r.startswith("good"))))
+        choice = "A" if a["responses"][0].startswith("good") else "B"
+        assert env.judge(a["assignment_id"], "ann1", choice=choice, strength=3).status_code == 201
+    assert orders == {True, False}  # both orders were shown (2 ** -11 chance of a false failure)
+    rows = env.export("p")
+    assert len(rows) == 12
+    assert all(r["chosen"].startswith("good") and r["rejected"].startswith("bad") for r in rows)
+    assert {r["strength"] for r in rows} == {3.0}
+    raw = env.export("p", "raw")
+    assert {tuple(r["shown_order"]) for r in raw} == {(0, 1), (1, 0)}
+
+
+def test_expired_lease_goes_to_someone_else_and_late_submit_is_refused(env):
+    env.project("p", overlap=1, lease_seconds=10)
+    env.tasks("p", pair_tasks(1))
+    a1 = env.next("p", "ann1")
+    assert env.next("p", "ann2") is None  # the only slot is leased
+    with transaction(env.client.app.state.sessions) as s:  # let the lease run out
+        s.get(Assignment, a1["assignment_id"]).expires_at -= __import__("datetime").timedelta(seconds=11)
+    a2 = env.next("p", "ann2")
+    assert a2 is not None and a2["task_id"] == a1["task_id"]
+    late = env.judge(a1["assignment_id"], "ann1", choice="A")
+    assert late.status_code == 409 and "expired" in late.json()["detail"]
+    assert env.judge(a2["assignment_id"], "ann2", choice="B").status_code == 201
+    assert len(env.export("p")) == 1
+
+
+def test_late_submit_on_expired_lease_is_kept_when_nobody_took_it(env):
+    env.project("p", overlap=1, lease_seconds=10)
+    env.tasks("p", pair_tasks(1))
+    a1 = env.next("p", "ann1")
+    with transaction(env.client.app.state.sessions) as s:
+        s.get(Assignment, a1["assignment_id"]).expires_at -= __import__("datetime").timedelta(seconds=11)
+    assert env.judge(a1["assignment_id"], "ann1", choice="A").status_code == 201
+
+
+def test_idempotent_submit_same_client_key(env):
+    env.project("p")
+    env.tasks("p", pair_tasks(2))
+    a = env.next("p", "ann1")
+    first = env.judge(a["assignment_id"], "ann1", choice="B", strength=4, client_key="key-1")
+    again = env.judge(a["assignment_id"], "ann1", choice="A", client_key="key-1")  # a retry, even if garbled
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json() == first.json() and again.json()["choice"] == "B"
+    other = env.judge(a["assignment_id"], "ann1", choice="A", client_key="key-2")
+    assert other.status_code == 409
+    b = env.next("p", "ann1")
+    assert env.judge(b["assignment_id"], "ann1", choice="A", client_key="key-1").status_code == 409
+    with transaction(env.client.app.state.sessions) as s:
+        assert s.scalar(select(func.count(Judgement.id))) == 1
+
+
+def test_skip_frees_the_task_for_others_and_never_returns(env):
+    env.project("p", overlap=1)
+    env.tasks("p", pair_tasks(1))
+    a = env.next("p", "ann1")
+    r = env.client.post(f"/api/v1/assignments/{a['assignment_id']}/skip", headers=env.auth("ann1"))
+    assert r.status_code == 200
+    assert env.next("p", "ann1") is None
+    assert env.next("p", "ann2")["task_id"] == a["task_id"]
+
+
+def test_gold_tasks_mixed_in_and_accuracy_per_annotator(env):
+    env.project("p", overlap=1, gold_rate=0.5)
+    env.tasks("p", pair_tasks(20) + [
+        {"id": f"g{i}", "prompt": f"gold {i}", "responses": [f"right {i}", f"wrong {i}"], "gold": 0} for i in range(4)])
+    gold_seen = 0
+    while (a := env.next("p", "ann1")) is not None:
+        is_gold = a["task_id"].startswith("g")
+        gold_seen += is_gold
+        pick = "A" if a["responses"][0].startswith("right") else "B"
+        # ann1 answers gold tasks right except g0
+        if a["task_id"] == "g0":
+            pick = "B" if pick == "A" else "A"
+        assert env.judge(a["assignment_id"], "ann1", choice=pick).status_code == 201
+    assert gold_seen == 4  # rate 0.5 over 20 regular tasks: all 4 golds drawn (chance of fewer < 1e-3)
+    stats = env.client.get("/api/v1/projects/p/stats", headers=env.auth("admin")).json()
+    ann = stats["annotators"]["ann1"]
+    assert (ann["gold_done"], ann["gold_correct"], ann["gold_accuracy"]) == (4, 3, 0.75)
+    assert stats["progress"]["done"] == 20 and stats["progress"]["remaining"] == 0
+
+
+def test_export_comparisons_read_by_foundation_reader(env, tmp_path):
+    env.project("p", overlap=2)
+    env.tasks("p", pair_tasks(3) + [{"id": "multi", "prompt": [{"role": "system", "content": "Be brief."},
+                                                               {"role": "user", "content": "Hi"}],
+                                     "responses": ["Hello.", "Greetings, traveller."]}])
+    answers = {"ann1": ["A", "tie", "both_bad", "B"], "ann2": ["A", "A", "B", "B"]}
+    for user, choices in answers.items():
+        for c in choices:
+            a = env.next("p", user)
+            assert env.judge(a["assignment_id"], user, choice=c, strength=2).status_code == 201
+    r = env.client.get("/api/v1/projects/p/export", params={"format": "comparisons"}, headers=env.auth("admin"))
+    counts = json.loads(r.headers["X-Preftune-Counts"])
+    assert counts == {"comparisons": 6, "tie_excluded": 1, "both_bad_excluded": 1}
+    path = tmp_path / "comparisons.jsonl"
+    path.write_text(r.text)
+    records = read_jsonl(path, "comparisons").records
+    assert len(records) == 6
+    assert {rec.annotator for rec in records} == {"ann1", "ann2"}
+    assert all(rec.strength == 2.0 for rec in records)
+    multi = [rec for rec in records if rec.messages[0]["role"] == "system"]
+    assert multi and multi[0].messages[1] == {"role": "user", "content": "Hi"}
+    with_ties = env.export("p", include_ties="true")
+    assert len(with_ties) == 7 and sum(1 for x in with_ties if x.get("tie")) == 1
+    raw = env.export("p", "raw")
+    assert len(raw) == 8 and {x["choice"] for x in raw} == {"A", "B", "tie", "both_bad"}
+
+
+def test_ranking_project_ties_and_export(env, tmp_path):
+    env.project("r", kind="ranking")
+    env.tasks("r", [{"id": "k", "prompt": "Rank these", "responses": ["best", "mid", "also mid", "worst"]}])
+    a = env.next("r", "ann1")
+    pos = {text: i for i, text in enumerate(a["responses"])}
+    ranking = [pos["best"], [pos["mid"], pos["also mid"]], pos["worst"]]
+    r = env.judge(a["assignment_id"], "ann1", ranking=ranking)
+    assert r.status_code == 201, r.text
+    assert r.json()["ranking"] == [[pos["best"]], sorted([pos["mid"], pos["also mid"]]), [pos["worst"]]]
+    rows = env.export("r")
+    pairs = {(x["chosen"], x["rejected"]) for x in rows}
+    assert pairs == {("best", "mid"), ("best", "also mid"), ("best", "worst"), ("mid", "worst"), ("also mid", "worst")}
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    assert len(read_jsonl(path, "comparisons").records) == 5
+
+
+def test_ranking_must_place_every_response_once(env):
+    env.project("r", kind="ranking")
+    env.tasks("r", [{"prompt": "Rank", "responses": ["a", "b", "c"]}])
+    a = env.next("r", "ann1")
+    for bad in ([0, 1], [0, 1, 1], [0, 1, 5], "first"):
+        r = env.judge(a["assignment_id"], "ann1", ranking=bad)
+        assert r.status_code == 422, bad
+
+
+def test_rating_project_flags_and_ratings_export(env, tmp_path):
+    env.project("q", kind="rating", scale=5)
+    env.tasks("q", [{"id": "x", "prompt": "Capital of France?", "responses": ["Paris", "Lyon"]}])
+    a = env.next("q", "ann1")
+    assert env.judge(a["assignment_id"], "ann1", rating=6).status_code == 422
+    assert env.judge(a["assignment_id"], "ann1", rating=2, flags=["made_up"]).status_code == 422
+    assert env.judge(a["assignment_id"], "ann1", choice="A").status_code == 422  # wrong fields for the kind
+    assert env.judge(a["assignment_id"], "ann1", rating=5, flags=["other", "hallucination"]).status_code == 201
+    rows = env.export("q", "ratings")
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    (rec,) = read_jsonl(path, "ratings").records
+    assert (rec.rating, rec.scale, rec.flags, rec.annotator) == (5, 5, ["hallucination", "other"], "ann1")
+    r = env.client.get("/api/v1/projects/q/export", params={"format": "comparisons"}, headers=env.auth("admin"))
+    assert r.status_code == 422
+
+
+def test_import_accepts_samples_and_comparisons(env):
+    env.project("p")
+    samples = [{"prompt": "Say hi", "response": r} for r in ("hi", "hello", "hey")]
+    assert env.tasks("p", samples)["imported"] == 3  # 3 candidates -> 3 pairs
+    comparison = {"prompt": "2+2?", "chosen": "4", "rejected": "5", "annotator": "earlier"}
+    assert env.tasks("p", [comparison])["imported"] == 1
+    again = env.tasks("p", [comparison])
+    assert again == {"imported": 0, "unchanged": 1}
+
+
+def test_import_is_all_or_nothing_with_a_clear_message(env):
+    env.project("p")
+    records = pair_tasks(2) + [{"prompt": "x", "responses": "not a list"}]
+    r = env.client.post("/api/v1/projects/p/tasks", json=records, headers=env.auth("admin"))
+    assert r.status_code == 422 and r.json()["detail"].startswith("record 3:")
+    assert env.next("p", "ann1") is None  # nothing was written
+
+
+def test_input_limits(env):
+    env.project("p", kind="ranking")
+    too_many = [{"prompt": "x", "responses": [f"r{i}" for i in range(17)]}]
+    r = env.client.post("/api/v1/projects/p/tasks", json=too_many, headers=env.auth("admin"))
+    assert r.status_code == 422 and "limit 16" in r.json()["detail"]
+    too_long = [{"prompt": "x" * 20_001, "responses": ["a", "b"]}]
+    r = env.client.post("/api/v1/projects/p/tasks", json=too_long, headers=env.auth("admin"))
+    assert r.status_code == 422 and "20000" in r.json()["detail"]
+    body = json.dumps([{"prompt": "x", "responses": ["a" * 19_000, "b"]}] * 300)
+    r = env.client.post("/api/v1/projects/p/tasks", content=body, headers={**env.auth("admin"),
+                                                                           "Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_malformed_json_is_a_4xx_with_a_message(env):
+    env.project("p")
+    env.tasks("p", pair_tasks(1))
+    a = env.next("p", "ann1")
+    headers = {**env.auth("ann1"), "Content-Type": "application/json"}
+    for body in ('{"choice": "A"', "[]", '"A"', '{"choice": "C"}', '{"choice": "A", "strength": 9}'):
+        r = env.client.post(f"/api/v1/assignments/{a['assignment_id']}/judgement", content=body, headers=headers)
+        assert 400 <= r.status_code < 500, body
+        assert isinstance(r.json()["detail"], str) and r.json()["detail"]
+    r = env.client.post("/api/v1/projects/p/tasks", content="{nope", headers={**env.auth("admin"),
+                                                                              "Content-Type": "application/json"})
+    assert r.status_code == 422 and "malformed JSON" in r.json()["detail"]
+    assert env.judge(a["assignment_id"], "ann1", choice="A").status_code == 201  # nothing half-written
+
+
+SQL_NASTY = "Robert'); DROP TABLE judgements;-- \" ; SELECT * FROM users WHERE '1'='1' % _ \\ ? # & ="
+
+
+def test_sql_metacharacters_stored_and_returned_verbatim(env):
+    env.project(SQL_NASTY[:90])
+    name = SQL_NASTY[:90]
+    env.tasks(name, [{"id": SQL_NASTY, "prompt": SQL_NASTY, "responses": [SQL_NASTY + " A", SQL_NASTY + " B"],
+                      "meta": {"note": SQL_NASTY}}])
+    env.add_user(SQL_NASTY[:60])
+    user = SQL_NASTY[:60]
+    a = env.next(name, user)
+    assert a["task_id"] == SQL_NASTY and a["prompt"] == SQL_NASTY
+    assert sorted(a["responses"]) == [SQL_NASTY + " A", SQL_NASTY + " B"]
+    r = env.judge(a["assignment_id"], user, choice="A", rationale=SQL_NASTY, client_key=SQL_NASTY[:100])
+    assert r.status_code == 201 and r.json()["rationale"] == SQL_NASTY
+    (raw,) = env.export(name, "raw")
+    assert raw["rationale"] == SQL_NASTY and raw["annotator"] == user and raw["meta"] == {"note": SQL_NASTY}
+    assert raw["task_id"] == SQL_NASTY and raw["client_key"] == SQL_NASTY[:100]
+    stats = env.client.get(f"/api/v1/projects/{quote(name, safe='')}/stats", headers=env.auth("admin")).json()
+    assert stats["project"] == name and user in stats["annotators"]
+
+
+def test_lease_expiry_is_timely(env):
+    env.project("p", overlap=1, lease_seconds=10)
+    env.tasks("p", pair_tasks(1))
+    a = env.next("p", "ann1")
+    expires = a["expires_at"]
+    assert expires.endswith("Z") and time.time() < time.mktime(time.strptime(expires[:19], "%Y-%m-%dT%H:%M:%S")) + 3600

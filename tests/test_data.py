@@ -1,0 +1,181 @@
+"""Data formats: parsing, validation errors naming file and line, round trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import write_lines
+from preftune.data import (
+    Comparison,
+    Demonstration,
+    PromptRecord,
+    Ranking,
+    Rating,
+    read_jsonl,
+    to_json,
+    write_jsonl,
+)
+from preftune.data.split import train_eval_split
+from preftune.errors import DataError
+
+
+def test_prompt_forms(tmp_path):
+    path = write_lines(tmp_path / "p.jsonl", [
+        {"prompt": "Hi", "id": 1},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+         "split": "eval"},
+    ])
+    recs = read_jsonl(path, "prompts").records
+    assert recs[0] == PromptRecord(messages=[{"role": "user", "content": "Hi"}], id="1")
+    assert recs[1].messages[0]["role"] == "system" and recs[1].split == "eval"
+    assert recs[1].source.line == 2
+
+
+def test_demonstration_messages_form_takes_last_assistant_turn(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [{"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}])
+    (demo,) = read_jsonl(path, "demonstrations").records
+    assert demo.completion == "d" and [m["content"] for m in demo.messages] == ["a", "b", "c"]
+
+
+def test_comparison_forms(tmp_path):
+    hh_prefix = "\n\nHuman: What is 2+2?\n\nAssistant: Let me think.\n\nHuman: Well?"
+    path = write_lines(tmp_path / "c.jsonl", [
+        {"prompt": "Q", "chosen": "good", "rejected": "bad", "strength": 2, "annotator": "ann1"},
+        {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
+         "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}]},
+        {"chosen": hh_prefix + "\n\nAssistant: 4", "rejected": hh_prefix + "\n\nAssistant: 5"},
+        {"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "assistant", "content": "good"}],
+         "rejected": [{"role": "assistant", "content": "bad"}]},
+    ])
+    a, b, hh, d = read_jsonl(path, "comparisons").records
+    assert (a.chosen, a.rejected, a.strength, a.annotator) == ("good", "bad", 2.0, "ann1")
+    assert b.messages == [{"role": "user", "content": "Q"}] and b.chosen == "good"
+    assert hh.messages == [{"role": "user", "content": "What is 2+2?"},
+                           {"role": "assistant", "content": "Let me think."},
+                           {"role": "user", "content": "Well?"}]
+    assert (hh.chosen, hh.rejected) == ("4", "5")
+    assert d == Comparison(messages=[{"role": "user", "content": "Q"}], chosen="good", rejected="bad")
+
+
+def test_ranking_with_ties_and_rating(tmp_path):
+    path = write_lines(tmp_path / "r.jsonl", [{"prompt": "Q", "responses": ["a", "b", "c"], "ranking": [2, [0, 1]]}])
+    (rank,) = read_jsonl(path, "rankings").records
+    assert rank.ranking == [[2], [0, 1]]
+    path = write_lines(tmp_path / "t.jsonl", [{"prompt": "Q", "response": "a", "rating": 1, "flags": ["harmful"]}])
+    (rating,) = read_jsonl(path, "ratings").records
+    assert (rating.rating, rating.scale, rating.flags) == (1, 3, ["harmful"])
+
+
+@pytest.mark.parametrize("kind,record,message", [
+    ("demonstrations", {"prompt": "Q", "completion": 5}, '"completion" must be a string'),
+    ("demonstrations", {"prompt": "Q"}, 'missing "completion"'),
+    ("demonstrations", {"prompt": "", "completion": "x"}, '"prompt" must not be empty'),
+    ("comparisons", {"prompt": "Q", "chosen": "same", "rejected": "same"}, "identical"),
+    ("comparisons", {"prompt": "Q", "chosen": "", "rejected": "b"}, '"chosen" must not be empty'),
+    ("comparisons", {"prompt": "Q", "chosen": "a", "rejected": "b", "strength": -1}, '"strength" must be'),
+    ("rankings", {"prompt": "Q", "responses": ["a", "b"], "ranking": [0, 2]}, "index 2 is out of range"),
+    ("rankings", {"prompt": "Q", "responses": ["a", "b"], "ranking": [0, 0]}, "more than once"),
+    ("ratings", {"prompt": "Q", "response": "a", "rating": 4}, "outside the scale 1..3"),
+    ("ratings", {"prompt": "Q", "response": "a", "rating": 2, "flags": ["rude"]}, 'unknown flag "rude"'),
+    ("prompts", {"messages": [{"role": "robot", "content": "x"}]}, '["role"] must be one of'),
+])
+def test_invalid_records_name_file_line_and_field(tmp_path, kind, record, message):
+    path = write_lines(tmp_path / "in.jsonl", [_valid(kind), record])
+    with pytest.raises(DataError) as err:
+        read_jsonl(path, kind)
+    text = str(err.value)
+    assert text.startswith(f"{path}:2: ") and message in text
+    assert "\n" not in text
+
+
+def _valid(kind: str) -> dict:
+    return {"prompts": {"prompt": "ok"}, "demonstrations": {"prompt": "ok", "completion": "fine"},
+            "comparisons": {"prompt": "ok", "chosen": "a", "rejected": "b"},
+            "rankings": {"prompt": "ok", "responses": ["a", "b"], "ranking": [1, 0]},
+            "ratings": {"prompt": "ok", "response": "a", "rating": 3}}[kind]
+
+
+def test_file_level_errors(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match=r"empty\.jsonl: file is empty"):
+        read_jsonl(empty, "prompts")
+    array = tmp_path / "array.jsonl"
+    array.write_text(json.dumps([{"prompt": "a"}]))
+    with pytest.raises(DataError, match=r"array\.jsonl:1: this is a JSON array"):
+        read_jsonl(array, "prompts")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin\.jsonl:2: not valid UTF-8 \(byte 0xe9"):
+        read_jsonl(latin, "prompts")
+    dup = write_lines(tmp_path / "dup.jsonl", [{"id": "x", "prompt": "a"}, {"id": "y", "prompt": "b"},
+                                               {"id": "x", "prompt": "c"}])
+    with pytest.raises(DataError, match=r'dup\.jsonl:3: duplicate id "x" \(first on line 1\)'):
+        read_jsonl(dup, "prompts")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(DataError, match=r"broken\.jsonl:2: invalid JSON"):
+        read_jsonl(broken, "prompts")
+    with pytest.raises(DataError, match="no such file"):
+        read_jsonl(tmp_path / "missing.jsonl", "prompts")
+
+
+def test_skip_invalid_counts_and_reports(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [
+        {"prompt": "a", "completion": "b"}, {"prompt": "a"}, "not json", {"prompt": "c", "completion": "d"}])
+    result = read_jsonl(path, "demonstrations", skip_invalid=True)
+    assert len(result.records) == 2
+    assert [s.line for s in result.skipped] == [2, 3]
+    summary = result.summary()
+    assert "2 records" in summary and "skipped 2 invalid" in summary and "line 2" in summary
+
+
+def test_skip_invalid_with_nothing_left_is_an_error(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [{"prompt": "a"}])
+    with pytest.raises(DataError, match="no valid records"):
+        read_jsonl(path, "demonstrations", skip_invalid=True)
+
+
+def test_preferences_kind_tells_formats_apart(tmp_path):
+    path = write_lines(tmp_path / "p.jsonl", [_valid("comparisons"), _valid("rankings"), _valid("ratings")])
+    types = [type(r) for r in read_jsonl(path, "preferences").records]
+    assert types == [Comparison, Ranking, Rating]
+
+
+texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30).filter(
+    lambda s: s.strip())
+
+
+@settings(max_examples=40, deadline=None)
+@given(prompt=texts, a=texts, b=texts, strength=st.none() | st.floats(0, 5), ident=st.none() | texts)
+def test_round_trip(tmp_path_factory, prompt, a, b, strength, ident):
+    if a == b:
+        return
+    path = tmp_path_factory.mktemp("rt") / "c.jsonl"
+    records = [Comparison(messages=[{"role": "user", "content": prompt}], chosen=a, rejected=b,
+                          strength=strength, id=ident),
+               Demonstration(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": prompt}],
+                             completion=a),
+               Ranking(messages=[{"role": "user", "content": prompt}], responses=[a, b], ranking=[[1], [0]]),
+               Rating(messages=[{"role": "user", "content": prompt}], response=a, rating=2, flags=["other"])]
+    for rec, kind in zip(records, ["comparisons", "demonstrations", "rankings", "ratings"]):
+        write_jsonl(path, [rec])
+        (back,) = read_jsonl(path, kind).records
+        assert back == rec
+        assert to_json(back) == to_json(rec)
+
+
+def test_split_uses_split_field_else_seeded_fraction():
+    recs = [PromptRecord(messages=[{"role": "user", "content": str(i)}]) for i in range(20)]
+    train, held = train_eval_split(recs, 0.25, seed=1)
+    assert len(held) == 5 and len(train) == 15 and not set(map(id, train)) & set(map(id, held))
+    assert train_eval_split(recs, 0.25, seed=1) == (train, held)
+    recs[3].split = "eval"
+    train, held = train_eval_split(recs, 0.25, seed=1)
+    assert held == [recs[3]] and len(train) == 19

@@ -1,0 +1,284 @@
+"""PPO end to end on tiny models: learning, the KL controller, resume, outputs and bad input."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from preftune.cli import cli
+from preftune.data.chat import encode_prompt
+from preftune.errors import DataError, PreftuneError
+from preftune.models.generation import generate
+from preftune.models.loading import load_causal_lm
+from preftune.ppo.models import ValueHead, reference_mode
+from preftune.ppo.monitor import OveroptimisationMonitor
+from preftune.ppo.rollout import Rollout, policy_forward, prompt_indices
+from preftune.ppo.trainer import PPOConfig, train_ppo
+from tests.conftest import write_lines
+
+TOPICS = ["movie", "film", "day", "food", "book", "song", "city", "dog"]
+REWARDS = '''
+def e_count(prompts, responses):
+    """The target: how often the letter e occurs in the response."""
+    return [float(r.count("e")) for r in responses]
+
+def e_tenth(prompts, responses):
+    return [r.count("e") / 10 for r in responses]
+
+def length(prompts, responses):
+    return [float(len(r)) for r in responses]
+
+def nan_reward(prompts, responses):
+    return [float("nan")] * len(responses)
+
+def short_reward(prompts, responses):
+    return [1.0]
+'''
+
+
+@pytest.fixture()
+def files(tmp_path):
+    prompts = write_lines(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about the {t}."} for t in TOPICS])
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    return tmp_path, prompts, tmp_path / "rewards.py"
+
+
+def config(tiny_model_dir, tmp_path, prompts, rewards, **overrides):
+    base = dict(policy=str(tiny_model_dir), reward=f"{rewards}:e_count", prompts=str(prompts),
+                out=str(tmp_path / "out"), steps=4, batch_size=8, response_length=8, temperature=1.0,
+                lora=False, lr=3e-3, threads=1)
+    base.update(overrides)
+    return PPOConfig(**base)
+
+
+def read_metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- rollout mechanics
+
+
+def test_generation_logprobs_and_values_equal_a_full_forward(tiny_model_dir):
+    """Old log-probs and head values come from sampling; they must be what the update's forward gives."""
+    model, tok = load_causal_lm(tiny_model_dir)
+    prompts = [encode_prompt(tok, [{"role": "user", "content": t}])
+               for t in ["hi", "Tell me a long story about the movie please", "good day"]]
+    gen = generate(model, tok, prompts, max_new_tokens=12, temperature=0.7,
+                   generator=torch.Generator().manual_seed(0), return_logprobs=True, return_hidden=True)
+    episodes = Rollout(gen.prompt_ids, gen.prompt_mask, gen.response_ids, gen.response_mask.float(), gen.logprobs)
+    head = ValueHead(model.config.hidden_size)
+    torch.nn.init.normal_(head.linear.weight)
+    with torch.no_grad():
+        out = policy_forward(model, episodes, 0.7, head)
+        assert torch.allclose(out.logprobs, gen.logprobs, atol=1e-4)
+        assert torch.allclose(out.values, head(gen.hidden) * episodes.response_mask, atol=1e-4)
+        # a trimmed subset of rows gives the same numbers as the full batch
+        sub = episodes.subset(torch.tensor([0, 2]))
+        assert sub.prompt_ids.shape[1] < episodes.prompt_ids.shape[1]  # the long prompt's padding is gone
+        part = policy_forward(model, sub, 0.7, head)
+        width = sub.response_ids.shape[1]
+        assert torch.allclose(part.logprobs, out.logprobs[[0, 2], :width], atol=1e-4)
+
+
+def test_prompt_indices_cover_each_epoch_and_split_ranks():
+    n, bs = 10, 4
+    first_epoch = [i for step in range(2) for i in prompt_indices(step, bs, n, seed=3)] + \
+        prompt_indices(2, bs, n, seed=3)[:2]
+    assert sorted(first_epoch) == list(range(10))  # every prompt once per epoch, crossing step boundaries
+    assert prompt_indices(5, bs, n, seed=3) == prompt_indices(5, bs, n, seed=3)  # fixed by (seed, step)
+    ranks = [prompt_indices(0, 2, n, seed=3, rank=r, world=2) for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1])
+    assert ranks[0] + ranks[1] == prompt_indices(0, 4, n, seed=3)
+
+
+# ---------------------------------------------------------------- learning
+
+
+def test_ppo_raises_the_reward_and_writes_a_plain_model(tiny_model_dir, files):
+    tmp, prompts, rewards = files
+    cfg = config(tiny_model_dir, tmp, prompts, rewards, steps=24, eval_every=12)
+    train_ppo(cfg, quiet=True)
+    rows = read_metrics(cfg.out)
+    scores = [r["objective/scores"] for r in rows]
+    first, last = sum(scores[:4]) / 4, sum(scores[-4:]) / 4
+    assert last > 2 * first + 1, scores
+    assert all(math.isfinite(r["objective/kl"]) for r in rows)
+    assert rows[-1]["objective/kl"] > 15  # the weak fixed leash lets it run (contrast: the adaptive test)
+    for name in ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                 "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
+                 "val/clipfrac_avg", "val/ratio", "val/num_eos_tokens", "response_length_mean", "kl_coef", "eps",
+                 "time/generation", "time/scoring", "time/reference", "time/update"]:
+        assert name in rows[-1], name
+    samples = [json.loads(line) for line in (Path(cfg.out) / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {12, 24}
+    # the final policy is a plain Hugging Face directory
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(cfg.out)
+    assert json.loads((Path(cfg.out) / "metrics.json").read_text())["steps"] == 24
+
+
+def test_adaptive_kl_controller_holds_kl_near_target(tiny_model_dir, files):
+    """The controller first lowers beta (KL below target), then raises it as the policy drifts,
+    and keeps the KL around the target (the fixed weak leash above lets it pass 15 nats)."""
+    tmp, prompts, rewards = files
+    cfg = config(tiny_model_dir, tmp, prompts, rewards, steps=40, reward=f"{rewards}:e_tenth", kl_coef=0.1,
+                 adaptive_kl=True, kl_target=4.0, kl_horizon=8, kl_warn=0)
+    train_ppo(cfg, quiet=True)
+    rows = read_metrics(cfg.out)
+    betas = [r["kl_coef"] for r in rows]
+    lowest = betas.index(min(betas))
+    assert min(betas) < betas[0] and max(betas[lowest:]) > 4 * min(betas)
+    late_kl = [r["objective/kl"] for r in rows][-16:]
+    assert 4.0 / 3 < sum(late_kl) / len(late_kl) < 4.0 * 3, late_kl
+    assert max(late_kl) < 20
+
+
+def test_lora_reference_is_the_sft_model_with_adapters_disabled(tiny_model_dir, files):
+    tmp, prompts, rewards = files
+    cfg = config(tiny_model_dir, tmp, prompts, rewards, steps=3, lora=True, lr=1e-2)
+    train_ppo(cfg, quiet=True)
+    rows = read_metrics(cfg.out)
+    assert abs(rows[0]["objective/kl"]) < 1e-4  # adapters start at zero: policy == reference
+    assert rows[-1]["objective/kl"] != rows[0]["objective/kl"]
+    tuned, _ = load_causal_lm(cfg.out)
+    sft, _ = load_causal_lm(tiny_model_dir)
+    assert not all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), sft.state_dict().values()))
+
+
+def test_reference_mode_disables_adapters(tiny_model_dir):
+    from preftune.training import apply_lora
+
+    model, _ = load_causal_lm(tiny_model_dir)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    base = model(input_ids=ids).logits
+    peft = apply_lora(model, 4, 8, 0.0, ["all-linear"])
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    assert not torch.allclose(peft(input_ids=ids).logits, base)
+    with reference_mode(peft, None) as ref:
+        assert torch.allclose(ref(input_ids=ids).logits, base, atol=1e-6)
+
+
+def test_separate_value_model_and_ptx(tiny_model_dir, files):
+    tmp, prompts, rewards = files
+    demos = write_lines(tmp / "demos.jsonl", [{"prompt": "hi", "completion": "good day"}] * 4)
+    cfg = config(tiny_model_dir, tmp, prompts, rewards, steps=2, value_model="policy", ptx_coef=0.5,
+                 ptx_data=str(demos), missing_eos_penalty=-1.0)
+    train_ppo(cfg, quiet=True)
+    rows = read_metrics(cfg.out)
+    assert "loss/ptx_avg" in rows[-1] and rows[-1]["time/values"] > 0
+    # no response of the random tiny model ends within 8 tokens: all get the penalty
+    assert rows[0]["val/ended"] == 0 and rows[0]["objective/scores"] == -1.0
+
+
+# ---------------------------------------------------------------- resume
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, files):
+    tmp, prompts, rewards = files
+    common = dict(steps=6, save_every=3, adaptive_kl=True, kl_horizon=64, lora=True, lr=1e-2)
+    straight = config(tiny_model_dir, tmp, prompts, rewards, out=str(tmp / "straight"), **common)
+    train_ppo(straight, quiet=True)
+    broken = config(tiny_model_dir, tmp, prompts, rewards, out=str(tmp / "broken"), **common)
+    assert train_ppo(broken, stop_after=4, quiet=True) == {"stopped_at": 4}  # step 4 is lost with the crash
+    train_ppo(broken.model_copy(update={"resume": True}), quiet=True)
+
+    def comparable(out):
+        return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "eps"} for r in read_metrics(out)]
+
+    a, b = comparable(straight.out), comparable(broken.out)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert a == b
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_over_long_prompt_names_its_line_or_is_truncated(tiny_model_dir, files):
+    tmp, _, rewards = files
+    prompts = write_lines(tmp / "long.jsonl", [{"prompt": "short"}, {"prompt": "word " * 200}])
+    cfg = config(tiny_model_dir, tmp, prompts, rewards, steps=1, max_length=64)
+    with pytest.raises(DataError, match=r"long.jsonl:2: prompt is \d+ tokens"):
+        train_ppo(cfg, quiet=True)
+    train_ppo(cfg.model_copy(update={"truncate": True}), quiet=True)
+
+
+def test_empty_prompt_is_an_error_naming_the_line(tiny_model_dir, files):
+    tmp, _, rewards = files
+    prompts = write_lines(tmp / "empty.jsonl", [{"prompt": "fine"}, {"prompt": "  "}])
+    with pytest.raises(DataError, match="empty.jsonl:2"):
+        train_ppo(config(tiny_model_dir, tmp, prompts, rewards, steps=1), quiet=True)
+
+
+@pytest.mark.parametrize("name, message", [("nan_reward", r"nan_reward returned nan"),
+                                           ("short_reward", r"short_reward returned 1 scores for 8")])
+def test_bad_reward_function_is_named(tiny_model_dir, files, name, message):
+    tmp, prompts, rewards = files
+    with pytest.raises(PreftuneError, match=message):
+        train_ppo(config(tiny_model_dir, tmp, prompts, rewards, steps=1, reward=f"{rewards}:{name}"), quiet=True)
+
+
+def test_kl_stop_ends_the_run_with_a_reason(tiny_model_dir, files):
+    tmp, prompts, rewards = files
+    cfg = config(tiny_model_dir, tmp, prompts, rewards, steps=30, lr=3e-2, kl_coef=0.0, kl_stop=2.0)
+    summary = train_ppo(cfg, quiet=True)
+    assert "passed --kl-stop" in summary["stopped"]
+    assert len(read_metrics(cfg.out)) < 30
+    assert (Path(cfg.out) / "config.json").exists()
+
+
+# ---------------------------------------------------------------- evaluation and over-optimisation
+
+
+def test_eval_prompts_gold_and_best_checkpoint(tiny_model_dir, files):
+    tmp, prompts, rewards = files
+    held = write_lines(tmp / "held.jsonl", [{"prompt": "Tell me about the sea."}, {"prompt": "And the sky?"}])
+    cfg = config(tiny_model_dir, tmp, prompts, rewards, steps=4, eval_every=2, eval_prompts=str(held),
+                 gold=f"{rewards}:length")
+    train_ppo(cfg, quiet=True)
+    evals = [r for r in read_metrics(cfg.out) if "eval/gold" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["eval/sqrt_kl"] == pytest.approx(math.sqrt(max(r["eval/kl"], 0))) for r in evals)
+    samples = [json.loads(line) for line in (Path(cfg.out) / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {"prompt", "response", "score", "gold", "kl"} <= set(samples[0])
+    best = json.loads((Path(cfg.out) / "best" / "preftune_best.json").read_text())
+    assert best["eval/gold"] == max(r["eval/gold"] for r in evals)
+    assert (Path(cfg.out) / "best" / "config.json").exists()
+
+
+def test_overoptimisation_monitor():
+    mon = OveroptimisationMonitor(drop=0.25)
+    assert mon.update(1, proxy=0.0, gold=1.0) == (True, None)
+    assert mon.update(2, proxy=1.0, gold=3.0) == (True, None)  # gain 2 over the first evaluation
+    assert mon.update(3, proxy=2.0, gold=2.6)[1] is None  # lost 0.4 = 20 % of the gain: not yet
+    best, warning = mon.update(4, proxy=3.0, gold=2.4)  # lost 0.6 = 30 % while the proxy rose
+    assert not best and "step 4" in warning and "30%" in warning
+    assert mon.update(5, proxy=0.5, gold=2.4)[1] is None  # proxy fell too: not over-optimisation
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_help_and_one_line_errors(tiny_model_dir, files):
+    tmp, prompts, rewards = files
+    runner = CliRunner()
+    help_text = runner.invoke(cli, ["ppo", "--help"]).output
+    for flag in ["--batch-size", "--mini-batches", "--ppo-epochs", "--response-length", "--kl-coef",
+                 "--kl-estimator", "--adaptive-kl", "--kl-target", "--kl-horizon", "--missing-eos-penalty",
+                 "--value-model", "--ptx-coef", "--whiten-rewards", "--clip-value", "--eval-prompts", "--resume"]:
+        assert flag in help_text, flag
+    result = runner.invoke(cli, ["ppo", "--policy", str(tiny_model_dir), "--reward", "nope", "--prompts",
+                                 str(prompts), "--out", str(tmp / "o")])
+    assert result.exit_code == 2 and "unknown reward 'nope'" in result.output
+    cfg = tmp / "ppo.toml"
+    cfg.write_text('[ppo]\nsteps = 1\nbatch-size = 4\nresponse-length = 4\nlora = false\n')
+    result = runner.invoke(cli, ["ppo", "--config", str(cfg), "--policy", str(tiny_model_dir), "--reward",
+                                 f"{rewards}:e_count", "--prompts", str(prompts), "--out", str(tmp / "o"),
+                                 "--kl-estimator", "k3"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp / "o" / "run_config.json").read_text())["kl_estimator"] == "k3"

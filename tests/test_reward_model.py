@@ -1,0 +1,117 @@
+"""The reward model: last-real-token pooling, parity with Hugging Face, save/load, normalisation."""
+
+import json
+
+import pytest
+import torch
+
+from preftune.models.tiny import build_tiny_model, build_tiny_tokenizer
+from preftune.reward.model import (
+    META_FILE,
+    RewardModel,
+    last_real_token_index,
+    pool_last_real_token,
+    sequence_scores,
+)
+
+PROMPTS = ["What is the capital of France?", [{"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": "Say hello."}], "Hi"]
+RESPONSES = ["Paris.", "Hello there, it is nice to meet you!", "Hello"]
+
+
+def test_last_real_token_index_right_and_left_padding():
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert last_real_token_index(right).tolist() == [2, 4, 0]
+    assert last_real_token_index(left).tolist() == [4, 4, 4]
+
+
+def test_pool_last_real_token_picks_values():
+    values = torch.arange(2 * 4 * 2, dtype=torch.float32).reshape(2, 4, 2)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])
+    # row 0 position 1 -> [2, 3]; row 1 position 3 -> [14, 15]
+    assert pool_last_real_token(values, mask).tolist() == [[2.0, 3.0], [14.0, 15.0]]
+
+
+@pytest.fixture(scope="module")
+def tiny_rm_dir(tiny_model_dir):
+    rm = RewardModel.from_backbone(str(tiny_model_dir), device="cpu")
+    torch.nn.init.normal_(rm.model.score.weight, std=1.0)  # a head big enough to tell sequences apart
+    return rm
+
+
+def test_left_and_right_padding_give_the_same_scores(tiny_rm_dir):
+    rm = tiny_rm_dir
+    seqs = [rm.encode(p, r) for p, r in zip(PROMPTS, RESPONSES)]
+    width = max(map(len, seqs))
+    pad = rm.tokenizer.pad_token_id
+    left = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+    left_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    with torch.no_grad():
+        from_left = sequence_scores(rm.model, left, left_mask)
+        from_right = rm.forward_ids(seqs)
+        one_by_one = torch.cat([rm.forward_ids([s]) for s in seqs])
+    assert torch.allclose(from_left, one_by_one, atol=1e-5)
+    assert torch.allclose(from_right, one_by_one, atol=1e-5)
+    assert len(set(one_by_one.tolist())) == 3
+
+
+def test_sequence_ends_at_the_end_of_turn_token(tiny_rm_dir):
+    rm = tiny_rm_dir
+    ids = rm.encode("Hi", "Hello")
+    assert ids[-1] == rm.tokenizer.eos_token_id
+    assert rm.render("Hi", "Hello").endswith("Hello<|im_end|>")
+
+
+def test_saved_model_loads_in_plain_transformers_with_the_same_raw_scores(tiny_rm_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = tiny_rm_dir
+    rm.meta.gain, rm.meta.bias = 2.0, -1.0
+    rm.save(tmp_path / "rm")
+    assert json.loads((tmp_path / "rm" / META_FILE).read_text())["gain"] == 2.0
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    assert hf.config.num_labels == 1
+    texts = [rm.render(p, r) for p, r in zip(PROMPTS, RESPONSES)]
+    batch = tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        hf_scores = hf(**batch).logits[:, 0]
+    ours = rm.raw_scores(PROMPTS, RESPONSES)
+    assert torch.allclose(hf_scores, ours, atol=1e-5)
+    loaded = RewardModel.load(tmp_path / "rm", device="cpu")
+    assert torch.allclose(loaded.score(PROMPTS, RESPONSES), 2.0 * ours - 1.0, atol=1e-5)
+    assert loaded.score(PROMPTS, RESPONSES).dtype == torch.float32
+
+
+def test_encoder_backbone_reads_the_first_token_like_transformers(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    tok = build_tiny_tokenizer(chat_template=False)
+    tok.cls_token, tok.sep_token = "<|im_start|>", "<|im_end|>"
+    bert = build_tiny_model(tok, kind="bert")
+    bert.save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    rm = RewardModel.from_backbone(str(tmp_path / "bert"), device="cpu")
+    assert not rm.decoder and rm.meta.rendering == "text_pair"
+    ours = rm.raw_scores(PROMPTS, RESPONSES)
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "bert").eval()
+    with torch.no_grad():
+        theirs = torch.cat([hf(input_ids=torch.tensor([rm.encode(p, r)])).logits[:, 0]
+                            for p, r in zip(PROMPTS, RESPONSES)])
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_missing_metadata_is_a_clear_error(tiny_model_dir):
+    from preftune.errors import PreftuneError
+
+    with pytest.raises(PreftuneError, match="not a preftune reward model"):
+        RewardModel.load(tiny_model_dir)
+
+
+def test_reward_spec_routes_to_the_reward_model(tiny_rm_dir, tmp_path):
+    from preftune.reward.spec import load_reward
+
+    tiny_rm_dir.save(tmp_path / "rm2")
+    fn = load_reward(str(tmp_path / "rm2"), device="cpu")
+    assert fn(PROMPTS, RESPONSES).shape == (3,)
