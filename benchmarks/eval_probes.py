@@ -8,10 +8,15 @@ Wall time depends on what else runs on the machine; CPU time (process time, all 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-from preftune.evaluation.probes.adversarial import AdversarialConfig, run_adversarial_probe
-from preftune.evaluation.probes.hallucination import HallucinationConfig, run_hallucination_probe
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import matmul_gflops, peak_rss_mb  # noqa: E402
+from preftune.evaluation.probes.adversarial import AdversarialConfig, run_adversarial_probe  # noqa: E402
+from preftune.evaluation.probes.hallucination import HallucinationConfig, run_hallucination_probe  # noqa: E402
 
 
 def fmt(rate: dict) -> str:
@@ -27,6 +32,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
 
+    gflops = matmul_gflops()
     t0, c0 = time.perf_counter(), time.process_time()
     hal = run_hallucination_probe(HallucinationConfig(model=args.model, baseline=args.baseline,
                                                       out=f"{args.out}/hallucination", threads=args.threads))
@@ -46,6 +52,7 @@ def main() -> None:
         print(f"  {key:<12} {fmt(adv['rates'][key])}{before}")
     for cat, v in adv["by_category"].items():
         print(f"  {cat:<20} unsafe {fmt(v['unsafe'])}  refused {fmt(v['refused'])}")
+    print(f"machine: fp32 matmul {gflops} GFLOP/s in this process; peak memory {peak_rss_mb()} MB")
     rt = adv.get("red_team")
     if rt:
         print(f"  red team: {rt['successes']}/{rt['attempts']} successful, success {fmt(rt['success'])}, "

@@ -85,6 +85,8 @@ def run_bon(cfg: BonConfig, quiet: bool = False) -> dict:
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     records = prompt_subset(cfg)
+    proxy_fn = score_judge(cfg.reward, cfg.device)  # resolved before sampling: bad specs fail fast
+    gold_fn = score_judge(cfg.gold, cfg.device) if cfg.gold else None
     N = max(cfg.n)
     messages = [r.messages for r in records for _ in range(N)]
     model, tok = load_causal_lm(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -93,9 +95,8 @@ def run_bon(cfg: BonConfig, quiet: bool = False) -> dict:
     samples = sample_responses(model, tok, messages, options, generator=gen,
                                description=f"sampling {N} per prompt", quiet=quiet)
     del model
-    proxy = np.array(score_all(score_judge(cfg.reward, cfg.device), messages, samples.texts, cfg.batch_size))
-    gold = (np.array(score_all(score_judge(cfg.gold, cfg.device), messages, samples.texts, cfg.batch_size))
-            if cfg.gold else None)
+    proxy = np.array(score_all(proxy_fn, messages, samples.texts, cfg.batch_size))
+    gold = np.array(score_all(gold_fn, messages, samples.texts, cfg.batch_size)) if gold_fn else None
     shape = (len(records), N)
     rows = bon_curve(proxy.reshape(shape), None if gold is None else gold.reshape(shape), cfg.n,
                      seed=cfg.seed, resamples=cfg.bootstrap)

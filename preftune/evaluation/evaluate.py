@@ -126,10 +126,10 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
     messages = [r.messages for r in records]
     texts = [prompt_text(m) for m in messages]
     options = SamplingOptions(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
-    human = [j for j in cfg.judge if is_human(j)]
-    for j in human:  # fail before sampling, not after
-        HumanJudge.from_spec(j, cfg.feedback_url)
-    if human and not cfg.baseline:
+    # Resolve every judge before sampling, so a bad spec fails in seconds, not after minutes.
+    judge_fns = {spec: HumanJudge.from_spec(spec, cfg.feedback_url) if is_human(spec) else
+                 score_judge(spec, device=cfg.device) for spec in cfg.judge}
+    if any(isinstance(j, HumanJudge) for j in judge_fns.values()) and not cfg.baseline:
         raise PreftuneError("human judges compare A with B: give --baseline")
 
     model_a, tok_a = load_causal_lm(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -151,18 +151,17 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
 
     length_diff = ([a - b for a, b in zip(samples_a.lengths, samples_b.lengths)] if samples_b else None)
     judges, per_judge_scores = [], {}
-    for spec in cfg.judge:
-        if is_human(spec):
-            judge = HumanJudge.from_spec(spec, cfg.feedback_url)
-            pushed = judge.push(texts, samples_a.texts, samples_b.texts, run=f"{out.name or 'eval'}-{int(time.time())}", seed=cfg.seed,
+    run_id = f"{out.name or 'eval'}-{int(time.time())}"
+    for spec, judge in judge_fns.items():
+        if isinstance(judge, HumanJudge):
+            pushed = judge.push(texts, samples_a.texts, samples_b.texts, run=run_id, seed=cfg.seed,
                                 out=out / f"human-{judge.project}.jsonl")
             entry = judge_summary(spec, None, None, None, None, kl, seed=cfg.seed, resamples=cfg.bootstrap)
             entry.update({"kind": "human", "pending": pushed, "n": 0})
             console.print(f"pushed {pushed} pairs to {spec}; run again with --collect once people have judged")
         else:
-            fn = score_judge(spec, device=cfg.device)
-            sa = score_all(fn, messages, samples_a.texts, cfg.batch_size)
-            sb = score_all(fn, messages, samples_b.texts, cfg.batch_size) if samples_b else None
+            sa = score_all(judge, messages, samples_a.texts, cfg.batch_size)
+            sb = score_all(judge, messages, samples_b.texts, cfg.batch_size) if samples_b else None
             per_judge_scores[spec] = (sa, sb)
             outcomes = pairwise_outcomes(sa, sb, cfg.tie_margin).tolist() if sb else None
             entry = {**judge_summary(spec, sa, sb, outcomes, length_diff, kl, seed=cfg.seed,
