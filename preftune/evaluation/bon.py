@@ -95,8 +95,9 @@ def run_bon(cfg: BonConfig, quiet: bool = False) -> dict:
     samples = sample_responses(model, tok, messages, options, generator=gen,
                                description=f"sampling {N} per prompt", quiet=quiet)
     del model
-    proxy = np.array(score_all(proxy_fn, messages, samples.texts, cfg.batch_size))
-    gold = np.array(score_all(gold_fn, messages, samples.texts, cfg.batch_size)) if gold_fn else None
+    proxy = np.array(score_all(proxy_fn, messages, samples.texts, cfg.batch_size, "scoring: proxy", quiet))
+    gold = (np.array(score_all(gold_fn, messages, samples.texts, cfg.batch_size, "scoring: gold", quiet))
+            if gold_fn else None)
     shape = (len(records), N)
     rows = bon_curve(proxy.reshape(shape), None if gold is None else gold.reshape(shape), cfg.n,
                      seed=cfg.seed, resamples=cfg.bootstrap)

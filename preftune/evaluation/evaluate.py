@@ -34,7 +34,7 @@ from preftune.evaluation.stats import (
     win_rate,
 )
 from preftune.models.loading import load_causal_lm, set_threads
-from preftune.progress import console
+from preftune.progress import console, progress_bar
 from preftune.training import seed_everything, write_json
 
 
@@ -83,11 +83,14 @@ def _kl_per_sequence(model_b, samples_a, temperature: float) -> list[float]:
     return kls
 
 
-def score_all(fn, prompts, responses, batch_size: int) -> list[float]:
-    """A reward function's scores of every response, ``batch_size`` at a time."""
+def score_all(fn, prompts, responses, batch_size: int, description: str = "scoring",
+              quiet: bool = False) -> list[float]:
+    """A reward function's scores of every response, ``batch_size`` at a time (a progress bar)."""
     out = []
-    for i in range(0, len(responses), batch_size):
-        out += fn(prompts[i:i + batch_size], responses[i:i + batch_size]).tolist()
+    with progress_bar(len(responses), description, disable=quiet) as bar:
+        for i in range(0, len(responses), batch_size):
+            out += fn(prompts[i:i + batch_size], responses[i:i + batch_size]).tolist()
+            bar.advance(len(responses[i:i + batch_size]))
     return out
 
 
@@ -160,8 +163,9 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
             entry.update({"kind": "human", "pending": pushed, "n": 0})
             console.print(f"pushed {pushed} pairs to {spec}; run again with --collect once people have judged")
         else:
-            sa = score_all(judge, messages, samples_a.texts, cfg.batch_size)
-            sb = score_all(judge, messages, samples_b.texts, cfg.batch_size) if samples_b else None
+            sa = score_all(judge, messages, samples_a.texts, cfg.batch_size, f"scoring A: {spec}", quiet)
+            sb = (score_all(judge, messages, samples_b.texts, cfg.batch_size, f"scoring B: {spec}", quiet)
+                  if samples_b else None)
             per_judge_scores[spec] = (sa, sb)
             outcomes = pairwise_outcomes(sa, sb, cfg.tie_margin).tolist() if sb else None
             entry = {**judge_summary(spec, sa, sb, outcomes, length_diff, kl, seed=cfg.seed,
