@@ -266,7 +266,7 @@ def eval_section(result: dict) -> str:
 
 
 def eval_report_html(result: dict, rows: list[dict], max_examples: int = 20) -> str:
-    info = R.table(["", ""], [["model A", result.get("model")], ["baseline B", result.get("baseline") or "-"],
+    info = R.table(["", "value"], [["model A", result.get("model")], ["baseline B", result.get("baseline") or "-"],
                               ["prompts", f"{result.get('prompts')} ({result.get('n_prompts')} used)"],
                               ["sampling", json.dumps(result.get("sampling"))],
                               ["KL(A || B), nats per response",
