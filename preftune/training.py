@@ -162,6 +162,11 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in full.items() if k in names}
 
 
+def _optimizer_owner(modules: dict[str, torch.nn.Module]) -> torch.nn.Module:
+    """One module holding every trained module, so optimiser state is keyed by "name.param"."""
+    return torch.nn.ModuleDict(modules)
+
+
 def save_checkpoint(out: Path, step: int, modules: dict[str, torch.nn.Module], optimizer, scheduler,
                     extra: dict[str, Any], keep: int, is_main: bool = True) -> Path:
     """Write a checkpoint atomically (tmp dir + rename) and keep only the ``keep`` newest.
@@ -171,8 +176,7 @@ def save_checkpoint(out: Path, step: int, modules: dict[str, torch.nn.Module], o
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = {name: trainable_state(module) for name, module in modules.items()}
-    owner = next(iter(modules.values()))
-    optim_state = get_optimizer_state_dict(owner, optimizer, options=_full_options())
+    optim_state = get_optimizer_state_dict(_optimizer_owner(modules), optimizer, options=_full_options())
     final = checkpoint_dir(out, step)
     if not is_main:
         return final
@@ -193,8 +197,7 @@ def save_checkpoint(out: Path, step: int, modules: dict[str, torch.nn.Module], o
 
 
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, scheduler) -> dict[str, Any]:
-    """Restore weights, optimiser, scheduler and RNG states written by ``save_checkpoint``.
-    The first module owns the optimiser."""
+    """Restore weights, optimiser, scheduler and RNG states written by ``save_checkpoint``."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     for name, module in modules.items():
@@ -205,7 +208,7 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
                                 f"e.g. {sorted(missing)[0]}); was it written with other options?")
         set_model_state_dict(module, weights, options=_full_options(strict=False))
     state = torch.load(path / "state.pt", weights_only=False)
-    set_optimizer_state_dict(next(iter(modules.values())), optimizer, state["optimizer"], options=_full_options())
+    set_optimizer_state_dict(_optimizer_owner(modules), optimizer, state["optimizer"], options=_full_options())
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])

@@ -234,7 +234,8 @@ def rollout(policy, reference, value_head, value_model, tokenizer, prompts: list
 def ppo_update(policy, value_head, value_model, optimizer, episodes: Rollout, cfg: PPOConfig,
                shuffle: torch.Generator, ptx: PtxStream | None) -> dict[str, float]:
     """Phase 6: ppo_epochs x mini_batches optimiser steps; returns the mean diagnostics."""
-    from preftune.sft.trainer import _batch_loss
+    from preftune.models.logits import ResponseLogits
+    from preftune.sft.trainer import lm_loss_sum
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     n = len(episodes)
@@ -255,7 +256,7 @@ def ppo_update(policy, value_head, value_model, optimizer, episodes: Rollout, cf
                 vf_loss, vf = value_loss(values, part.values, part.returns, mask, cfg.clip_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 if ptx is not None:
-                    lm_sum, lm_tokens = _batch_loss(policy, ptx.next(len(part)), device)
+                    lm_sum, lm_tokens = lm_loss_sum(ResponseLogits(policy), ptx.next(len(part)), device)
                     loss = loss + cfg.ptx_coef * lm_sum / max(lm_tokens, 1)
                     stats["loss/ptx_avg"].append(lm_sum.item() / max(lm_tokens, 1))
                 (loss * len(part) / len(mb)).backward()

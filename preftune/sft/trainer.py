@@ -67,7 +67,7 @@ def response_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def _batch_loss(net, batch: dict, device) -> tuple[torch.Tensor, int]:
+def lm_loss_sum(net, batch: dict, device) -> tuple[torch.Tensor, int]:
     """Summed response-token loss of one micro-batch and its number of target tokens."""
     labels = batch["labels"].to(device)
     select = response_token_mask(labels)
@@ -96,7 +96,7 @@ def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int, 
     net = net if sharded else ResponseLogits(model)
     total = torch.zeros(2, dtype=torch.float64)
     for i in range(0, len(mine), batch_size):
-        loss, n = _batch_loss(net, collate(mine[i:i + batch_size], pad_id), device)
+        loss, n = lm_loss_sum(net, collate(mine[i:i + batch_size], pad_id), device)
         total += torch.tensor([loss.item(), n], dtype=torch.float64)
     if not sharded:
         total = all_reduce_sum(total, info)
@@ -210,7 +210,7 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, quiet: bool = Fa
             step_loss, step_tokens = torch.zeros(1, dtype=torch.float64), 0
             for k, chunk in enumerate(chunks):
                 with gradient_sync(net, enabled=k == len(chunks) - 1):
-                    loss_sum, _ = _batch_loss(net, collate(chunk, pad_id), device)
+                    loss_sum, _ = lm_loss_sum(net, collate(chunk, pad_id), device)
                     (loss_sum * info.world / n_targets).backward()
                 step_loss += loss_sum.item()
                 step_tokens += sum(len(e.input_ids) for e in chunk)

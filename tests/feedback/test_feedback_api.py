@@ -7,7 +7,7 @@ import json
 import time
 from urllib.parse import quote
 
-from conftest import pair_tasks
+from .conftest import pair_tasks
 from sqlalchemy import func, select
 
 from preftune.data.jsonl import read_jsonl

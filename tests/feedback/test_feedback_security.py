@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import page_csrf, pair_tasks
+from .conftest import page_csrf, pair_tasks
 from sqlalchemy import select
 from starlette.routing import Mount
 
