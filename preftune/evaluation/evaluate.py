@@ -75,7 +75,8 @@ def prompt_subset(cfg) -> list:
     return records
 
 
-def _kl_per_sequence(model_b, samples_a, temperature: float) -> list[float]:
+def kl_per_sequence(model_b, samples_a, temperature: float) -> list[float]:
+    """Sampled KL(A || B) of each of A's responses (``samples_a`` sampled with ``logprobs=True``)."""
     kls = []
     for gen in samples_a.batches:
         logp_b = response_logprobs(model_b, gen, temperature)
@@ -143,7 +144,7 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
     if cfg.baseline:
         model_b, tok_b = load_causal_lm(cfg.baseline, device=cfg.device, dtype=cfg.dtype)
         if same_vocabulary(tok_a, tok_b):
-            kl = _kl_per_sequence(model_b, samples_a, cfg.temperature)
+            kl = kl_per_sequence(model_b, samples_a, cfg.temperature)
         else:
             kl_note = "A and B have different tokenizers: KL(A || B) is not measured"
             console.print(f"[yellow]{kl_note}")
