@@ -10,7 +10,6 @@ plot. Output: ``OUT/bon.json``, ``OUT/samples.jsonl``, ``OUT/report.html``.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -121,7 +120,3 @@ def run_bon(cfg: BonConfig, quiet: bool = False) -> dict:
     (out / "report.html").write_text(html, encoding="utf-8")
     return result
 
-
-def read_bon(path: str | Path) -> list[dict]:
-    """The ``results`` rows of a ``bon.json`` (for plots next to a PPO run)."""
-    return json.loads(Path(path).read_text())["results"]
