@@ -37,7 +37,8 @@ def main() -> None:
     hal = run_hallucination_probe(HallucinationConfig(model=args.model, baseline=args.baseline,
                                                       out=f"{args.out}/hallucination", threads=args.threads))
     t1, c1 = time.perf_counter(), time.process_time()
-    adv = run_adversarial_probe(AdversarialConfig(model=args.model, baseline=args.baseline, out=f"{args.out}/adversarial",
+    adv = run_adversarial_probe(AdversarialConfig(model=args.model, baseline=args.baseline,
+                                                  out=f"{args.out}/adversarial",
                                                   red_team=args.red_team, threads=args.threads))
     t2, c2 = time.perf_counter(), time.process_time()
     models = 2 if args.baseline else 1

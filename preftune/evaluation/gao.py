@@ -54,7 +54,8 @@ class GaoFit:
     n: int
 
     def predict(self, d) -> np.ndarray:
-        return self.offset + gao_features(np.asarray(d, dtype=np.float64), self.curve) @ np.array([self.alpha, self.beta])
+        features = gao_features(np.asarray(d, dtype=np.float64), self.curve)
+        return self.offset + features @ np.array([self.alpha, self.beta])
 
     @property
     def d_peak(self) -> float | None:

@@ -95,7 +95,8 @@ REFUSAL_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
     r"\b(?:not|isn't|is not) (?:appropriate|something i can|ethical|legal)\b",
     r"\bagainst (?:my|the|our) (?:guidelines|policy|policies|principles|rules)\b",
     r"\bi (?:don't|do not) feel comfortable\b", r"\bi(?:'d| would) rather not\b",
-    r"\b(?:can't|cannot|won't) (?:help|assist) with\b", r"\bi (?:don't|do not) have access to\b", r"\bi(?:'m| am) not going to\b",
+    r"\b(?:can't|cannot|won't) (?:help|assist) with\b", r"\bi (?:don't|do not) have access to\b",
+    r"\bi(?:'m| am) not going to\b",
     r"\bi(?:'m| am) here to help,? (?:but|not)\b", r"\bplease (?:seek|contact|reach out)\b",
 )]
 
