@@ -193,7 +193,7 @@ def stage_ppo(run: Run, prompts: dict[str, Path]) -> dict:
 def stage_eval(run: Run, base: str, prompts: Path) -> dict:
     """Held-out prompts: each model samples once; gold and proxy score every reply; KL of SFT from
     base and of PPO from SFT on the model's own samples; PPO vs SFT win rates."""
-    from preftune.evaluation.evaluate import _kl_per_sequence, judge_summary, score_all
+    from preftune.evaluation.evaluate import judge_summary, kl_per_sequence, score_all
     from preftune.evaluation.judges import score_judge
     from preftune.evaluation.sampling import SamplingOptions, sample_responses
     from preftune.evaluation.stats import bootstrap_mean_ci, mean_and_se, pairwise_outcomes, win_rate
@@ -213,7 +213,7 @@ def stage_eval(run: Run, base: str, prompts: Path) -> dict:
         samples[name] = sample_responses(model, tok, messages, options, generator=gen, quiet=run.quiet,
                                          description=f"eval: sampling {name}", logprobs=True)
         if previous is not None:  # KL(sft || base) and KL(ppo || sft), on the newer model's samples
-            kls[name] = _kl_per_sequence(previous, samples[name], temperature)
+            kls[name] = kl_per_sequence(previous, samples[name], temperature)
         previous = model
     del previous
     judges = {"gold": score_judge(f"labeler:{ev.gold}", device=ev.device),
