@@ -161,9 +161,10 @@ class FakeFeedbackApp(BaseHTTPRequestHandler):
             lines = []
             t0, t1 = FakeFeedbackApp.tasks[0], FakeFeedbackApp.tasks[1]
             for annotator in ("ann1", "ann2"):
-                lines.append({"task_id": t0["id"], "preferred": t0["meta"]["a_position"], "annotator": annotator})
-            lines.append({"task_id": t1["id"], "preferred": "tie", "annotator": "ann1"})
-            lines.append({"task_id": "unrelated", "preferred": 0})
+                lines.append({"task_id": t0["id"], "label": str(t0["meta"]["a_position"]), "choice": "B",
+                              "annotator": annotator})
+            lines.append({"task_id": t1["id"], "label": "tie", "choice": "tie", "annotator": "ann1"})
+            lines.append({"task_id": "unrelated", "label": "0"})
             self._send("\n".join(json.dumps(l) for l in lines).encode(), "application/x-ndjson")
         elif self.path == "/api/v1/projects/demo/stats":
             self._send(b'{"agreement": {"percent": 0.75, "cohen_kappa": 0.5}}')
