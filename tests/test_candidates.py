@@ -57,3 +57,11 @@ def test_bad_candidates_line_names_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"c.jsonl:2: \"models\" must be a list of strings, one per response"):
         read_candidates(path)
     assert len(read_jsonl(path, "candidates", skip_invalid=True).records) == 1
+
+
+def test_demonstrations_work_as_prompts(tmp_path):
+    from preftune.feedback.candidates import parse_prompt_source
+
+    demo = parse_prompt_source({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    assert demo.messages == [{"role": "user", "content": "hi"}]
+    assert parse_prompt_source({"prompt": "q", "completion": "a", "id": 3}).id == "3"

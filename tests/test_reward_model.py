@@ -10,7 +10,7 @@ from preftune.reward.model import (
     META_FILE,
     RewardModel,
     last_real_token_index,
-    pool_last_real_token,
+    last_real_token_mask,
     sequence_scores,
 )
 
@@ -26,11 +26,9 @@ def test_last_real_token_index_right_and_left_padding():
     assert last_real_token_index(left).tolist() == [4, 4, 4]
 
 
-def test_pool_last_real_token_picks_values():
-    values = torch.arange(2 * 4 * 2, dtype=torch.float32).reshape(2, 4, 2)
-    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])
-    # row 0 position 1 -> [2, 3]; row 1 position 3 -> [14, 15]
-    assert pool_last_real_token(values, mask).tolist() == [[2.0, 3.0], [14.0, 15.0]]
+def test_last_real_token_mask():
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 1, 0]])
+    assert last_real_token_mask(mask).long().tolist() == [[0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]]
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +110,10 @@ def test_missing_metadata_is_a_clear_error(tiny_model_dir):
 def test_reward_spec_routes_to_the_reward_model(tiny_rm_dir, tmp_path):
     from preftune.reward.spec import load_reward
 
+    from preftune.feedback.commands import resolve_gold
+
     tiny_rm_dir.save(tmp_path / "rm2")
-    fn = load_reward(str(tmp_path / "rm2"), device="cpu")
-    assert fn(PROMPTS, RESPONSES).shape == (3,)
+    expected = tiny_rm_dir.score(PROMPTS, RESPONSES)
+    for fn in (load_reward(str(tmp_path / "rm2"), device="cpu"), load_reward(f"rm:{tmp_path / 'rm2'}"),
+               resolve_gold(str(tmp_path / "rm2"), "cpu")):
+        assert torch.allclose(fn(PROMPTS, RESPONSES), expected, atol=1e-5)

@@ -1,7 +1,5 @@
 """Expansion of comparisons, rankings and ratings into groups of pairs."""
 
-import pytest
-
 from preftune.data.records import Comparison, Ranking, Rating
 from preftune.reward.pairs import expand_preferences, ranking_pairs, rating_pairs
 

@@ -68,6 +68,7 @@ def test_tiny_reward_model_reaches_the_noise_ceiling(tmp_path, synthetic_model_d
     summary = train_reward(config(tmp_path, synthetic_model_dir, eval_data=str(tmp_path / "eval.jsonl"),
                                   epochs=1.5), quiet=True)
     assert summary["initial_eval_accuracy"] < 0.6
+    print(f"eval accuracy {summary['eval_accuracy']:.4f}, gold on labels {realised:.4f}, expected ceiling {analytic:.4f}")
     assert summary["eval_accuracy"] >= realised - 0.03, (summary["eval_accuracy"], realised, analytic)
     assert set(summary["eval_accuracy_by_annotator"]) == {"sim-1", "sim-2"}
     assert summary["eval_ece"] < 0.1
@@ -180,3 +181,14 @@ def test_over_long_records_error_or_truncate(tmp_path, synthetic_model_dir):
                            quiet=True)
     assert summary["train_pairs"] == 2
     assert data.exists()
+
+
+def test_bad_reference_file_is_a_file_line_error(tmp_path):
+    from preftune.errors import DataError
+    from preftune.reward.trainer import read_reference
+
+    ref = write_lines(tmp_path / "ref.jsonl", ["{not json", {"prompt": "q", "completion": "a"}])
+    with pytest.raises(DataError, match=r"ref.jsonl:1: invalid JSON"):
+        read_reference(str(ref), skip_invalid=False)
+    cands = write_lines(tmp_path / "c.jsonl", [{"prompt": "q", "responses": ["a", "", "b"]}])
+    assert [r for _, r in read_reference(str(cands), skip_invalid=False)] == ["a", "b"]

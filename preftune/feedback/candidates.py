@@ -25,7 +25,16 @@ from pydantic import Field
 from preftune.config import StageConfig
 from preftune.data.chat import encode_prompt
 from preftune.data.jsonl import ReadResult, read_jsonl, write_jsonl
-from preftune.data.records import PARSERS, Messages, PromptRecord, RecordError, Source, parse_prompt, to_json
+from preftune.data.records import (
+    PARSERS,
+    Messages,
+    PromptRecord,
+    RecordError,
+    Source,
+    parse_demonstration,
+    parse_prompt,
+    to_json,
+)
 from preftune.errors import DataError, PreftuneError
 from preftune.models.generation import generate
 from preftune.models.loading import load_causal_lm, set_threads
@@ -60,7 +69,18 @@ def parse_candidates(obj: dict) -> CandidateSet:
                         obj.get("split"))
 
 
+def parse_prompt_source(obj: dict) -> PromptRecord:
+    """A prompt, or the prompt of a demonstration (its completion is ignored)."""
+    messages = obj.get("messages")
+    if "completion" in obj or (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
+                               and messages[-1].get("role") == "assistant" and "prompt" not in obj):
+        demo = parse_demonstration(obj)
+        return PromptRecord(demo.messages, demo.id, demo.split)
+    return parse_prompt(obj)
+
+
 PARSERS.setdefault("candidates", parse_candidates)
+PARSERS.setdefault("prompt_sources", parse_prompt_source)
 
 
 def read_candidates(path: str | Path, skip_invalid: bool = False) -> ReadResult:
@@ -74,7 +94,8 @@ class SampleConfig(StageConfig):
     model: list[str] = Field(..., description="Model(s) to sample from: Hugging Face directories, .gguf files "
                                               "or smollm2-135m-instruct; repeat --model (or separate with "
                                               "commas) to compare models side by side.")
-    prompts: str = Field(..., description="Prompts JSONL ({prompt} or {messages}; other keys ignored).")
+    prompts: str = Field(..., description="Prompts JSONL ({prompt} or {messages}); a demonstrations file works "
+                                          "too (its completions are ignored).")
     out: str = Field(..., description="Output candidates JSONL (one line per prompt).")
     n: int = Field(2, ge=1, description="Samples per prompt from each model.")
     max_new_tokens: int = Field(64, ge=1, description="Longest response in tokens.")
@@ -103,7 +124,7 @@ def model_labels(names: list[str]) -> list[str]:
 def sample_candidates(cfg: SampleConfig, quiet: bool = False) -> dict:
     """Sample ``cfg.n`` responses per prompt from every model and write the candidates file."""
     set_threads(cfg.threads)
-    read = read_jsonl(cfg.prompts, "prompts", skip_invalid=cfg.skip_invalid)
+    read = read_jsonl(cfg.prompts, "prompt_sources", skip_invalid=cfg.skip_invalid)
     if read.skipped:
         console.print(f"[yellow]{read.summary()}")
     prompts: list[PromptRecord] = read.records

@@ -29,6 +29,8 @@ class RunConfig(StageConfig):
     annotators: int = Field(2, ge=1, description="Simulated annotators; each labels every pair.")
     target_agreement: float = Field(0.73, gt=0.5, lt=1, description="Noise calibrated so two annotators agree "
                                                                     "this often (people: about 0.73).")
+    noise: float | None = Field(None, ge=0, description="Fixed Bradley-Terry temperature of the annotators "
+                                                        "instead of calibrating to --target-agreement.")
     max_new_tokens: int = Field(48, ge=1, description="Longest response when sampling candidates and "
                                                       "evaluating.")
     eval_prompts: int = Field(100, ge=2, description="Held-out prompts for the final evaluation.")

@@ -159,8 +159,8 @@ def stage_label(run: Run) -> dict:
     from preftune.feedback.commands import LabelConfig, run_label
 
     candidates = str(run.path("data", "candidates.jsonl"))
-    common = dict(candidates=candidates, labeler=run.cfg.gold, annotators=run.cfg.annotators,
-                  target_agreement=run.cfg.target_agreement)
+    noise = {"noise": [run.cfg.noise]} if run.cfg.noise is not None else {"target_agreement": run.cfg.target_agreement}
+    common = dict(candidates=candidates, labeler=run.cfg.gold, annotators=run.cfg.annotators, **noise)
     comparisons = run_label(run.stage_config(LabelConfig, "label", kind="comparisons",
                                              out=str(run.path("data", "comparisons.jsonl")), **common), quiet=run.quiet)
     ratings = run_label(run.stage_config(LabelConfig, "label", kind="ratings",

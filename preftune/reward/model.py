@@ -19,7 +19,6 @@ that reference responses score mean 0 and standard deviation 1.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -36,7 +35,7 @@ from preftune.models.loading import (
     resolve_dtype,
     resolve_model_path,
 )
-from preftune.models.logits import _unwrap
+from preftune.models.logits import _unwrap, selected_hidden
 from preftune.sft.data import fit_length
 
 META_FILE = "reward_model.json"
@@ -51,10 +50,11 @@ def last_real_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(-1)
 
 
-def pool_last_real_token(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``values`` [B, T, ...] at each row's last real token -> [B, ...]."""
-    rows = torch.arange(values.shape[0], device=values.device)
-    return values[rows, last_real_token_index(attention_mask).to(values.device)]
+def last_real_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, T], true at each row's last real token: where a causal LM's reward is read."""
+    select = torch.zeros_like(attention_mask, dtype=torch.bool)
+    select[torch.arange(len(select), device=select.device), last_real_token_index(attention_mask)] = True
+    return select
 
 
 def is_decoder(model) -> bool:
@@ -76,11 +76,10 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
     if position_ids is None:  # left padding: positions count real tokens only
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    trunk = getattr(inner, inner.base_model_prefix)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).last_hidden_state
-    # The head on B positions only, not on every token (same numbers as the full HF forward).
-    return inner.score(pool_last_real_token(hidden, attention_mask))[:, 0]
+    # The trunk over every token, the head on one position per row (the same numbers as the full
+    # Hugging Face forward, which applies the head everywhere and then picks).
+    hidden = selected_hidden(model, input_ids, attention_mask, last_real_token_mask(attention_mask), position_ids)
+    return inner.score(hidden)[:, 0]
 
 
 def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,8 +202,7 @@ class RewardModel:
         from preftune.training import save_final_model
 
         out = Path(out)
-        with quiet_transformers():
-            save_final_model(self.model, self.tokenizer, out)
+        save_final_model(self.model, self.tokenizer, out)
         (out / META_FILE).write_text(json.dumps(asdict(self.meta), indent=2) + "\n")
 
     # ------------------------------------------------------------ scoring
@@ -244,21 +242,6 @@ class RewardModel:
         return self.meta.gain * self.raw_scores(prompts, responses) + self.meta.bias
 
 
-@contextmanager
-def quiet_transformers():
-    from transformers.utils import logging
-
-    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-        if bars:
-            logging.enable_progress_bar()
-
-
 def _load_seq_cls(directory: Path, device, dtype):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -266,8 +249,8 @@ def _load_seq_cls(directory: Path, device, dtype):
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        with quiet_transformers():  # a new score head is expected, not worth a warning table
-            model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=dt)
+        # (a new score head is expected: preftune.models.loading keeps transformers' notices quiet)
+        model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=dt)
     except (OSError, ValueError) as e:
         raise PreftuneError(f"{directory}: could not load a reward model: {str(e).splitlines()[0]}") from None
     ensure_pad_token(tokenizer, model)

@@ -23,7 +23,7 @@ from preftune.config import TrainConfig
 from preftune.data.jsonl import read_jsonl
 from preftune.data.records import Messages, RecordError
 from preftune.data.split import train_eval_split
-from preftune.errors import DataError, PreftuneError
+from preftune.errors import ConfigError, DataError, PreftuneError
 from preftune.models.loading import set_threads
 from preftune.progress import console, progress_bar
 from preftune.reward.losses import expected_calibration_error, grouped_preference_loss, pair_accuracy
@@ -190,7 +190,10 @@ def read_reference(path: str, skip_invalid: bool) -> list[tuple[Messages, str]]:
     p = Path(path)
     if not p.exists():
         raise DataError(path, None, "no such file")
-    first = next((json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()), {})
+    try:  # the first record's keys tell the kind; a bad line is reported by the reader below
+        first = next((json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()), {})
+    except ValueError:
+        first = {}
     if not isinstance(first, dict):
         first = {}
     if "completion" in first or ("messages" in first and "prompt" not in first and "chosen" not in first):
@@ -238,6 +241,8 @@ def normalise(rm: RewardModel, cfg: RewardConfig, train_groups: list[PreferenceG
 def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: bool = False) -> dict:
     """Train a reward model; returns the final metrics. ``stop_after`` ends the run after that step
     (as an interruption would; used by the resume tests)."""
+    if cfg.fsdp:
+        raise ConfigError("--fsdp: preftune reward trains in one process (reward models are small)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.threads)
@@ -281,6 +286,7 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
     initial = evaluate(rm, held, cfg.batch_size * 2) if held and start == 0 else {}
     evals: dict = {}
     last: dict = {}
+    t_loop, eval_seconds = time.perf_counter(), 0.0
     with progress_bar(total_steps, "reward", disable=quiet) as bar:
         bar.set(start)
         for step in range(start, total_steps):
@@ -304,7 +310,9 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
                     "reward_mean": s.mean().item(), "reward_std": s.std().item() if len(s) > 1 else 0.0,
                     "tokens_per_s": speed.update(sum(g.tokens for g in batch)), "epoch": done / steps_per_epoch}
             if held and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
+                t_eval = time.perf_counter()
                 evals = evaluate(rm, held, cfg.batch_size * 2)
+                eval_seconds += time.perf_counter() - t_eval
                 last.update(evals)
             if done % cfg.log_every == 0 or done == total_steps:
                 logger.log(done, last)
@@ -316,12 +324,14 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
                 logger.close()
                 return {"stopped_at": done}
     logger.close()
+    train_seconds = time.perf_counter() - t_loop - eval_seconds
     norm = normalise(rm, cfg, train_groups)
     rm.save(out)
     summary = {"steps": total_steps, "train_groups": len(train), "train_pairs": sum(len(g.winners) for g in train),
                "eval_groups": len(held), "final_loss": last.get("loss"), **evals,
                **{f"initial_{k}": v for k, v in initial.items() if k in ("eval_accuracy", "eval_loss")},
                "normalisation": norm, "gain": rm.meta.gain, "bias": rm.meta.bias,
+               "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(1, total_steps - start),
                "seconds": time.perf_counter() - t_start}
     if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
         summary["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30

