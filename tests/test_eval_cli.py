@@ -48,11 +48,12 @@ def test_eval_writes_judges_kl_and_an_escaped_report(tiny_model_dir, other_model
     judge, prompts = files
     out = tmp_path / "eval"
     r = invoke(["eval", "--model", tiny_model_dir, "--baseline", other_model_dir, "--prompts", prompts,
-                "--judge", f"{judge}:words", "--judge", f"{judge}:constant", "--out", out,
-                "--max-new-tokens", 8, "--seed", 3])
+                "--judge", f"{judge}:words", "--judge", f"{judge}:constant", "--judge", "labeler:sentiment",
+                "--out", out, "--max-new-tokens", 8, "--seed", 3])
     assert r.exit_code == 0, r.output
     result = json.loads((out / "eval.json").read_text())
-    words, constant = result["judges"]
+    words, constant, labeler = result["judges"]
+    assert labeler["judge"] == "labeler:sentiment" and -1 <= labeler["mean_a"] <= 1
     for key in ("judge", "mean_a", "ci_a", "mean_b", "ci_b", "winrate", "winrate_ci", "ties", "kl", "kl_se", "n"):
         assert key in words
     assert words["n"] == 6 and words["ci_a"][0] <= words["mean_a"] <= words["ci_a"][1]
