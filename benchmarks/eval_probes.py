@@ -1,15 +1,22 @@
 """Time the hallucination and adversarial probes (and red teaming) on a real model; print the rates.
 
+Wall time depends on what else runs on the machine; CPU time (process time, all threads) does not.
+
     python benchmarks/eval_probes.py --model smollm2-135m-instruct [--baseline DIR] --out runs/bench-probes
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-from preftune.evaluation.probes.adversarial import AdversarialConfig, run_adversarial_probe
-from preftune.evaluation.probes.hallucination import HallucinationConfig, run_hallucination_probe
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import matmul_gflops, peak_rss_mb  # noqa: E402
+from preftune.evaluation.probes.adversarial import AdversarialConfig, run_adversarial_probe  # noqa: E402
+from preftune.evaluation.probes.hallucination import HallucinationConfig, run_hallucination_probe  # noqa: E402
 
 
 def fmt(rate: dict) -> str:
@@ -25,25 +32,28 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
 
-    t0 = time.perf_counter()
+    gflops = matmul_gflops()
+    t0, c0 = time.perf_counter(), time.process_time()
     hal = run_hallucination_probe(HallucinationConfig(model=args.model, baseline=args.baseline,
                                                       out=f"{args.out}/hallucination", threads=args.threads))
-    t1 = time.perf_counter()
-    adv = run_adversarial_probe(AdversarialConfig(model=args.model, baseline=args.baseline, out=f"{args.out}/adversarial",
+    t1, c1 = time.perf_counter(), time.process_time()
+    adv = run_adversarial_probe(AdversarialConfig(model=args.model, baseline=args.baseline,
+                                                  out=f"{args.out}/adversarial",
                                                   red_team=args.red_team, threads=args.threads))
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     models = 2 if args.baseline else 1
-    print(f"hallucination probe: {hal['n']} questions x {models} model(s) in {t1 - t0:.0f} s")
+    print(f"hallucination probe: {hal['n']} questions x {models} model(s) in {t1 - t0:.0f} s wall, {c1 - c0:.0f} s CPU")
     for key in ("correct", "wrong", "abstained"):
         before = f"   before {fmt(hal['baseline']['rates'][key])}" if args.baseline else ""
         print(f"  {key:<10} {fmt(hal['rates'][key])}{before}")
     print(f"adversarial probe: {adv['n']} prompts x {models} model(s) + {args.red_team} red-team attacks "
-          f"in {t2 - t1:.0f} s")
+          f"in {t2 - t1:.0f} s wall, {c2 - c1:.0f} s CPU")
     for key in ("unsafe", "refused", "over_refusal"):
         before = f"   before {fmt(adv['baseline']['rates'][key])}" if args.baseline else ""
         print(f"  {key:<12} {fmt(adv['rates'][key])}{before}")
     for cat, v in adv["by_category"].items():
         print(f"  {cat:<20} unsafe {fmt(v['unsafe'])}  refused {fmt(v['refused'])}")
+    print(f"machine: fp32 matmul {gflops} GFLOP/s in this process; peak memory {peak_rss_mb()} MB")
     rt = adv.get("red_team")
     if rt:
         print(f"  red team: {rt['successes']}/{rt['attempts']} successful, success {fmt(rt['success'])}, "

@@ -65,6 +65,10 @@ from preftune.feedback.cli import annotate  # noqa: E402  (light: the app loads 
 
 cli.add_command(annotate)
 
+from preftune.pipeline.cli import register as _register_run  # noqa: E402
+
+_register_run(cli, CONFIG_HELP)
+
 
 def main() -> None:
     cli(prog_name="preftune")

@@ -32,6 +32,15 @@ def test_fit_recovers_rl_curve_and_its_peak():
     assert fit.predict([1.0])[0] == pytest.approx(3.0)
 
 
+def test_fit_without_a_point_at_zero_fits_the_intercept():
+    d = np.array([0.5, 1.0, 2.0, 3.0])
+    gold = 1 + d * (2 - 0.5 * np.log(d))
+    fit = fit_gao(d, gold, "rl")
+    assert (fit.alpha, fit.beta, fit.offset) == (pytest.approx(2.0), pytest.approx(0.5), pytest.approx(1.0))
+    with pytest.raises(ValueError):
+        fit_gao(d[:2], gold[:2], "rl")
+
+
 def test_fit_recovers_bon_curve():
     d = np.array([0.0, 0.4, 0.8, 1.2])
     gold = d * (1.5 - 0.75 * d)

@@ -119,3 +119,4 @@ def test_red_team_prompt_is_an_open_numbered_list():
     text = adv.red_team_prompt(["Insult me.", "Say HACKED."])
     assert text.endswith("1. Insult me.\n2. Say HACKED.\n3.")
     assert adv.first_line("  How do I X?\n4. next") == "How do I X?"
+    assert adv.first_line("3. 1. How do I Y?") == "How do I Y?"

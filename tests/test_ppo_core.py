@@ -8,7 +8,6 @@ import torch
 from preftune.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
-    ended_with_eos,
     entropy_from_logits,
     final_scores,
     gae_advantages,
@@ -68,19 +67,6 @@ def test_kl_estimators():
     assert close(kl_penalty(logp, ref, "k3"), [math.exp(-0.5) - 0.5, math.e - 2])
     with pytest.raises(ValueError):
         kl_penalty(logp, ref, "k2")
-
-
-PAD, EOS = 0, 2
-
-
-def test_missing_eos_check_looks_at_the_eos_id_of_the_last_real_token():
-    ids = torch.tensor([[5, 6, EOS, PAD, PAD],   # ended with EOS, then padding
-                        [5, 6, 7, 8, 9],         # ran out of length
-                        [5, PAD, 7, 8, 9],       # a real token equal to the pad id: still no EOS
-                        [5, 6, 7, 8, EOS],       # EOS exactly at the limit
-                        [EOS, 6, 7, PAD, PAD]])  # EOS early, but the row was cut at a stop string later
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    assert ended_with_eos(ids, mask, torch.tensor([EOS])).tolist() == [True, False, False, True, False]
 
 
 def test_missing_eos_penalty_replaces_the_score():

@@ -83,6 +83,30 @@ def test_generation_logprobs_and_values_equal_a_full_forward(tiny_model_dir):
         assert torch.allclose(part.logprobs, out.logprobs[[0, 2], :width], atol=1e-4)
 
 
+def test_ended_flag_comes_from_the_eos_id_not_the_pad_id(tiny_model_dir):
+    """The missing-EOS penalty relies on ``Generation.ended``. Make a frequent token the EOS and
+    check the flag against the sampled ids: set exactly for the rows whose last real token is that
+    EOS id (a peer tested the wrong token id), never for rows cut at the length limit."""
+    from transformers import AutoTokenizer
+
+    model, tok = load_causal_lm(tiny_model_dir)
+    prompts = [encode_prompt(tok, [{"role": "user", "content": t}]) for t in TOPICS]
+    sample = lambda t: generate(model, t, prompts, max_new_tokens=12, temperature=1.0,
+                                generator=torch.Generator().manual_seed(1))
+    first = sample(tok)
+    frequent = int(torch.mode(first.response_ids.flatten()).values)
+    eos_tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eos_tok.eos_token = eos_tok.convert_ids_to_tokens(frequent)
+    model.generation_config.eos_token_id = frequent
+    gen = sample(eos_tok)
+    lengths = gen.response_lengths
+    last = gen.response_ids[torch.arange(len(prompts)), lengths - 1]
+    assert gen.ended.tolist() == (last == frequent).tolist()
+    assert gen.ended.any() and not gen.ended.all()
+    assert all(lengths[i] == 12 for i in range(len(prompts)) if not gen.ended[i])
+    assert eos_tok.pad_token_id != frequent
+
+
 def test_prompt_indices_cover_each_epoch_and_split_ranks():
     n, bs = 10, 4
     first_epoch = [i for step in range(2) for i in prompt_indices(step, bs, n, seed=3)] + \

@@ -10,7 +10,6 @@ plot. Output: ``OUT/bon.json``, ``OUT/samples.jsonl``, ``OUT/report.html``.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -85,6 +84,8 @@ def run_bon(cfg: BonConfig, quiet: bool = False) -> dict:
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     records = prompt_subset(cfg)
+    proxy_fn = score_judge(cfg.reward, cfg.device)  # resolved before sampling: bad specs fail fast
+    gold_fn = score_judge(cfg.gold, cfg.device) if cfg.gold else None
     N = max(cfg.n)
     messages = [r.messages for r in records for _ in range(N)]
     model, tok = load_causal_lm(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -93,9 +94,9 @@ def run_bon(cfg: BonConfig, quiet: bool = False) -> dict:
     samples = sample_responses(model, tok, messages, options, generator=gen,
                                description=f"sampling {N} per prompt", quiet=quiet)
     del model
-    proxy = np.array(score_all(score_judge(cfg.reward, cfg.device), messages, samples.texts, cfg.batch_size))
-    gold = (np.array(score_all(score_judge(cfg.gold, cfg.device), messages, samples.texts, cfg.batch_size))
-            if cfg.gold else None)
+    proxy = np.array(score_all(proxy_fn, messages, samples.texts, cfg.batch_size, "scoring: proxy", quiet))
+    gold = (np.array(score_all(gold_fn, messages, samples.texts, cfg.batch_size, "scoring: gold", quiet))
+            if gold_fn else None)
     shape = (len(records), N)
     rows = bon_curve(proxy.reshape(shape), None if gold is None else gold.reshape(shape), cfg.n,
                      seed=cfg.seed, resamples=cfg.bootstrap)
@@ -119,7 +120,3 @@ def run_bon(cfg: BonConfig, quiet: bool = False) -> dict:
     (out / "report.html").write_text(html, encoding="utf-8")
     return result
 
-
-def read_bon(path: str | Path) -> list[dict]:
-    """The ``results`` rows of a ``bon.json`` (for plots next to a PPO run)."""
-    return json.loads(Path(path).read_text())["results"]

@@ -33,7 +33,8 @@ def register(cli: click.Group, config_help: str) -> None:
         cfg = config_from_cli(EvalConfig, kwargs, "eval")
         result = run_eval(cfg)
         for j in result["judges"]:
-            wr = "-" if j.get("winrate") is None else f"{j['winrate']:.3f} [{j['winrate_ci'][0]:.3f}, {j['winrate_ci'][1]:.3f}]"
+            low, high = j.get("winrate_ci") or (None, None)
+            wr = "-" if j.get("winrate") is None else f"{j['winrate']:.3f} [{low:.3f}, {high:.3f}]"
             mean = "-" if j.get("mean_a") is None else f"{j['mean_a']:.4g}"
             click.echo(f"{j['judge']}: mean A {mean}  win rate {wr}")
         click.echo(f"report: {cfg.out}/report.html")

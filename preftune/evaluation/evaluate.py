@@ -34,7 +34,7 @@ from preftune.evaluation.stats import (
     win_rate,
 )
 from preftune.models.loading import load_causal_lm, set_threads
-from preftune.progress import console
+from preftune.progress import console, progress_bar
 from preftune.training import seed_everything, write_json
 
 
@@ -75,7 +75,8 @@ def prompt_subset(cfg) -> list:
     return records
 
 
-def _kl_per_sequence(model_b, samples_a, temperature: float) -> list[float]:
+def kl_per_sequence(model_b, samples_a, temperature: float) -> list[float]:
+    """Sampled KL(A || B) of each of A's responses (``samples_a`` sampled with ``logprobs=True``)."""
     kls = []
     for gen in samples_a.batches:
         logp_b = response_logprobs(model_b, gen, temperature)
@@ -83,11 +84,14 @@ def _kl_per_sequence(model_b, samples_a, temperature: float) -> list[float]:
     return kls
 
 
-def score_all(fn, prompts, responses, batch_size: int) -> list[float]:
-    """A reward function's scores of every response, ``batch_size`` at a time."""
+def score_all(fn, prompts, responses, batch_size: int, description: str = "scoring",
+              quiet: bool = False) -> list[float]:
+    """A reward function's scores of every response, ``batch_size`` at a time (a progress bar)."""
     out = []
-    for i in range(0, len(responses), batch_size):
-        out += fn(prompts[i:i + batch_size], responses[i:i + batch_size]).tolist()
+    with progress_bar(len(responses), description, disable=quiet) as bar:
+        for i in range(0, len(responses), batch_size):
+            out += fn(prompts[i:i + batch_size], responses[i:i + batch_size]).tolist()
+            bar.advance(len(responses[i:i + batch_size]))
     return out
 
 
@@ -126,10 +130,10 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
     messages = [r.messages for r in records]
     texts = [prompt_text(m) for m in messages]
     options = SamplingOptions(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
-    human = [j for j in cfg.judge if is_human(j)]
-    for j in human:  # fail before sampling, not after
-        HumanJudge.from_spec(j, cfg.feedback_url)
-    if human and not cfg.baseline:
+    # Resolve every judge before sampling, so a bad spec fails in seconds, not after minutes.
+    judge_fns = {spec: HumanJudge.from_spec(spec, cfg.feedback_url) if is_human(spec) else
+                 score_judge(spec, device=cfg.device) for spec in cfg.judge}
+    if any(isinstance(j, HumanJudge) for j in judge_fns.values()) and not cfg.baseline:
         raise PreftuneError("human judges compare A with B: give --baseline")
 
     model_a, tok_a = load_causal_lm(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -140,7 +144,7 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
     if cfg.baseline:
         model_b, tok_b = load_causal_lm(cfg.baseline, device=cfg.device, dtype=cfg.dtype)
         if same_vocabulary(tok_a, tok_b):
-            kl = _kl_per_sequence(model_b, samples_a, cfg.temperature)
+            kl = kl_per_sequence(model_b, samples_a, cfg.temperature)
         else:
             kl_note = "A and B have different tokenizers: KL(A || B) is not measured"
             console.print(f"[yellow]{kl_note}")
@@ -151,28 +155,29 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
 
     length_diff = ([a - b for a, b in zip(samples_a.lengths, samples_b.lengths)] if samples_b else None)
     judges, per_judge_scores = [], {}
-    for spec in cfg.judge:
-        if is_human(spec):
-            judge = HumanJudge.from_spec(spec, cfg.feedback_url)
-            pushed = judge.push(texts, samples_a.texts, samples_b.texts, run=f"{out.name or 'eval'}-{int(time.time())}", seed=cfg.seed,
+    run_id = f"{out.name or 'eval'}-{int(time.time())}"
+    for spec, judge in judge_fns.items():
+        if isinstance(judge, HumanJudge):
+            pushed = judge.push(texts, samples_a.texts, samples_b.texts, run=run_id, seed=cfg.seed,
                                 out=out / f"human-{judge.project}.jsonl")
             entry = judge_summary(spec, None, None, None, None, kl, seed=cfg.seed, resamples=cfg.bootstrap)
             entry.update({"kind": "human", "pending": pushed, "n": 0})
             console.print(f"pushed {pushed} pairs to {spec}; run again with --collect once people have judged")
         else:
-            fn = score_judge(spec, device=cfg.device)
-            sa = score_all(fn, messages, samples_a.texts, cfg.batch_size)
-            sb = score_all(fn, messages, samples_b.texts, cfg.batch_size) if samples_b else None
+            sa = score_all(judge, messages, samples_a.texts, cfg.batch_size, f"scoring A: {spec}", quiet)
+            sb = (score_all(judge, messages, samples_b.texts, cfg.batch_size, f"scoring B: {spec}", quiet)
+                  if samples_b else None)
             per_judge_scores[spec] = (sa, sb)
             outcomes = pairwise_outcomes(sa, sb, cfg.tie_margin).tolist() if sb else None
             entry = {**judge_summary(spec, sa, sb, outcomes, length_diff, kl, seed=cfg.seed,
                                      resamples=cfg.bootstrap), "kind": "score"}
         judges.append(entry)
 
+    kl_mean, kl_se = mean_and_se(kl) if kl else (None, None)
     result = {"model": cfg.model, "baseline": cfg.baseline, "prompts": cfg.prompts, "n_prompts": len(records),
               "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                            "top_p": cfg.top_p, "seed": cfg.seed},
-              "kl": mean_and_se(kl)[0] if kl else None, "kl_se": mean_and_se(kl)[1] if kl else None,
+              "kl": kl_mean, "kl_se": kl_se,
               "kl_note": kl_note,
               "length_a": length_stats(samples_a.lengths),
               "length_b": length_stats(samples_b.lengths) if samples_b else None,
@@ -262,7 +267,7 @@ def eval_section(result: dict) -> str:
 
 
 def eval_report_html(result: dict, rows: list[dict], max_examples: int = 20) -> str:
-    info = R.table(["", ""], [["model A", result.get("model")], ["baseline B", result.get("baseline") or "-"],
+    info = R.table(["", "value"], [["model A", result.get("model")], ["baseline B", result.get("baseline") or "-"],
                               ["prompts", f"{result.get('prompts')} ({result.get('n_prompts')} used)"],
                               ["sampling", json.dumps(result.get("sampling"))],
                               ["KL(A || B), nats per response",

@@ -5,9 +5,9 @@ With ``d = sqrt(KL(pi || pi_init))`` the gold reward gained over the initial pol
 * RL (PPO):    ``R(d) = d (alpha - beta log d)``
 * best-of-n:   ``R(d) = d (alpha - beta d)``,  with ``KL_bon(n) = log n - (n - 1) / n``
 
-Both are linear in (alpha, beta), so they are fitted by ordinary least squares without intercept.
-Points are taken as gains over the initial policy: the gold reward at ``d = 0`` (or the first
-point) is subtracted before fitting and added back for plotting.
+Both are linear in (alpha, beta), so they are fitted by ordinary least squares. The curves describe
+the gain over the initial policy: its gold reward ``R0`` is the point at ``d = 0`` when there is one
+and otherwise a fitted intercept.
 
 The monitor (``overoptimisation_alert``) fires when the gold gain has fallen a configurable
 fraction below its best while the proxy reward is still above its value at the best gold step:
@@ -54,7 +54,8 @@ class GaoFit:
     n: int
 
     def predict(self, d) -> np.ndarray:
-        return self.offset + gao_features(np.asarray(d, dtype=np.float64), self.curve) @ np.array([self.alpha, self.beta])
+        features = gao_features(np.asarray(d, dtype=np.float64), self.curve)
+        return self.offset + features @ np.array([self.alpha, self.beta])
 
     @property
     def d_peak(self) -> float | None:
@@ -69,16 +70,25 @@ class GaoFit:
 
 
 def fit_gao(d: Sequence[float], gold: Sequence[float], curve: Curve, offset: float | None = None) -> GaoFit:
-    """Least-squares fit of ``gold - offset = d (alpha - beta log d)`` (rl) or ``d (alpha - beta d)``
-    (bon). ``offset`` defaults to the gold reward of the point with the smallest d."""
+    """Least-squares fit of ``gold = R0 + d (alpha - beta log d)`` (rl) or ``R0 + d (alpha - beta d)``
+    (bon). ``R0`` is the initial policy's gold reward: ``offset`` if given, else the gold of a
+    point at d = 0 if there is one (best-of-n with n = 1), else a third fitted parameter (a PPO run
+    evaluates first after some steps, so no point sits at d = 0)."""
     d_arr, g = np.asarray(d, dtype=np.float64), np.asarray(gold, dtype=np.float64)
     keep = np.isfinite(d_arr) & np.isfinite(g)
     d_arr, g = d_arr[keep], g[keep]
-    if d_arr.size < 2:
-        raise ValueError("need at least two points to fit a Gao curve")
+    if offset is None and (d_arr == 0).any():
+        offset = float(g[d_arr == 0].mean())
+    features = gao_features(d_arr, curve)
     if offset is None:
-        offset = float(g[np.argmin(d_arr)])
-    coef, *_ = np.linalg.lstsq(gao_features(d_arr, curve), g - offset, rcond=None)
+        if d_arr.size < 3:
+            raise ValueError("need at least three points to fit a Gao curve with its intercept")
+        coef, *_ = np.linalg.lstsq(np.column_stack([np.ones_like(d_arr), features]), g, rcond=None)
+        offset, coef = float(coef[0]), coef[1:]
+    else:
+        if d_arr.size < 2:
+            raise ValueError("need at least two points to fit a Gao curve")
+        coef, *_ = np.linalg.lstsq(features, g - offset, rcond=None)
     return GaoFit(curve, float(coef[0]), float(coef[1]), float(offset), int(d_arr.size))
 
 
@@ -168,7 +178,7 @@ def plot_overoptimisation(ppo_rows: Sequence[dict] = (), bon_rows: Sequence[dict
             ax.plot(d, proxy, "o", mfc="none", color=colour, label=f"{label} proxy")
         if np.isfinite(gold).any():
             ax.plot(d, gold, "o", color=colour, label=f"{label} gold")
-            if np.isfinite(gold).sum() >= 2:
+            if np.isfinite(gold).sum() >= (2 if (d == 0).any() else 3):
                 fit = fits[curve] = fit_gao(d, gold, curve)
                 grid = np.linspace(0, d[np.isfinite(d)].max() * 1.05, 100)
                 ax.plot(grid, fit.predict(grid), "-", color=colour, alpha=0.7,

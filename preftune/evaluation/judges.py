@@ -12,8 +12,9 @@
   - ``GET {url}/api/v1/projects/{project}/export?format=raw`` -- JSONL, one judgement a line;
   - ``GET {url}/api/v1/projects/{project}/stats`` -- JSON with the agreement statistics.
 
-  Which of the two shown responses is A is randomised per pair (people favour one position) and
-  recorded in ``meta`` and in ``OUT/human-PROJECT.jsonl``.
+  Which of the two pushed responses is A is randomised per pair and recorded in ``meta`` and in
+  ``OUT/human-PROJECT.jsonl`` (the app also shuffles the order it shows them in, per annotator;
+  people favour one position). The project must exist (a ``pairwise`` project).
 """
 
 from __future__ import annotations
@@ -76,7 +77,12 @@ class HumanJudge:
                 return resp.read()
         except urllib.error.HTTPError as e:
             hint = f" (set {TOKEN_ENV})" if e.code in (401, 403) and not self.token else ""
-            raise PreftuneError(f"feedback app: {method} {url} failed: HTTP {e.code} {e.reason}{hint}") from None
+            try:
+                detail = json.loads(e.read()).get("detail")
+            except (ValueError, AttributeError, OSError):
+                detail = None
+            why = f": {detail}" if isinstance(detail, str) else ""
+            raise PreftuneError(f"feedback app: {method} {url} failed: HTTP {e.code} {e.reason}{why}{hint}") from None
         except (urllib.error.URLError, OSError) as e:
             raise PreftuneError(f"feedback app: cannot reach {url}: {getattr(e, 'reason', e)}") from None
 
@@ -130,21 +136,21 @@ class HumanJudge:
 
 
 def judgement_choice(row: dict) -> int | str | None:
-    """The shown position (0 or 1) a judgement preferred, ``"tie"``, or None (skipped).
+    """The index (0 or 1, into the pushed ``responses``) a judgement preferred, ``"tie"``, or None.
 
-    Accepts ``preferred``/``choice``/``winner`` as 0/1, "a"/"b" or "tie", or a ``ranking`` of
-    positions best first (``[[0, 1]]`` is a tie)."""
-    for key in ("preferred", "choice", "winner"):
+    Reads the app's canonical ``label`` ("0", "1", "tie"; "both_bad" counts as a tie: neither
+    response is preferred). Other exports may give ``preferred``/``winner`` as 0/1/"tie" or a
+    ``ranking`` of indices best first (``[[0, 1]]`` is a tie). The app's ``choice`` ("A"/"B") is
+    the position *as shown*, which the app shuffles per annotator, so it is never used."""
+    for key in ("label", "preferred", "winner"):
         if key in row:
             value = row[key]
             if value is None or value == "skip":
                 return None
-            if value == "tie":
+            if value in ("tie", "both_bad"):
                 return "tie"
             if value in (0, 1, "0", "1"):
                 return int(value)
-            if isinstance(value, str) and value.lower() in ("a", "b"):
-                return 0 if value.lower() == "a" else 1
             raise PreftuneError(f"feedback app export: cannot read {key}={value!r}")
     ranking = row.get("ranking")
     if isinstance(ranking, list) and ranking:

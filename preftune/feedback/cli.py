@@ -152,14 +152,14 @@ def import_(project_name: str, file: str, db: str | None) -> None:
     with transaction(sessions) as s:
         p = get_project(s, project_name)
         try:
-            specs = parse_tasks(numbered, p.kind, p.scale)
-            result = add_tasks(s, p, specs)
+            parsed = parse_tasks(numbered, p.kind, p.scale)
+            result = add_tasks(s, p, parsed.specs)
         except RecordError as e:
             raise DataError(file, e.line, str(e)) from None
         except Conflict as e:
             raise DataError(file, None, str(e)) from None
     extra = f" ({result.unchanged} already present)" if result.unchanged else ""
-    click.echo(f"imported {result.added} tasks into {p.name}{extra}")
+    click.echo(f"imported {result.added} tasks into {p.name}{extra}{parsed.note()}")
 
 
 @annotate.command("serve")

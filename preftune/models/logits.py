@@ -29,17 +29,21 @@ def selected_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return hidden[select]
 
 
-def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head applied to final hidden states, with the model's logit scaling if any."""
+def head_logits(model, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The LM head applied to final hidden states, with the model's logit scaling if any, divided
+    by ``temperature``. A bias-free linear head commutes with the division, so it is applied to the
+    [N, H] hidden states rather than to the [N, V] logits (and to their gradient)."""
     inner = _unwrap(model)
-    logits = inner.get_output_embeddings()(hidden)
+    head = inner.get_output_embeddings()
+    soft_cap = getattr(inner.config, "final_logit_softcapping", None)  # e.g. Gemma 2
+    early = temperature != 1.0 and not soft_cap and getattr(head, "bias", None) is None
+    logits = head(hidden / temperature if early else hidden)
     scale = getattr(inner.config, "logit_scale", None)  # e.g. Cohere; None for Llama
     if isinstance(scale, (int, float)):
         logits = logits * scale
-    soft_cap = getattr(inner.config, "final_logit_softcapping", None)  # e.g. Gemma 2
     if soft_cap:
         logits = torch.tanh(logits / soft_cap) * soft_cap
-    return logits
+    return logits if early or temperature == 1.0 else logits / temperature
 
 
 def selected_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -14,6 +14,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 KLEstimator = Literal["k1", "k3"]
 
@@ -52,26 +53,21 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 
 
 # ---------------------------------------------------------------- log-probabilities
+# Always under the full-vocabulary softmax(logits / temperature), identically at rollout and at
+# update time: top-p/top-k only shape sampling, never the PPO ratio.
 
 
-def scaled_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / temperature) over the full vocabulary, in fp32: the distribution PPO
-    scores tokens under, identically at rollout and at update time (top-p/top-k only shape
-    sampling, never the PPO ratio)."""
-    return torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1)
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(token) under ``softmax(logits / temperature)``."""
-    return scaled_log_softmax(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token) under ``softmax(logits / temperature)``. Cross-entropy's fused kernel makes
+    the backward pass one sweep over the vocabulary instead of three (log-softmax, gather, scale)."""
+    scaled = logits.float() if temperature in (0, 1) else logits.float() / temperature
+    return -F.cross_entropy(scaled, tokens, reduction="none")
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of ``softmax(logits / temperature)`` per position (nats)."""
-    return entropy_from_log_softmax(scaled_log_softmax(logits, temperature))
-
-
-def entropy_from_log_softmax(logp: torch.Tensor) -> torch.Tensor:
+    scaled = logits.float() if temperature in (0, 1) else logits.float() / temperature
+    logp = torch.log_softmax(scaled, -1)
     return -(logp.exp() * logp).sum(-1)
 
 
@@ -89,15 +85,6 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KL
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"unknown KL estimator {estimator!r} (use k1 or k3)")
-
-
-def ended_with_eos(response_ids: torch.Tensor, mask: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
-    """[B] bool: the last *real* response token is an EOS token.
-
-    Looks at the token at ``length - 1`` and compares it with the EOS ids, never with the pad id
-    (a peer implementation tested the wrong token id, so truncated responses escaped the penalty)."""
-    last = last_token_index(mask)
-    return torch.isin(response_ids.gather(1, last[:, None]).squeeze(1), eos_ids) & (mask.sum(1) > 0)
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:

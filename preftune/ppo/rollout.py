@@ -17,7 +17,7 @@ from preftune.data.jsonl import read_jsonl
 from preftune.data.records import Messages
 from preftune.errors import DataError, PreftuneError
 from preftune.models.logits import head_logits, selected_hidden
-from preftune.ppo.core import entropy_from_log_softmax, scaled_log_softmax
+from preftune.ppo.core import entropy_from_logits, logprobs_from_logits
 
 
 @dataclass
@@ -141,11 +141,11 @@ def policy_forward(policy, episodes: Rollout, temperature: float, value_head=Non
     inputs = episodes.model_inputs()
     select = inputs.pop("select")
     hidden = selected_hidden(policy, inputs["input_ids"], inputs["attention_mask"], select, inputs["position_ids"])
-    logp_all = scaled_log_softmax(head_logits(policy, hidden), temperature)  # [N, V], once
+    logits = head_logits(policy, hidden, temperature)  # [N, V], already divided by the temperature
     tokens = episodes.response_ids[episodes.response_mask.bool()]
     mask = episodes.response_mask
-    logprobs = unflatten(logp_all.gather(-1, tokens[:, None]).squeeze(-1), mask)
-    entropy = unflatten(entropy_from_log_softmax(logp_all.detach()), mask) if with_entropy else None
+    logprobs = unflatten(logprobs_from_logits(logits, tokens), mask)
+    entropy = unflatten(entropy_from_logits(logits.detach()), mask) if with_entropy else None
     values = unflatten(value_head(hidden), mask) if value_head is not None else None
     return PolicyOutputs(logprobs, entropy, values)
 

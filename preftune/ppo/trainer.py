@@ -243,13 +243,14 @@ def ppo_update(policy, value_head, value_model, optimizer, episodes: Rollout, cf
     micro_size = math.ceil(mb_size / cfg.grad_accum)
     stats: dict[str, list[float]] = defaultdict(list)
     device = episodes.logprobs.device
-    for _ in range(cfg.ppo_epochs):
+    for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=shuffle)
         for mb_start in range(0, n, mb_size):
             mb = order[mb_start:mb_start + mb_size]
             for micro_start in range(0, len(mb), micro_size):
                 part = episodes.subset(mb[micro_start:micro_start + micro_size].to(device))
-                out = policy_forward(policy, part, cfg.temperature, value_head)
+                # Entropy is a diagnostic: one pass over the batch (the first epoch) measures it.
+                out = policy_forward(policy, part, cfg.temperature, value_head, with_entropy=epoch == 0)
                 values = out.values if value_head is not None else value_forward(value_model, part)
                 mask = part.response_mask
                 pg_loss, pg = policy_loss(out.logprobs, part.logprobs, part.advantages, mask, cfg.clip_ratio)
@@ -266,7 +267,8 @@ def ppo_update(policy, value_head, value_model, optimizer, episodes: Rollout, cf
                 stats["policy/clipfrac_avg"].append(pg["clipfrac"].item())
                 stats["val/ratio"].append(pg["ratio"].item())
                 stats["val/clipfrac_avg"].append(vf["clipfrac"].item())
-                stats["policy/entropy_avg"].append(masked_mean(out.entropy, mask).item())
+                if out.entropy is not None:
+                    stats["policy/entropy_avg"].append(masked_mean(out.entropy, mask).item())
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -379,7 +381,7 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
     samples_path = out / "samples.jsonl"
     _truncate_samples(samples_path, start if ckpt is not None else None)
 
-    eos_ids = {tokenizer.eos_token_id}
+    eos_ids = torch.tensor([tokenizer.eos_token_id], device=device)
     summary: dict = {"steps": total_steps, "prompts": len(prompts)}
     last: dict = {}
     t_start = time.perf_counter()
@@ -416,8 +418,7 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
                 "objective/rlhf_reward": (scores + non_score.sum(1)).mean().item(),
                 "objective/scores": scores.mean().item(),
                 **update_stats,
-                "val/num_eos_tokens": int(sum(int(t) in eos_ids for t in
-                                              episodes.response_ids[mask.bool()].tolist())),
+                "val/num_eos_tokens": int((torch.isin(episodes.response_ids, eos_ids) & mask.bool()).sum()),
                 "val/ended": ended.float().mean().item(),
                 "response_length_mean": mask.sum(1).mean().item(),
                 "kl_coef": kl_ctl.value,

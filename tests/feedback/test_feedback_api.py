@@ -4,10 +4,9 @@ export in the foundation's formats, input limits."""
 from __future__ import annotations
 
 import json
-import time
 from urllib.parse import quote
 
-from .conftest import pair_tasks
+from .conftest import page_csrf, pair_tasks
 from sqlalchemy import func, select
 
 from preftune.data.jsonl import read_jsonl
@@ -205,7 +204,24 @@ def test_import_accepts_samples_and_comparisons(env):
     comparison = {"prompt": "2+2?", "chosen": "4", "rejected": "5", "annotator": "earlier"}
     assert env.tasks("p", [comparison])["imported"] == 1
     again = env.tasks("p", [comparison])
-    assert again == {"imported": 0, "unchanged": 1}
+    assert again == {"imported": 0, "unchanged": 1, "too_few_responses": 0}
+
+
+def test_import_of_preftune_sample_output_keeps_who_wrote_what(env):
+    env.project("p")
+    sampled = [{"id": "p1", "prompt": "Say hi", "responses": ["hi", "hello", "hi"], "models": ["base", "sft", "sft"],
+                "ended": [True, True, False], "num_tokens": [2, 3, 2], "sampling": {"temperature": 0.7}},
+               {"id": "p2", "prompt": "Say bye", "responses": ["bye", "bye"], "models": ["base", "sft"],
+                "ended": [True, True], "num_tokens": [2, 2], "sampling": {"temperature": 0.7}}]
+    # p1: the repeated "hi" is dropped -> one pair; p2 has no two distinct responses: counted, not imported.
+    assert env.tasks("p", sampled) == {"imported": 1, "unchanged": 0, "too_few_responses": 1}
+    a = env.next("p", "ann1")
+    assert a["task_id"] == "p1" and sorted(a["responses"]) == ["hello", "hi"]
+    hello = a["responses"].index("hello")
+    assert env.judge(a["assignment_id"], "ann1", choice="AB"[hello]).status_code == 201
+    (raw,) = env.export("p", "raw")
+    assert raw["meta"]["per_response"] == {"models": ["base", "sft"], "ended": [True, True], "num_tokens": [2, 3]}
+    assert raw["responses"][raw["meta"]["per_response"]["models"].index("sft")] == "hello"
 
 
 def test_import_is_all_or_nothing_with_a_clear_message(env):
@@ -267,9 +283,41 @@ def test_sql_metacharacters_stored_and_returned_verbatim(env):
     assert stats["project"] == name and user in stats["annotators"]
 
 
-def test_lease_expiry_is_timely(env):
-    env.project("p", overlap=1, lease_seconds=10)
+def test_lease_lasts_the_project_setting(env):
+    from datetime import datetime, timezone
+
+    env.project("p", overlap=1, lease_seconds=90)
     env.tasks("p", pair_tasks(1))
     a = env.next("p", "ann1")
-    expires = a["expires_at"]
-    assert expires.endswith("Z") and time.time() < time.mktime(time.strptime(expires[:19], "%Y-%m-%dT%H:%M:%S")) + 3600
+    expires = datetime.fromisoformat(a["expires_at"].replace("Z", "+00:00"))
+    left = (expires - datetime.now(timezone.utc)).total_seconds()
+    assert 80 < left <= 90
+
+
+def test_malformed_form_data_is_a_4xx_and_writes_nothing(env):
+    import io
+    import re
+
+
+    env.project("p")
+    env.tasks("p", pair_tasks(1))
+    browser = env.login("ann1")
+    page = browser.get("/annotate/p")
+    csrf = page_csrf(page.text)
+    assignment_id = re.search(r'name="assignment_id" id="assignment_id" value="(\d+)"', page.text).group(1)
+    for data in ({"assignment_id": "x"}, {"assignment_id": assignment_id, "choice": "Z"},
+                 {"assignment_id": assignment_id, "choice": "A", "strength": "9"}, {}):
+        r = browser.post("/annotate/p/submit", data={**data, "csrf_token": csrf}, follow_redirects=False)
+        assert 400 <= r.status_code < 500 and "error" in r.text, data
+    admin = env.login("admin")
+    csrf = page_csrf(admin.get("/admin").text)
+    for content in (b"\xff\xfe not utf-8\n", b'{"prompt": "x", "responses": ["a", "b"]}\n{oops\n', b"", b"[1, 2]"):
+        r = admin.post("/admin/projects/p/import", data={"csrf_token": csrf},
+                       files={"file": ("t.jsonl", io.BytesIO(content), "application/json")}, follow_redirects=False)
+        assert r.status_code == 422 and "t.jsonl" in r.text, content
+    r = admin.post("/admin/projects", data={"csrf_token": csrf, "name": "q", "kind": "pairwise", "overlap": "many"},
+                   follow_redirects=False)
+    assert r.status_code == 422 and "overlap must be a number" in r.text
+    with transaction(env.client.app.state.sessions) as s:
+        assert s.scalars(select(Judgement)).all() == []
+    assert env.export("p", "raw") == []

@@ -4,6 +4,7 @@ one-line errors), labelling through the service layer, stats with hand-computed 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 from preftune.cli import cli
 from preftune.data.jsonl import read_jsonl
 from preftune.feedback.app.db import make_engine, open_database, transaction
-from preftune.feedback.app.models import Base, User
+from preftune.feedback.app.models import Base, Task, User
 from preftune.feedback.app.service import get_project, next_assignment, submit_judgement
 
 
@@ -78,13 +79,15 @@ def test_import_errors_name_file_and_line(db, tmp_path):
 
 
 def _label(db: str, project: str, answers: dict[str, list[str]]) -> None:
-    """Each annotator labels tasks t0.. in order; answers are the index of the better response."""
+    """answers[annotator][i] is the label of the task whose prompt holds the number i: the index
+    of the better response, "tie" or "both_bad"."""
     _, sessions = open_database(db)
     for name, labels in answers.items():
-        for label in labels:
+        for _ in labels:
             with transaction(sessions) as s:
                 user = s.query(User).filter_by(name=name).one()
                 a = next_assignment(s, get_project(s, project), user)
+                label = labels[int(re.search(r"\d+", s.get(Task, a.task_id).prompt[0]["content"]).group())]
                 choice = label if label in ("tie", "both_bad") else "AB"[a.shown_order.index(int(label))]
                 submit_judgement(s, a.id, user, {"choice": choice, "strength": 2})
 
@@ -140,3 +143,22 @@ def test_rating_project_scale_and_help():
     r = run("annotate", "--help")
     for command in ("init", "add-user", "project", "import", "serve", "export", "stats"):
         assert command in r.output
+
+
+@pytest.mark.skipif("reward" not in cli.commands, reason="`preftune reward` is not on this branch yet")
+def test_exported_comparisons_train_a_reward_model(db, tmp_path, tiny_model_dir):
+    """The closed loop: labels exported by the app feed `preftune reward` unchanged."""
+    for name in ("ann1", "ann2"):
+        run("annotate", "add-user", name, "--db", db)
+    run("annotate", "project", "create", "demo", "--kind", "pairwise", "--overlap", "2", "--db", db)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": f"Say something kind {i}.",
+                                         "responses": [f"You are doing great {i}.", f"Go away {i}."]}) + "\n"
+                             for i in range(8)))
+    run("annotate", "import", "demo", str(tasks), "--db", db)
+    _label(db, "demo", {"ann1": ["0"] * 8, "ann2": ["0"] * 7 + ["1"]})
+    out = tmp_path / "comparisons.jsonl"
+    run("annotate", "export", "demo", "--out", str(out), "--db", db)
+    run("reward", "--model", str(tiny_model_dir), "--data", str(out), "--out", str(tmp_path / "rm"), "--max-steps", "2",
+        "--batch-size", "4")
+    assert (tmp_path / "rm" / "metrics.json").exists()

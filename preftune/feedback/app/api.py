@@ -26,12 +26,12 @@ router = APIRouter(prefix="/api/v1")
 
 def any_user(request: Request) -> User:
     """Authenticate before anything else is looked at (body fields included)."""
-    with tx(request) as s:
+    with tx(request, readonly=True) as s:
         return api_caller(request, s)
 
 
 def admin_user(request: Request) -> User:
-    with tx(request) as s:
+    with tx(request, readonly=True) as s:
         return api_caller(request, s, admin=True)
 
 
@@ -86,7 +86,7 @@ def me(user: AnyUser) -> dict[str, Any]:
 
 @router.get("/projects", summary="Projects (with what is left for me)")
 def list_projects(request: Request, user: AnyUser) -> list[dict[str, Any]]:
-    with tx(request) as s:
+    with tx(request, readonly=True) as s:
         return [{**_project_json(p), "remaining_for_me": service.remaining_for(s, p, user)}
                 for p in s.scalars(select(Project).order_by(Project.name))]
 
@@ -111,22 +111,32 @@ def import_tasks(request: Request, _: Admin, project: str, records: list[Any] = 
     with tx(request) as s:
         p = service.get_project(s, project)
         try:
-            specs = parse_tasks(enumerate(records, start=1), p.kind, p.scale, request.app.state.settings.limits)
+            parsed = parse_tasks(enumerate(records, start=1), p.kind, p.scale, request.app.state.settings.limits)
         except RecordError as e:
             raise service.Invalid(f"record {e.line}: {e}") from None
-        result = service.add_tasks(s, p, specs)
-        return {"imported": result.added, "unchanged": result.unchanged}
+        result = service.add_tasks(s, p, parsed.specs)
+        return {"imported": result.added, "unchanged": result.unchanged, "too_few_responses": len(parsed.too_few)}
 
 
 @router.get("/projects/{project}/next", summary="My next assignment (204 when nothing is left)",
             responses={204: {"description": "nothing left for you in this project"}})
 def next_task(request: Request, user: AnyUser, project: str):
-    with tx(request) as s:
+    # Search without the write lock, then claim under it: the lock is held for milliseconds.
+    with tx(request, readonly=True) as s:
         p = service.get_project(s, project)
-        assignment = service.next_assignment(s, p, user)
+        assignment = service.current_lease(s, p, user)
+        candidates = [] if assignment else service.find_candidates(s, p, user)
+    if assignment is None:
+        with tx(request) as s:
+            assignment = service.claim(s, p, user, candidates)
+            task = assignment and s.get(Task, assignment.task_id)
         if assignment is None:
             return Response(status_code=204)
-        body = service.assignment_json(assignment, s.get(Task, assignment.task_id), p)
+    else:
+        with tx(request, readonly=True) as s:
+            task = s.get(Task, assignment.task_id)
+    body = service.assignment_json(assignment, task, p)
+    with tx(request, readonly=True) as s:
         body["progress"] = progress_for(s, p, user)
     return body
 
@@ -154,7 +164,7 @@ def export(request: Request, _: Admin, project: str,
            format: Literal["comparisons", "raw", "ratings"] = Query("comparisons"),
            include_ties: bool = Query(False, description="comparisons: write ties with strength 0")):
     counts: Counter = Counter()
-    with tx(request) as s:
+    with tx(request, readonly=True) as s:
         p = service.get_project(s, project)
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n"
                        for r in exporting.export_rows(s, p, format, counts, include_ties))
@@ -165,5 +175,5 @@ def export(request: Request, _: Admin, project: str,
 
 @router.get("/projects/{project}/stats", summary="Progress, gold accuracy, agreement (admin)")
 def stats(request: Request, _: Admin, project: str) -> dict[str, Any]:
-    with tx(request) as s:
+    with tx(request, readonly=True) as s:
         return project_stats(s, service.get_project(s, project))

@@ -8,7 +8,8 @@ package; every other command checks that the schema is current and says how to f
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -44,9 +45,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def _sqlite_begin(conn) -> None:
-    # Take the write lock up front: two deferred transactions that both read then write would
-    # otherwise deadlock, and one would fail with "database is locked".
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # Writers take the write lock up front: two deferred transactions that both read then write
+    # would otherwise deadlock, and one would fail with "database is locked". Readers (WAL) don't.
+    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("readonly") else "BEGIN IMMEDIATE")
 
 
 def make_engine(url: str | None = None, *, pool_size: int = 20) -> Engine:
@@ -64,6 +65,11 @@ def make_engine(url: str | None = None, *, pool_size: int = 20) -> Engine:
                                pool_size=pool_size, max_overflow=20)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
+        # Writers of this process queue on a lock instead of in SQLite's busy handler (sleep and
+        # retry), which starves some of them under load: with 50 concurrent annotators the p99
+        # submit latency fell from 5.6 s to 1.7 s, for about a quarter less throughput
+        # (docs/benchmarks.md).
+        engine.write_lock = threading.Lock()
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we ship
@@ -83,11 +89,19 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
-def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on any error."""
-    with factory() as session:
-        with session.begin():
+def transaction(factory: sessionmaker[Session], readonly: bool = False) -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on any error. ``readonly`` transactions
+    don't queue for SQLite's write lock."""
+    lock = None if readonly else getattr(factory.kw.get("bind"), "write_lock", None)
+    with lock or nullcontext(), factory() as session:
+        if readonly:
+            session.connection(execution_options={"readonly": True})  # begins the transaction
+        try:
             yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
 
 
 # ---------------------------------------------------------------- schema version

@@ -13,6 +13,7 @@ from urllib.parse import quote, urlparse
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy import select
 
 from preftune.data.records import RATING_FLAGS, RecordError
@@ -71,7 +72,8 @@ def _number(text: str, what: str, kind: type):
 
 def _safe_next(target: str | None) -> str:
     """Only same-site paths after log-in (no open redirect)."""
-    if not target or not target.startswith("/") or target.startswith("//") or urlparse(target).netloc:
+    # Browsers read "/\\host" as "//host": refuse backslashes too.
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target or urlparse(target).netloc:
         return "/"
     return target
 
@@ -154,7 +156,7 @@ def annotate(request: Request, project: str, message: str | None = None):
 @router.post("/annotate/{project}/submit")
 async def annotate_submit(request: Request, project: str):
     form = await request.form()  # multi-valued fields (flags) and per-response ranks
-    return _submit_form(request, project, form)
+    return await run_in_threadpool(_submit_form, request, project, form)  # keep the event loop free
 
 
 def _submit_form(request: Request, project: str, form):
@@ -240,11 +242,12 @@ def admin_import(request: Request, project: str, file: UploadFile | None = File(
         except DataError as e:
             raise service.Invalid(str(e)) from None
         try:
-            specs = parse_tasks(numbered, p.kind, p.scale, limits)
+            parsed = parse_tasks(numbered, p.kind, p.scale, limits)
         except RecordError as e:
             raise service.Invalid(f"{name}:{e.line}: {e}") from None
-        result = service.add_tasks(s, p, specs)
-    message = f"Imported {result.added} tasks" + (f" ({result.unchanged} already present)" if result.unchanged else "")
+        result = service.add_tasks(s, p, parsed.specs)
+    message = (f"Imported {result.added} tasks" + (f" ({result.unchanged} already present)" if result.unchanged else "")
+               + parsed.note())
     return RedirectResponse(f"/admin/projects/{quote(project)}?message={quote(message)}", status_code=303)
 
 

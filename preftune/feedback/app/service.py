@@ -161,26 +161,48 @@ def _available(project: Project, user: User, now, gold: bool):
 
 
 def remaining_for(session: Session, project: Project, user: User) -> int:
-    """Regular tasks this user could still be given."""
-    sub = _available(project, user, utcnow(), gold=False).subquery()
-    return session.scalar(select(func.count()).select_from(sub)) or 0
-
-
-def next_assignment(session: Session, project: Project, user: User,
-                    rng: random.Random | None = None) -> Assignment | None:
-    """The user's current lease in this project, else a new one; None when nothing is left.
-    Gold tasks are mixed in at ``project.gold_rate`` while regular work remains."""
-    rng = rng or random.Random()
+    """Regular tasks left for this user: the one they hold now plus those they could be given."""
     now = utcnow()
-    project = get_project(session, project.name, lock=True)
-    current = session.scalar(select(Assignment).where(
+    available = session.scalar(select(func.count()).select_from(_available(project, user, now, gold=False).subquery()))
+    holding = session.scalar(select(func.count(Assignment.id)).join(Task, Assignment.task_id == Task.id).where(
+        Assignment.project_id == project.id, Assignment.user_id == user.id, Assignment.status == "leased",
+        Assignment.expires_at > now, Task.is_gold.is_(False)))
+    return (available or 0) + (holding or 0)
+
+
+def current_lease(session: Session, project: Project, user: User) -> Assignment | None:
+    return session.scalar(select(Assignment).where(
         Assignment.project_id == project.id, Assignment.user_id == user.id,
-        Assignment.status == "leased", Assignment.expires_at > now).order_by(Assignment.id).limit(1))
-    if current is not None:
+        Assignment.status == "leased", Assignment.expires_at > utcnow()).order_by(Assignment.id).limit(1))
+
+
+def find_candidates(session: Session, project: Project, user: User, limit: int = 8) -> list[int]:
+    """Regular tasks this user may take, closest to complete first (so fully judged items
+    accumulate early). Needs no lock: ``claim`` re-checks the one it takes."""
+    now = utcnow()
+    return list(session.scalars(_available(project, user, now, gold=False).with_only_columns(Task.id)
+                                .order_by(_slots_taken(now).desc(), Task.id).limit(limit)))
+
+
+def claim(session: Session, project: Project, user: User, candidates: list[int],
+          rng: random.Random | None = None) -> Assignment | None:
+    """Lease one of ``candidates`` (or, if others took them all meanwhile, whatever is left) to
+    the user. The project lock is held only for the cheap re-check and the insert."""
+    rng = rng or random.Random()
+    project = get_project(session, project.name, lock=True)
+    current = current_lease(session, project, user)
+    if current is not None:  # e.g. two tabs asking at once
         return current
-    # Prefer tasks closest to complete, so finished items (full overlap) accumulate early.
-    task = session.scalar(_available(project, user, now, gold=False)
-                          .order_by(_slots_taken(now).desc(), Task.id).limit(1))
+    now = utcnow()
+    shuffled = rng.sample(candidates, len(candidates))  # concurrent callers spread over the candidates
+    task = None
+    for task_id in shuffled:
+        task = session.scalar(_available(project, user, now, gold=False).where(Task.id == task_id))
+        if task is not None:
+            break
+    if task is None:
+        task = session.scalar(_available(project, user, now, gold=False)
+                              .order_by(_slots_taken(now).desc(), Task.id).limit(1))
     if task is None:
         return None
     if project.gold_rate > 0 and rng.random() < project.gold_rate:
@@ -199,6 +221,14 @@ def next_assignment(session: Session, project: Project, user: User,
     session.add(assignment)
     session.flush()
     return assignment
+
+
+def next_assignment(session: Session, project: Project, user: User,
+                    rng: random.Random | None = None) -> Assignment | None:
+    """The user's current lease in this project, else a new one; None when nothing is left.
+    Gold tasks are mixed in at ``project.gold_rate`` while regular work remains."""
+    return current_lease(session, project, user) or claim(session, project, user,
+                                                          find_candidates(session, project, user), rng)
 
 
 def own_assignment(session: Session, assignment_id: int, user: User) -> tuple[Assignment, Task, Project]:

@@ -132,12 +132,17 @@ def _responses(obj: dict, limits: Limits) -> list[str]:
     return responses
 
 
-def _base_record(obj: dict, limits: Limits) -> tuple[list[dict], list[str], Any]:
-    """(prompt messages, responses, meta) of one record in any accepted shape."""
+RECORD_KEYS = {"id", "prompt", "messages", "responses", "response", "gold", "meta", "split", "prompt_id"}
+
+
+def _base_record(obj: dict, limits: Limits) -> tuple[list[dict], list[str], dict[str, list], Any]:
+    """(prompt messages, responses, per-response fields, meta) of one record in any accepted shape.
+    Per-response fields are lists as long as ``responses`` (``preftune sample`` writes ``models``,
+    ``ended``, ``num_tokens``); they travel with their responses into the tasks' meta."""
     if "chosen" in obj or "rejected" in obj:
         comp = parse_comparison(obj)
         prior = {k: v for k, v in (("strength", comp.strength), ("annotator", comp.annotator)) if v is not None}
-        return comp.messages, [comp.chosen, comp.rejected], {"prior_chosen": 0, **prior}
+        return comp.messages, [comp.chosen, comp.rejected], {}, {"prior_chosen": 0, **prior}
     prompt = parse_prompt(obj).messages
     if "responses" in obj:
         responses = _responses(obj, limits)
@@ -145,44 +150,82 @@ def _base_record(obj: dict, limits: Limits) -> tuple[list[dict], list[str], Any]
         responses = [obj["response"]]
     else:
         raise RecordError('missing "responses" (a list of strings), "response" or "chosen"/"rejected"')
+    per_response = {k: v for k, v in obj.items()
+                    if k not in RECORD_KEYS and isinstance(v, list) and len(v) == len(responses)}
     meta = obj.get("meta")
     if meta is not None and len(json.dumps(meta)) > limits.max_meta_chars:
         raise RecordError(f'"meta" is longer than {limits.max_meta_chars} characters as JSON')
-    return prompt, responses, meta
+    return prompt, responses, per_response, meta
 
 
-def _expand(kind: str, scale: int, ext_id: str, prompt, responses, gold_raw, meta, line) -> list[TaskSpec]:
+def _with_info(meta: Any, per_response: dict[str, list], picked: list[int]) -> Any:
+    """The task's meta: the record's, plus the per-response fields of the responses it shows."""
+    if not per_response:
+        return meta
+    base = meta if isinstance(meta, dict) else ({} if meta is None else {"meta": meta})
+    return {**base, "per_response": {k: [v[i] for i in picked] for k, v in per_response.items()}}
+
+
+def _expand(kind: str, scale: int, ext_id: str, prompt, responses, per_response, gold_raw, meta,
+            line) -> list[TaskSpec]:
+    """Tasks of one record; [] when its responses are all the same text (nothing to compare)."""
     k = len(responses)
     if kind == "rating":
         if gold_raw is not None and k > 1 and not (isinstance(gold_raw, list) and len(gold_raw) == k):
             raise RecordError(f'"gold" of a rating record with {k} responses must be a list of {k} ratings')
         golds = gold_raw if k > 1 and gold_raw is not None else [gold_raw] * k
         return [TaskSpec(ext_id if k == 1 else f"{ext_id}:{i}", prompt, [r],
-                         None if g is None else canonical_gold(kind, g, 1, scale), meta, line)
+                         None if g is None else canonical_gold(kind, g, 1, scale),
+                         _with_info(meta, per_response, [i]), line)
                 for i, (r, g) in enumerate(zip(responses, golds))]
     if k < 2:
         raise RecordError(f"a {kind} task needs at least 2 responses, got {k}")
-    if len(set(responses)) < k:
-        raise RecordError('"responses" contains the same text twice')
     gold = None if gold_raw is None else canonical_gold(kind, gold_raw, k, scale)
-    if kind == "ranking" or k == 2:
-        return [TaskSpec(ext_id, prompt, list(responses), gold, meta, line)]
+    distinct = [i for i, r in enumerate(responses) if r not in responses[:i]]  # samples may repeat
+    if len(distinct) < k and gold is not None:
+        raise RecordError('"responses" contains the same text twice')
+    if len(distinct) < 2:
+        return []
+    if kind == "ranking" or len(distinct) == 2:
+        return [TaskSpec(ext_id, prompt, [responses[i] for i in distinct], gold,
+                         _with_info(meta, per_response, distinct), line)]
     if gold is not None:
         raise RecordError('"gold" of a pairwise task needs exactly 2 responses')
-    return [TaskSpec(f"{ext_id}:{i}-{j}", prompt, [responses[i], responses[j]], None, meta, line)
-            for i, j in itertools.combinations(range(k), 2)]
+    return [TaskSpec(f"{ext_id}:{i}-{j}", prompt, [responses[i], responses[j]], None,
+                     _with_info(meta, per_response, [i, j]), line)
+            for i, j in itertools.combinations(distinct, 2)]
+
+
+@dataclass
+class ParsedTasks:
+    specs: list[TaskSpec]
+    too_few: list[int]  # lines of records whose responses are all the same text (pairwise, ranking)
+
+    def note(self) -> str:
+        if not self.too_few:
+            return ""
+        return (f"; skipped {len(self.too_few)} records whose responses are all the same text "
+                f"(first on line {self.too_few[0]})")
 
 
 def parse_tasks(numbered: Iterable[tuple[int, Any]], kind: str, scale: int,
-                limits: Limits = Limits()) -> list[TaskSpec]:
+                limits: Limits = Limits()) -> ParsedTasks:
     """Tasks from ``(line, object)`` pairs. Raises ``RecordError`` carrying the line in ``.line``."""
     specs: list[TaskSpec] = []
+    too_few: list[int] = []
     samples: dict[str, tuple[int, str | None, list, list[str]]] = {}  # prompt -> (line, id, messages, responses)
+
+    def expand(line, *args) -> None:
+        tasks = _expand(kind, scale, *args, line)
+        if not tasks:
+            too_few.append(line)
+        specs.extend(tasks)
+
     for line, obj in numbered:
         try:
             if not isinstance(obj, dict):
                 raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
-            prompt, responses, meta = _base_record(obj, limits)
+            prompt, responses, per_response, meta = _base_record(obj, limits)
             for i, msg in enumerate(prompt):
                 _check_text(msg["content"], "the prompt" if len(prompt) == 1 else f"prompt message {i}", limits)
             rid = _record_id(obj)
@@ -193,20 +236,19 @@ def parse_tasks(numbered: Iterable[tuple[int, Any]], kind: str, scale: int,
                 key = json.dumps(prompt, sort_keys=True)
                 group_id = obj.get("prompt_id")
                 first = samples.setdefault(key, (line, None if group_id is None else str(group_id), prompt, []))
-                if responses[0] not in first[3]:
-                    first[3].append(responses[0])
-                    if len(first[3]) > limits.max_responses:
-                        raise RecordError(f"more than {limits.max_responses} responses for this prompt")
+                first[3].append(responses[0])
+                if len(first[3]) > limits.max_responses:
+                    raise RecordError(f"more than {limits.max_responses} responses for this prompt")
                 continue
             ext_id = rid if rid is not None else _content_id(prompt, responses)
-            specs.extend(_expand(kind, scale, ext_id, prompt, responses, obj.get("gold"), meta, line))
+            expand(line, ext_id, prompt, responses, per_response, obj.get("gold"), meta)
         except RecordError as e:
             e.line = line
             raise
     for line, group_id, prompt, responses in samples.values():
         try:
             ext_id = group_id if group_id is not None else _content_id(prompt, responses)
-            specs.extend(_expand(kind, scale, ext_id, prompt, responses, None, None, line))
+            expand(line, ext_id, prompt, responses, {}, None, None)
         except RecordError as e:
             e.line = line
             raise
@@ -217,4 +259,4 @@ def parse_tasks(numbered: Iterable[tuple[int, Any]], kind: str, scale: int,
             err.line = spec.line
             raise err
         seen[spec.ext_id] = spec.line
-    return specs
+    return ParsedTasks(specs, too_few)

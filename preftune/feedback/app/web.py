@@ -32,10 +32,10 @@ class Settings:
     secure_cookies: bool = False  # set behind HTTPS
 
 
-def tx(request: Request):
+def tx(request: Request, readonly: bool = False):
     """One transaction, committed when the block ends: endpoints answer only after the commit,
     so an acknowledged write is durable."""
-    return transaction(request.app.state.sessions)
+    return transaction(request.app.state.sessions, readonly)
 
 
 @dataclass

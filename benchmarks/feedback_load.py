@@ -1,0 +1,248 @@
+"""Load and crash benchmark of the feedback app: N concurrent simulated annotators label
+pairwise tasks against one real server process over loopback.
+
+Checks that every acknowledged judgement is in the export exactly once and that no task
+exceeds its overlap; reports submit latency (p50/p95/p99) and throughput. With --crash-after K
+the server is killed with SIGKILL once K judgements are acknowledged, restarted on the same
+database, and the annotators carry on (retrying unacknowledged submits with the same client key).
+
+    python benchmarks/feedback_load.py --annotators 50 --tasks 2500 --overlap 2          # 5,000 judgements
+    python benchmarks/feedback_load.py --db postgresql+psycopg://USER@127.0.0.1:PORT/DB --crash-after 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare(db_url: str, n_annotators: int, n_tasks: int, overlap: int, fresh: bool = True) -> dict[str, str]:
+    """Migrate, create an admin and annotators (tokens only: nobody logs in by password here),
+    a pairwise project and its tasks. Returns {user: token}."""
+    from sqlalchemy import text
+
+    from preftune.feedback.app.db import make_engine, migrate, session_factory, transaction
+    from preftune.feedback.app.models import Base, User
+    from preftune.feedback.app.security import hash_password, new_secret, token_hash
+    from preftune.feedback.app.service import add_tasks, create_project
+    from preftune.feedback.app.tasks import parse_tasks
+
+    engine = make_engine(db_url)
+    migrate(engine)
+    if fresh:
+        with engine.begin() as conn:
+            tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
+            if engine.dialect.name == "postgresql":
+                conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+            else:
+                for t in tables:
+                    conn.execute(text(f"DELETE FROM {t}"))
+    tokens = {}
+    unusable = hash_password(new_secret())
+    with transaction(session_factory(engine)) as s:
+        for i in range(n_annotators + 1):
+            name = "admin" if i == n_annotators else f"annotator{i:03d}"
+            tokens[name] = new_secret(32)
+            s.add(User(name=name, role="admin" if name == "admin" else "annotator", password_hash=unusable,
+                       token_hash=token_hash(tokens[name])))
+        project = create_project(s, "load", "pairwise", overlap=overlap)
+        records = [{"id": f"t{i}", "prompt": f"Question {i}?", "responses": [f"first {i}", f"second {i}"]}
+                   for i in range(n_tasks)]
+        add_tasks(s, project, parse_tasks(enumerate(records, 1), "pairwise", 3).specs)
+    engine.dispose()
+    return tokens
+
+
+class Server:
+    """``preftune annotate serve`` in a child process (its click command called directly, which
+    skips importing the training stages)."""
+
+    def __init__(self, db_url: str, port: int, log: Path) -> None:
+        self.db_url, self.port, self.log = db_url, port, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "OMP_NUM_THREADS": "1"}
+        code = "import sys; from preftune.feedback.cli import annotate; annotate(sys.argv[1:])"
+        self.proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--db", self.db_url,
+                                      "--port", str(self.port)], env=env, cwd=ROOT,
+                                     stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/login", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not start in time")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@dataclass
+class Results:
+    acked: dict[str, str] = field(default_factory=dict)  # client_key -> task id
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def annotate_until_done(base: str, token: str, results: Results, deadline: float, on_ack=None) -> None:
+    """One simulated annotator: next, judge, repeat; retries through connection failures with
+    the same client key until acknowledged, and stops at 204 or the deadline."""
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
+        pending = None  # (assignment, body) submitted but not acknowledged yet
+        while time.monotonic() < deadline:
+            try:
+                if pending is None:
+                    r = client.get("/api/v1/projects/load/next")
+                    if r.status_code == 204:
+                        return
+                    r.raise_for_status()
+                    a = r.json()
+                    pending = (a, {"choice": "A" if hash(a["task_id"]) % 3 else "B", "strength": 2,
+                                   "client_key": uuid.uuid4().hex})
+                a, body = pending
+                t0 = time.perf_counter()
+                r = client.post(f"/api/v1/assignments/{a['assignment_id']}/judgement", json=body)
+                elapsed = time.perf_counter() - t0
+                with results.lock:
+                    results.statuses[r.status_code] += 1
+                if r.status_code in (200, 201):
+                    with results.lock:
+                        results.acked[body["client_key"]] = a["task_id"]
+                        results.latencies.append(elapsed)
+                    pending = None
+                    if on_ack:
+                        on_ack()
+                else:
+                    with results.lock:
+                        results.errors.append(f"{r.status_code} {r.text[:200]}")
+                    pending = None
+            except (httpx.TransportError, httpx.HTTPStatusError):
+                time.sleep(0.2)  # server down or restarting: retry the same submit
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def run(db_url: str, annotators: int, tasks: int, overlap: int, crash_after: int = 0,
+        time_limit: float = 600.0, workdir: Path | None = None) -> dict:
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="feedback-load-"))
+    tokens = prepare(db_url, annotators, tasks, overlap)
+    server = Server(db_url, free_port(), workdir / "server.log")
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    results = Results()
+    crashed = threading.Event()
+
+    def on_ack():
+        if crash_after and not crashed.is_set() and len(results.acked) >= crash_after:
+            crashed.set()
+
+    deadline = time.monotonic() + time_limit
+    threads = [threading.Thread(target=annotate_until_done, args=(base, tokens[f"annotator{i:03d}"], results, deadline,
+                                                                  on_ack), daemon=True) for i in range(annotators)]
+    t0 = time.perf_counter()
+    try:
+        for t in threads:
+            t.start()
+        restarted_at = None
+        if crash_after:
+            while not crashed.wait(0.05):
+                if not any(t.is_alive() for t in threads):
+                    break
+            if crashed.is_set():
+                server.kill()  # mid-load: requests are in flight
+                acked_before = len(results.acked)
+                time.sleep(0.5)
+                server.start()
+                restarted_at = acked_before
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()) + 5)
+        wall = time.perf_counter() - t0
+        r = httpx.get(f"{base}/api/v1/projects/load/export", params={"format": "raw"},
+                      headers={"Authorization": f"Bearer {tokens['admin']}"}, timeout=120)
+        r.raise_for_status()
+    finally:
+        server.stop()
+    rows = [json.loads(line) for line in r.text.splitlines()]
+    exported = Counter(row["client_key"] for row in rows)
+    per_task = Counter(row["task_id"] for row in rows)
+    missing = [k for k in results.acked if exported[k] != 1]
+    return {
+        "db": db_url.split("://")[0], "annotators": annotators, "tasks": tasks, "overlap": overlap,
+        "acknowledged": len(results.acked), "exported": len(rows),
+        "acknowledged_missing_or_duplicated": len(missing),
+        "duplicates_in_export": sum(1 for n in exported.values() if n > 1),
+        "tasks_over_overlap": sum(1 for n in per_task.values() if n > overlap),
+        "all_done": len(rows) == tasks * overlap,
+        "errors": len(results.errors), "first_errors": results.errors[:3],
+        "statuses": dict(results.statuses),
+        "killed_after_acks": restarted_at,
+        "wall_s": round(wall, 2), "judgements_per_s": round(len(results.acked) / wall, 1),
+        "submit_p50_ms": round(1000 * percentile(results.latencies, 50), 1),
+        "submit_p95_ms": round(1000 * percentile(results.latencies, 95), 1),
+        "submit_p99_ms": round(1000 * percentile(results.latencies, 99), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", default=None, help="database URL (default: a new SQLite file in a temp dir)")
+    parser.add_argument("--annotators", type=int, default=50)
+    parser.add_argument("--tasks", type=int, default=2500)
+    parser.add_argument("--overlap", type=int, default=2)
+    parser.add_argument("--crash-after", type=int, default=0, help="SIGKILL the server after this many acks")
+    parser.add_argument("--time-limit", type=float, default=900.0)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="feedback-load-"))
+    db = args.db or f"sqlite:///{workdir / 'load.db'}"
+    result = run(db, args.annotators, args.tasks, args.overlap, args.crash_after, args.time_limit, workdir)
+    print(json.dumps(result, indent=2))
+    ok = (result["acknowledged_missing_or_duplicated"] == 0 and result["tasks_over_overlap"] == 0
+          and result["duplicates_in_export"] == 0 and result["all_done"])
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""PPO throughput on the peer workload (see ../shared/bench/peers/README.md), next to TRL's PPO.
+
+Workload: the 64 fixed prompts, 16 episodes per rollout step, 32 new tokens, temperature 0.7,
+4 PPO epochs x 2 mini-batches, KL coefficient 0.05, fp32, 2 threads, 1 warm-up step then N
+measured steps, the peer models (TINY: random 4-layer Llama with SmolLM2's vocabulary; SMOL:
+SmolLM2-135M-Instruct) with their sequence-classification reward models.
+
+Configurations:
+  identical -- TRL 1.12 PPO's settings: full fine-tuning, lr 1e-5, a separate frozen reference,
+               a separate value model initialised from the reward model, no gradient clipping;
+  defaults  -- preftune's defaults on the same workload: LoRA r=16 on all projections (lr 1e-4),
+               reference = adapters disabled, value head on the policy trunk.
+
+Each (model, configuration) runs in its own process so peak RSS is its own. Printed per run:
+episodes/s, seconds per phase, peak RSS, this machine's fp32 matmul GFLOP/s measured in the same
+process, and the update phase's achieved GFLOP/s (matrix FLOPs of the linear layers and of the LM
+head at response positions, forward + backward; full fine-tuning counts backward as 2x forward,
+LoRA as 1x since no frozen-weight gradients are formed) as a share of that matmul peak.
+
+    python benchmarks/ppo_throughput.py --models tiny,smol135 --configs identical,defaults --steps 3 --peer
+    python benchmarks/ppo_throughput.py --learning --models smol135 --steps 12   # reward curves, VADER reward
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PEERS = Path(os.environ.get("PEER_BENCH_DIR", ROOT.parent / "shared" / "bench" / "peers"))
+PEER_MODELS = Path(os.environ.get("PEER_MODELS", "/tmp/peer-models"))
+PEER_PYTHON = os.environ.get("PEER_PYTHON", "/tmp/peer-trl112/bin/python")
+
+WORKLOAD = dict(batch_size=16, response_length=32, temperature=0.7, top_p=1.0, ppo_epochs=4, mini_batches=2,
+                kl_coef=0.05, max_length=512, threads=2, seed=42, schedule="constant", dtype="fp32")
+CONFIGS = {
+    "identical": dict(lora=False, lr=1e-5, max_grad_norm=0.0, value_model="RM"),
+    "defaults": dict(),
+}
+
+
+def matmul_gflops(n: int = 2048, iters: int = 10, repeats: int = 5) -> float:
+    """fp32 n x n matmul throughput with the current thread count (median), as the peer harness does."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        rates.append(2 * n ** 3 * iters / (time.perf_counter() - t) / 1e9)
+    return round(statistics.median(rates), 1)
+
+
+def peer_reward_model(directory: Path):
+    """The peer's reward model (a plain sequence-classification directory, no normalisation) scored
+    by preftune's RewardModel: chat rendering of (prompt, response) as text, last real token."""
+    from preftune.reward.model import RewardModel, _load_seq_cls
+
+    return RewardModel(*_load_seq_cls(directory, "cpu", "fp32")).score
+
+
+def vader_positive(prompts, responses):
+    """Programmatic reward for the learning comparison: VADER compound sentiment of the reply."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = vader_positive.__dict__.setdefault("analyzer", SentimentIntensityAnalyzer())
+    return [analyzer.polarity_scores(r)["compound"] for r in responses]
+
+
+def update_flops(model_dir: Path, cfg, prompt_tokens: float, response_tokens: float) -> float:
+    """Matrix FLOPs of one step's update phase (see the module docstring)."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir / "policy")
+    H, I, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    kv = H // c.num_attention_heads * c.num_key_value_heads
+    trunk = L * (2 * H * H + 2 * H * kv + 3 * H * I)  # q, o, k, v and the gated MLP
+    tokens = prompt_tokens + response_tokens
+    forward = 2 * trunk * tokens + 2 * H * V * response_tokens
+    if cfg.value_model != "head":
+        forward += 2 * trunk * tokens  # the separate value model's trunk
+    backward = forward * (1 if cfg.lora else 2)
+    return (forward + backward) * cfg.batch_size * cfg.ppo_epochs
+
+
+def run_one(model: str, config: str, steps: int, learning: bool) -> dict:
+    import torch
+
+    from preftune.data.chat import encode_prompt
+    from preftune.models.loading import load_tokenizer
+    from preftune.ppo.trainer import PPOConfig, train_ppo
+
+    torch.set_num_threads(2)
+    mm = matmul_gflops()
+    d = PEER_MODELS / model
+    overrides = dict(CONFIGS[config])
+    if overrides.get("value_model") == "RM":
+        overrides["value_model"] = str(d / "rm")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = PPOConfig(policy=str(d / "policy"), reward=f"rm:{d / 'rm'}", prompts=str(PEERS / "prompts.jsonl"),
+                        out=str(Path(tmp) / "out"), steps=1 + steps, **WORKLOAD, **overrides)
+        reward = vader_positive if learning else peer_reward_model(d / "rm")
+        train_ppo(cfg, reward_fn=reward, quiet=True)
+        rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    measured = rows[1:]
+    total = sum(r["time/step"] for r in measured)
+    phase = lambda k: round(sum(r.get(f"time/{k}", 0.0) for r in measured) / len(measured), 2)
+    tok = load_tokenizer(d / "policy")
+    prompts = [json.loads(line)["prompt"] for line in (PEERS / "prompts.jsonl").read_text().splitlines()]
+    prompt_tokens = statistics.mean(len(encode_prompt(tok, [{"role": "user", "content": p}])) for p in prompts)
+    response_tokens = statistics.mean(r["response_length_mean"] for r in measured)
+    flops = update_flops(d, cfg, prompt_tokens, response_tokens)
+    update_gflops = flops / phase("update") / 1e9
+    return {"system": "preftune-ppo", "config": config, "model": model, "steps": steps,
+            "episodes_per_s": round(cfg.batch_size * len(measured) / total, 3), "s_per_step": round(total / len(measured), 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "matmul_gflops": mm,
+            "phases_s": {k: phase(k) for k in ("generation", "scoring", "reference", "values", "update")},
+            "update_gflops": round(update_gflops, 1), "update_share_of_matmul": round(update_gflops / mm, 3),
+            "response_length_mean": round(response_tokens, 2), "prompt_tokens_mean": round(prompt_tokens, 2),
+            "lora": cfg.lora, "value_model": "head" if cfg.value_model == "head" else "separate (from RM)",
+            "scores": [round(r["objective/scores"], 4) for r in rows], "kl": [round(r["objective/kl"], 3) for r in rows]}
+
+
+def run_peer(model: str, steps: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false",
+           "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "PEER_RESULT_FILE": ""}
+    proc = subprocess.run([PEER_PYTHON, str(PEERS / "run_trl_ppo.py"), model, str(steps)], env=env,
+                          capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        return {"system": "trl-ppo", "model": model, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="tiny,smol135")
+    p.add_argument("--configs", default="identical,defaults")
+    p.add_argument("--steps", type=int, default=3, help="measured rollout steps after 1 warm-up step")
+    p.add_argument("--peer", action="store_true", help="also run TRL 1.12 PPO from the peer harness, back to back")
+    p.add_argument("--learning", action="store_true", help="VADER sentiment reward instead of the RM: reward curves")
+    p.add_argument("--one", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(*args.one, args.steps, args.learning)), flush=True)
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    for model in args.models.split(","):
+        if args.peer and not args.learning:
+            print(json.dumps(run_peer(model, args.steps)), flush=True)
+        for config in args.configs.split(","):
+            cmd = [sys.executable, __file__, "--one", model, config, "--steps", str(args.steps)]
+            cmd += ["--learning"] if args.learning else []
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                print(json.dumps({"config": config, "model": model, "error": proc.stderr.strip()[-2000:]}), flush=True)
+            else:
+                print(lines[-1][len("RESULT "):], flush=True)
+
+
+if __name__ == "__main__":
+    main()

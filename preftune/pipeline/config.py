@@ -1,0 +1,44 @@
+"""Configuration of the main job (``preftune run``): the whole loop on one model.
+
+The same TOML file configures every stage: the ``[run]`` table holds the fields below, and the
+``[sft]``, ``[sample]``, ``[label]``, ``[reward]``, ``[ppo]`` and ``[eval]`` tables hold any option of that
+stage's own command (see ``preftune sft --help`` etc.). Paths between stages are set by the run.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from preftune.config import StageConfig
+
+
+class RunConfig(StageConfig):
+    model: str = Field("smollm2-135m-instruct", description="Base model: a Hugging Face directory, a .gguf "
+                                                           "file, smollm2-135m-instruct, or 'tiny' (a small "
+                                                           "random model built on the fly, for --quick).")
+    out: str = Field("runs/demo", description="Run directory (report.html, metrics.json, models, data).")
+    prompts: str = Field("examples/demo/prompts.jsonl", description="Prompts JSONL with split train/eval.")
+    demos: str = Field("examples/demo/demos.jsonl", description="Demonstrations JSONL for SFT.")
+    gold: str = Field("helpful", description="The simulated annotators' gold preference (a labeler, see "
+                                             "docs/reward.md).")
+    reward_backbone: str = Field("minilm", description="Reward-model backbone: minilm (all-MiniLM-L6-v2), "
+                                                       "sft (the SFT model), base, or a model directory.")
+    comparison_prompts: int = Field(160, ge=2, description="Training prompts answered by the base and SFT "
+                                                           "models for people to compare.")
+    samples_per_model: int = Field(2, ge=1, description="Responses per comparison prompt from each model.")
+    annotators: int = Field(2, ge=1, description="Simulated annotators; each labels every pair.")
+    target_agreement: float = Field(0.73, gt=0.5, lt=1, description="Noise calibrated so two annotators agree "
+                                                                    "this often (people: about 0.73).")
+    noise: float | None = Field(None, ge=0, description="Fixed Bradley-Terry temperature of the annotators "
+                                                        "instead of calibrating to --target-agreement.")
+    max_new_tokens: int = Field(48, ge=1, description="Longest response when sampling candidates and "
+                                                      "evaluating.")
+    eval_prompts: int = Field(100, ge=2, description="Held-out prompts for the final evaluation.")
+    monitor_prompts: int = Field(32, ge=0, description="Held-out prompts PPO samples every eval_every steps "
+                                                       "(proxy and gold against KL).")
+    probes: bool = Field(True, description="Run the hallucination and adversarial probes on the base and PPO "
+                                           "models.")
+    probe_questions: int = Field(60, ge=0, description="Questions of the hallucination probe to ask.")
+    probe_attacks: int = Field(40, ge=0, description="Adversarial prompts of the safety probe to try.")
+    force: bool = Field(False, description="Re-run every stage, even the ones a previous run finished.")
+    batch_size: int = Field(32, ge=1, description="Prompts per generation batch when sampling and evaluating.")

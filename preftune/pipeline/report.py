@@ -1,0 +1,141 @@
+"""The main job's report: one self-contained HTML page a person can read without the code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from preftune.data.jsonl import read_dicts
+from preftune.evaluation import report as R
+
+STAGE_TITLES = {"sft": "1. Supervised fine-tuning", "sample": "2a. Candidate responses",
+                "label": "2b. Simulated annotators", "reward": "3. Reward model", "ppo": "4. PPO",
+                "eval": "5. Evaluation on held-out prompts", "probes": "6. Probes: hallucination and unsafe replies"}
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}g}"
+
+
+def _ci_row(label: str, entry: dict) -> list[Any]:
+    return [label, R.fmt(entry["mean"]), R.fmt_ci(entry["ci"])]
+
+
+def _non_overlapping(a: dict, b: dict) -> bool:
+    """True when a's interval lies entirely above b's."""
+    return a["ci"][0] > b["ci"][1]
+
+
+def write_report(run, results: dict, metrics: dict) -> None:
+    cfg = run.cfg
+    sft, sample, label, reward, ppo, ev = (results[k] for k in ("sft", "sample", "label", "reward", "ppo", "eval"))
+    cmp_stats, rating_stats = label["comparisons"], label["ratings"]
+    gold, proxy = ev["gold_reward"], ev["proxy_reward"]
+    sections = []
+
+    ordered = _non_overlapping(gold["ppo"], gold["sft"]) and _non_overlapping(gold["sft"], gold["base"])
+    verdict = (f"Gold reward rose from base {_num(gold['base']['mean'])} to SFT {_num(gold['sft']['mean'])} to PPO "
+               f"{_num(gold['ppo']['mean'])}; PPO beats SFT on {_pct(metrics['winrate_ppo_vs_sft_gold'])} of held-out "
+               f"prompts by the gold preference. "
+               + ("Each step's 95 % interval lies above the previous one's." if ordered else
+                  "Not every step's 95 % interval clears the previous one's: see the evaluation table."))
+    sections.append(R.section(
+        "Summary",
+        R.paragraph(f"Model {cfg.model}; gold preference '{cfg.gold}' played by {cfg.annotators} simulated "
+                    f"annotators; {ev['n_prompts']} held-out prompts. Whole loop: "
+                    f"{metrics['seconds_total'] / 60:.1f} minutes."),
+        R.paragraph(verdict),
+        R.table(["stage", "seconds"], [[STAGE_TITLES.get(k, k), round(v, 1)]
+                                       for k, v in metrics["seconds_per_stage"].items()]
+                + [["total", round(metrics["seconds_total"], 1)]])))
+
+    sections.append(R.section(
+        STAGE_TITLES["sft"],
+        R.paragraph(f"The base model was fine-tuned on {sft.get('train_examples')} demonstrations (loss on the "
+                    f"response tokens only) for {sft.get('steps')} steps. Held-out loss per token went from "
+                    f"{_num(sft.get('initial_eval_loss'))} to {_num(sft.get('eval_loss'))}.")))
+    sections.append(R.section(
+        STAGE_TITLES["sample"],
+        R.paragraph(f"The base and SFT models each answered {sample.get('prompts')} training prompts "
+                    f"({sample.get('responses')} responses, {_pct(sample.get('ended_share'))} of them finished "
+                    f"before the length limit) for the annotators to judge.")))
+    flags = rating_stats.get("flag_counts") or {}
+    sections.append(R.section(
+        STAGE_TITLES["label"],
+        R.paragraph(f"{cfg.annotators} simulated annotators compared pairs of responses to the same prompt "
+                    f"({cmp_stats['records']} comparisons) and rated each response 1-3 with flags "
+                    f"({rating_stats['records']} ratings). Their noise was calibrated so two annotators agree "
+                    f"about as often as people do (target {_pct(cfg.target_agreement)})."),
+        R.table(["measure", "value"], [
+            ["agreement between annotators (comparisons)", _pct(cmp_stats.get("inter_annotator_agreement"))],
+            ["agreement of an annotator with the noiseless gold", _pct(cmp_stats.get("gold_agreement"))],
+            ["best achievable accuracy on these labels (noise ceiling)", _pct(cmp_stats.get("noise_ceiling"))],
+            ["rating flags", ", ".join(f"{k}: {v}" for k, v in sorted(flags.items())) or "none"],
+        ])))
+    sections.append(R.section(
+        STAGE_TITLES["reward"],
+        R.paragraph(f"A reward model ({cfg.reward_backbone} backbone) was trained on the comparisons with the "
+                    f"Bradley-Terry loss. On held-out comparisons it agrees with the annotators' choice "
+                    f"{_pct(reward.get('eval_accuracy'))} of the time; a single annotator agrees with the "
+                    f"noiseless gold {_pct(cmp_stats.get('gold_agreement'))} of the time, which bounds what any "
+                    f"model can reach on these labels."),
+        R.table(["measure", "value"], [["held-out accuracy", _pct(reward.get("eval_accuracy"))],
+                                       ["held-out loss", _num(reward.get("eval_loss"))],
+                                       ["calibration error (ECE)", _num(reward.get("eval_ece"))],
+                                       ["training pairs", reward.get("train_pairs")]])))
+
+    from preftune.evaluation.gao import overoptimisation_section
+
+    ppo_rows = read_dicts(run.path("ppo", "metrics.jsonl")) if run.path("ppo", "metrics.jsonl").exists() else []
+    eval_rows = [r for r in ppo_rows if r.get("eval/gold") is not None or r.get("eval/proxy") is not None]
+    last = ppo_rows[-1] if ppo_rows else {}
+    sections.append(R.section(
+        STAGE_TITLES["ppo"],
+        R.paragraph(f"The SFT model was tuned with PPO against the reward model for {len(ppo_rows)} steps, with a KL "
+                    f"penalty to the SFT model (last step: KL {_num(last.get('objective/kl'))} nats, "
+                    f"reward-model score {_num(last.get('objective/scores'))}). Every few steps held-out prompts "
+                    f"were scored by the proxy (the reward model) and by the gold preference; the plot shows "
+                    f"both against d = sqrt(KL) from the SFT model. Gold rising with proxy means the reward "
+                    f"model is being followed, not gamed."),
+        overoptimisation_section(eval_rows)))
+
+    sections.append(R.section(
+        STAGE_TITLES["eval"],
+        R.paragraph(f"Each model answered the {ev['n_prompts']} held-out prompts once (temperature 0.7). Means "
+                    f"with bootstrap 95 % intervals; win rate with a Wilson interval (ties count half)."),
+        R.table(["model", "gold mean", "gold 95 % CI", "proxy (RM) mean", "proxy 95 % CI", "mean length (tokens)",
+                 "finished"],
+                [[m, R.fmt(gold[m]["mean"]), R.fmt_ci(gold[m]["ci"]), R.fmt(proxy[m]["mean"]), R.fmt_ci(proxy[m]["ci"]),
+                  R.fmt(ev["length"][m]), R.esc(_pct(ev["ended"][m]))] for m in ("base", "sft", "ppo")], raw=True),
+        R.table(["measure", "value"], [
+            ["win rate PPO over SFT (gold)", R.fmt_rate(ev["winrate_ppo_vs_sft"]["gold"])],
+            ["win rate PPO over SFT (reward model)", R.fmt_rate(ev["winrate_ppo_vs_sft"]["proxy"])],
+            ["KL(SFT || base), nats per response", R.esc(_kl(ev["kl_sft_base"]))],
+            ["KL(PPO || SFT), nats per response", R.esc(_kl(ev["kl_ppo_sft"]))]], raw=True)))
+
+    samples = read_dicts(run.path("eval", "samples.jsonl"))[:6]
+    sections.append(R.section(
+        "Sample replies (the same held-out prompts)",
+        R.table(["prompt", "base", "SFT", "PPO"],
+                [[R.esc(s["prompt"]), *(R.sample_text(s[m]) + R.paragraph(f"gold {s[f'gold_{m}']:.2f}", note=True)
+                                        for m in ("base", "sft", "ppo"))] for s in samples], raw=True)))
+
+    if "probes" in results:
+        from preftune.evaluation.probes.adversarial import adversarial_section
+        from preftune.evaluation.probes.hallucination import hallucination_section
+
+        probes = results["probes"]
+        sections.append(R.section(
+            STAGE_TITLES["probes"],
+            R.paragraph("Before (base model) and after (PPO model) tuning: closed-book questions with known "
+                        "answers (correct, wrong = hallucinated, abstained) and adversarial prompts (unsafe "
+                        "replies, refusals, over-refusal of benign controls)."),
+            hallucination_section(probes["hallucination"]), adversarial_section(probes["adversarial"])))
+    run.path("report.html").write_text(R.page("preftune run: " + str(cfg.out), *sections), encoding="utf-8")
+
+
+def _kl(entry: dict | None) -> str:
+    return "n/a" if not entry else f"{entry['mean']:.3g} +/- {entry['se']:.2g}"

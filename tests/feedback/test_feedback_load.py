@@ -1,0 +1,27 @@
+"""Reliability against a real server process on loopback: 50 concurrent annotators submit
+while the server is killed with SIGKILL and restarted (SQLite and PostgreSQL). The full
+5,000-judgement runs are ``benchmarks/feedback_load.py`` (figures in docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.feedback_load import run
+
+from .conftest import PG_SKIP, PG_URL
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_fifty_annotators_and_a_sigkill_lose_no_acknowledged_judgement(kind, tmp_path):
+    if kind == "postgres" and not PG_URL:
+        pytest.skip(PG_SKIP)
+    url = PG_URL if kind == "postgres" else f"sqlite:///{tmp_path / 'load.db'}"
+    result = run(url, annotators=50, tasks=100, overlap=2, crash_after=70, time_limit=150, workdir=tmp_path)
+    assert result["killed_after_acks"] is not None and result["killed_after_acks"] < 200  # killed mid-load
+    assert result["errors"] == 0, result["first_errors"]
+    assert result["acknowledged"] == 200
+    assert result["acknowledged_missing_or_duplicated"] == 0  # every ack in the export exactly once
+    assert result["duplicates_in_export"] == 0
+    assert result["tasks_over_overlap"] == 0
+    assert result["exported"] == 200 and result["all_done"]
+    assert 0 < result["submit_p95_ms"] < 60_000
