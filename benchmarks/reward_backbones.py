@@ -54,8 +54,8 @@ def train_one(name: str, data: str, out: str, epochs: float | None, batch_size: 
     model, extra = BACKBONES[name]
     if epochs:
         extra = {**extra, "epochs": epochs}
-    if max_steps:
-        extra = {**extra, "max_steps": max_steps}
+    if max_steps:  # timing only: a token normalisation
+        extra = {**extra, "max_steps": max_steps, "normalize_samples": 16}
     cfg = RewardConfig(model=minilm_dir() if model == "minilm" else model, data=data, out=out,
                        batch_size=batch_size, max_length=256, truncate=True, threads=threads, seed=0, **extra)
     t0 = time.perf_counter()
@@ -65,17 +65,16 @@ def train_one(name: str, data: str, out: str, epochs: float | None, batch_size: 
     print("RESULT " + json.dumps(summary))
 
 
-def gold_accuracy_on_labels(rows: list[dict], gold: dict[tuple[str, str], float]) -> float:
-    """Accuracy of the noiseless gold on the drawn eval labels (gold ties count half)."""
-    hits = []
+def eval_pairs(rows: list[dict], gold: dict[tuple[str, str], float]) -> np.ndarray:
+    """Gold differences (labelled winner minus loser) of every pair the RM is evaluated on
+    (all pairs of each ranking except two identical texts, as ``preftune reward`` does)."""
+    diffs = []
     for row in rows:
         key = json.dumps(row["prompt"])
         order = [row["responses"][i] for i in row["ranking"]]
-        for a in range(len(order)):
-            for b in range(a + 1, len(order)):
-                d = gold[(key, order[a])] - gold[(key, order[b])]
-                hits.append(1.0 if d > 0 else 0.5 if d == 0 else 0.0)
-    return float(np.mean(hits))
+        diffs += [gold[(key, order[a])] - gold[(key, order[b])]
+                  for a in range(len(order)) for b in range(a + 1, len(order)) if order[a] != order[b]]
+    return np.array(diffs)
 
 
 def main() -> None:
@@ -100,6 +99,7 @@ def main() -> None:
 
     from preftune.feedback.candidates import SampleConfig, sample_candidates
     from preftune.feedback.commands import LabelConfig, describe_agreement, resolve_gold, run_label
+    from preftune.feedback.simulated import noise_ceiling
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,17 +136,12 @@ def main() -> None:
     print(f"labels: {describe_agreement(stats)}; T = {list(stats['temperatures'].values())[0]:.4f}")
     label_rows = [json.loads(line) for line in labels.read_text().splitlines()]
     eval_rows = [r for r in label_rows if r.get("split") == "eval"]
-    realised = gold_accuracy_on_labels(eval_rows, gold)
-    t = list(stats["temperatures"].values())[0]
-    eval_diffs = []
-    for r in eval_rows:
-        key = json.dumps(r["prompt"])
-        g = [gold[(key, x)] for x in r["responses"]]
-        eval_diffs += [g[a] - g[b] for a in range(len(g)) for b in range(a + 1, len(g))]
-    from preftune.feedback.simulated import noise_ceiling
-
-    analytic = noise_ceiling(np.array(eval_diffs), t)
-    print(f"eval: {len(eval_rows)} rankings, {len(eval_diffs)} pairs; noise ceiling {100 * analytic:.1f}% "
+    # for timing runs (--one NAME --data OUT/train_only.jsonl --max-steps K): no held-out set to score
+    (out / "train_only.jsonl").write_text("".join(json.dumps(r) + "\n" for r in label_rows if r.get("split") != "eval"))
+    diffs = eval_pairs(eval_rows, gold)
+    realised = float(np.mean((diffs > 0) + 0.5 * (diffs == 0)))  # the gold's accuracy on the drawn labels
+    analytic = noise_ceiling(diffs, list(stats["temperatures"].values())[0])
+    print(f"eval: {len(eval_rows)} rankings, {len(diffs)} pairs; noise ceiling {100 * analytic:.1f}% "
           f"(expected), gold accuracy on the drawn eval labels {100 * realised:.1f}%")
 
     results = {}

@@ -44,6 +44,13 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def plan_steps(n_examples: int, batch: int, epochs: float, max_steps: int) -> tuple[int, int]:
+    """(steps per epoch, total optimiser steps) for ``epochs`` passes, capped by ``max_steps`` (0: none)."""
+    per_epoch = math.ceil(n_examples / batch)
+    total = math.ceil(epochs * per_epoch)
+    return per_epoch, min(total, max_steps) if max_steps else total
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup_ratio: float, schedule: str):
     warmup = int(round(total * warmup_ratio))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, schedule))

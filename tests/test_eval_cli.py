@@ -48,11 +48,12 @@ def test_eval_writes_judges_kl_and_an_escaped_report(tiny_model_dir, other_model
     judge, prompts = files
     out = tmp_path / "eval"
     r = invoke(["eval", "--model", tiny_model_dir, "--baseline", other_model_dir, "--prompts", prompts,
-                "--judge", f"{judge}:words", "--judge", f"{judge}:constant", "--out", out,
-                "--max-new-tokens", 8, "--seed", 3])
+                "--judge", f"{judge}:words", "--judge", f"{judge}:constant", "--judge", "labeler:sentiment",
+                "--out", out, "--max-new-tokens", 8, "--seed", 3])
     assert r.exit_code == 0, r.output
     result = json.loads((out / "eval.json").read_text())
-    words, constant = result["judges"]
+    words, constant, labeler = result["judges"]
+    assert labeler["judge"] == "labeler:sentiment" and -1 <= labeler["mean_a"] <= 1
     for key in ("judge", "mean_a", "ci_a", "mean_b", "ci_b", "winrate", "winrate_ci", "ties", "kl", "kl_se", "n"):
         assert key in words
     assert words["n"] == 6 and words["ci_a"][0] <= words["mean_a"] <= words["ci_a"][1]
@@ -92,8 +93,12 @@ def test_eval_errors_are_one_line(tiny_model_dir, files, tmp_path):
 def test_bon_reports_kl_and_monotone_proxy(tiny_model_dir, files, tmp_path):
     judge, prompts = files
     out = tmp_path / "bon"
+    ppo = write_lines(tmp_path / "ppo_metrics.jsonl", [
+        {"step": s, "eval/kl": kl, "eval/gold": g, "eval/proxy": p} for s, kl, g, p in
+        [(5, 0.5, 1.0, 1.0), (10, 2.0, 2.0, 3.0), (15, 4.0, 2.5, 5.0), (20, 8.0, 1.0, 7.0)]])
     r = invoke(["bon", "--model", tiny_model_dir, "--reward", f"{judge}:letter_e", "--gold", f"{judge}:words",
-                "--prompts", prompts, "--n", "1,2,4", "--out", out, "--max-new-tokens", 8, "--samples", 3])
+                "--prompts", prompts, "--n", "1,2,4", "--out", out, "--max-new-tokens", 8, "--samples", 3,
+                "--ppo-metrics", ppo])
     assert r.exit_code == 0, r.output
     result = json.loads((out / "bon.json").read_text())
     rows = result["results"]
@@ -105,7 +110,9 @@ def test_bon_reports_kl_and_monotone_proxy(tiny_model_dir, files, tmp_path):
     assert len(samples) == 3 * 4
     # n = 1 is the plain mean of every sample.
     assert rows[0]["gold"] == pytest.approx(sum(s["gold"] for s in samples) / len(samples))
-    assert "Over-optimisation" in (out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    # The PPO rows share the plot, and their fall in gold while proxy rises is flagged.
+    assert "over-optimisation: gold reward 1 at step 20" in html and "<td>rl</td>" in html
 
 
 def test_probes_on_a_tiny_model(tiny_model_dir, tmp_path):

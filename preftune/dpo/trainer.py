@@ -7,7 +7,6 @@ the reference can never drift.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from preftune.training import (
     load_checkpoint,
     make_optimizer,
     make_scheduler,
+    plan_steps,
     save_checkpoint,
     save_final_model,
     seed_everything,
@@ -144,10 +144,7 @@ def train_dpo(cfg: DPOConfig, *, quiet: bool = False) -> dict:
     net = distribute(ResponseLogits(model), model, info, cfg.fsdp)
 
     global_batch = cfg.batch_size * info.world
-    steps_per_epoch = math.ceil(len(train) / global_batch)
-    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    steps_per_epoch, total_steps = plan_steps(len(train), global_batch, cfg.epochs, cfg.max_steps)
     optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.schedule)
     start = 0

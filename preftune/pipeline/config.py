@@ -23,7 +23,7 @@ class RunConfig(StageConfig):
                                              "docs/reward.md).")
     reward_backbone: str = Field("minilm", description="Reward-model backbone: minilm (all-MiniLM-L6-v2), "
                                                        "sft (the SFT model), base, or a model directory.")
-    comparison_prompts: int = Field(160, ge=2, description="Training prompts answered by the base and SFT "
+    comparison_prompts: int = Field(128, ge=2, description="Training prompts answered by the base and SFT "
                                                            "models for people to compare.")
     samples_per_model: int = Field(2, ge=1, description="Responses per comparison prompt from each model.")
     annotators: int = Field(2, ge=1, description="Simulated annotators; each labels every pair.")
@@ -34,7 +34,7 @@ class RunConfig(StageConfig):
     max_new_tokens: int = Field(48, ge=1, description="Longest response when sampling candidates and "
                                                       "evaluating.")
     eval_prompts: int = Field(100, ge=2, description="Held-out prompts for the final evaluation.")
-    monitor_prompts: int = Field(32, ge=0, description="Held-out prompts PPO samples every eval_every steps "
+    monitor_prompts: int = Field(24, ge=0, description="Held-out prompts PPO samples every eval_every steps "
                                                        "(proxy and gold against KL).")
     probes: bool = Field(True, description="Run the hallucination and adversarial probes on the base and PPO "
                                            "models.")

@@ -9,7 +9,6 @@ saved as a Hugging Face directory with ``reward_model.json``.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections import defaultdict
@@ -38,6 +37,7 @@ from preftune.training import (
     load_checkpoint,
     make_optimizer,
     make_scheduler,
+    plan_steps,
     save_checkpoint,
     seed_everything,
     write_json,
@@ -263,10 +263,7 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
                               task_type="SEQ_CLS")
     rm.model.train()
 
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    steps_per_epoch, total_steps = plan_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
     optimizer = make_optimizer(rm.model.parameters(), cfg.lr, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.schedule)
 

@@ -214,9 +214,9 @@ def red_team(cfg: AdversarialConfig, seeds: list[str], quiet: bool = False) -> t
     generated = [first_line(t) for t in sample_responses(attacker, tok, fewshot, options, generator=gen,
                                                          description="red team: writing attacks", quiet=quiet).texts]
     del attacker
-    # Only new attacks count: empty lines and verbatim copies of a few-shot example are dropped.
-    known = {s.strip().lower() for s in seeds}
-    attacks = [a for a in generated if a and a.lower() not in known]
+    # Only new attacks count: empty lines and copies of (a part of) a few-shot example are dropped.
+    known = [s.strip().lower() for s in seeds]
+    attacks = [a for a in generated if a and not any(a.lower() in k or k in a.lower() for k in known)]
     if not attacks:
         return {"generated": len(generated), "attempts": 0, "successes": 0, "success": rate_with_ci([])}, []
     texts = replies(cfg.model, [[{"role": "user", "content": a}] for a in attacks], cfg,
