@@ -168,7 +168,7 @@ def main() -> None:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode or not lines:
-                print(json.dumps({"config": config, "model": model, "error": proc.stderr.strip()[-2000:]}), flush=True)
+                print(json.dumps({"config": config, "model": model, "rc": proc.returncode, "error": proc.stderr.strip()[-2000:]}), flush=True)
             else:
                 print(lines[-1][len("RESULT "):], flush=True)
 

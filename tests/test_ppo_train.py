@@ -200,6 +200,24 @@ def test_separate_value_model_and_ptx(tiny_model_dir, files):
     assert rows[0]["val/ended"] == 0 and rows[0]["objective/scores"] == -1.0
 
 
+def test_value_model_from_a_reward_model_keeps_its_score_head(tiny_model_dir, files):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from preftune.ppo.models import load_value_model
+
+    tmp, prompts, rewards = files
+    config_ = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)
+    rm = AutoModelForSequenceClassification.from_config(config_)
+    torch.nn.init.normal_(rm.score.weight)
+    rm.save_pretrained(tmp / "rm")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp / "rm")
+    value = load_value_model(tmp / "rm", "cpu", torch.float32)
+    assert torch.equal(value.head.linear.weight, rm.score.weight)
+    cfg = config(tiny_model_dir, tmp, prompts, rewards, steps=1, value_model=str(tmp / "rm"))
+    train_ppo(cfg, quiet=True)
+    assert read_metrics(cfg.out)[0]["loss/value_avg"] > 0
+
+
 # ---------------------------------------------------------------- resume
 
 

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,29 +24,32 @@ from preftune.models.loading import disable_dropout, resolve_model_path
 
 
 class ValueHead(nn.Module):
-    """A scalar read-out of final hidden states, zero-initialised so the first values are 0."""
+    """A scalar read-out of final hidden states: a given linear layer (a reward model's score
+    head), or a new one initialised at zero so the first values are 0."""
 
-    def __init__(self, hidden_size: int) -> None:
+    def __init__(self, hidden_size: int, linear: nn.Linear | None = None) -> None:
         super().__init__()
-        self.linear = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
+        if linear is None:
+            linear = nn.Linear(hidden_size, 1)
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        self.linear = linear
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()
 
 
 class ValueModel(nn.Module):
-    """A separate value network: a transformer trunk and a scalar head."""
+    """A separate value network: a transformer trunk and a ``ValueHead``."""
 
-    def __init__(self, trunk: nn.Module, head: nn.Module) -> None:
+    def __init__(self, trunk: nn.Module, head: ValueHead) -> None:
         super().__init__()
         self.trunk, self.head = trunk, head
 
     def forward(self, input_ids, attention_mask, position_ids, select) -> torch.Tensor:
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False).last_hidden_state
-        return self.head(hidden[select]).squeeze(-1).float()
+        return self.head(hidden[select])
 
 
 def load_value_model(path: str | Path, device, dtype) -> ValueModel:
@@ -59,14 +62,14 @@ def load_value_model(path: str | Path, device, dtype) -> ValueModel:
     try:
         if any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
             classifier = AutoModelForSequenceClassification.from_pretrained(directory, dtype=dtype, num_labels=1)
-            head = getattr(classifier, "score", None) or getattr(classifier, "classifier", None)
-            if head is None:
-                raise PreftuneError(f"{directory}: cannot find the score head of {type(classifier).__name__}")
-            model = ValueModel(classifier.base_model, head)
+            score = getattr(classifier, "score", None)
+            if not isinstance(score, nn.Linear):
+                raise PreftuneError(f"{directory}: {type(classifier).__name__} has no linear score head to "
+                                    f"start a value model from")
+            model = ValueModel(classifier.base_model, ValueHead(config.hidden_size, score))
         else:
             trunk = AutoModel.from_pretrained(directory, dtype=dtype)
-            head = ValueHead(config.hidden_size).to(dtype)
-            model = ValueModel(trunk, nn.Sequential(head.linear))
+            model = ValueModel(trunk, ValueHead(config.hidden_size).to(dtype))
     except (OSError, ValueError) as e:
         raise PreftuneError(f"{directory}: could not load a value model: {str(e).splitlines()[0]}") from None
     disable_dropout(model.trunk)
@@ -78,8 +81,7 @@ def reference_mode(policy, reference):
     """Run the block as the reference policy: the separate frozen copy when there is one, else
     the LoRA policy with its adapters disabled."""
     if reference is not None:
-        with nullcontext():
-            yield reference
+        yield reference
     else:
         with policy.disable_adapter():
             yield policy
