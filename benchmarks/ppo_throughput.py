@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import matmul_gflops, peak_rss_mb  # noqa: E402
+
 PEERS = Path(os.environ.get("PEER_BENCH_DIR", ROOT.parent / "shared" / "bench" / "peers"))
 PEER_MODELS = Path(os.environ.get("PEER_MODELS", "/tmp/peer-models"))
 PEER_PYTHON = os.environ.get("PEER_PYTHON", "/tmp/peer-trl112/bin/python")
@@ -46,22 +47,6 @@ CONFIGS = {
     "identical": dict(lora=False, lr=1e-5, max_grad_norm=0.0, value_model="RM"),
     "defaults": dict(),
 }
-
-
-def matmul_gflops(n: int = 2048, iters: int = 10, repeats: int = 5) -> float:
-    """fp32 n x n matmul throughput with the current thread count (median), as the peer harness does."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    rates = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(iters):
-            a @ b
-        rates.append(2 * n ** 3 * iters / (time.perf_counter() - t) / 1e9)
-    return round(statistics.median(rates), 1)
 
 
 def peer_reward_model(directory: Path):
@@ -126,7 +111,7 @@ def run_one(model: str, config: str, steps: int, learning: bool) -> dict:
     update_gflops = flops / phase("update") / 1e9
     return {"system": "preftune-ppo", "config": config, "model": model, "steps": steps,
             "episodes_per_s": round(cfg.batch_size * len(measured) / total, 3), "s_per_step": round(total / len(measured), 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "matmul_gflops": mm,
+            "peak_rss_mb": peak_rss_mb(), "matmul_gflops": mm,
             "phases_s": {k: phase(k) for k in ("generation", "scoring", "reference", "values", "update")},
             "update_gflops": round(update_gflops, 1), "update_share_of_matmul": round(update_gflops / mm, 3),
             "response_length_mean": round(response_tokens, 2), "prompt_tokens_mean": round(prompt_tokens, 2),
