@@ -71,3 +71,14 @@ def test_sft_fsdp_with_lora_matches_one_rank(tmp_path, tiny_model_dir):
     launch(1, sft_args(tiny_model_dir, tmp_path / "one", 8, "--lora", **common))
     assert_weights_close(tmp_path / "fsdp", tmp_path / "one", atol=1e-5)
     assert (tmp_path / "fsdp" / "checkpoints" / "step-000002" / "model.safetensors").exists()
+
+
+def test_stages_without_data_parallelism_refuse_torchrun(monkeypatch):
+    from preftune.distributed import require_single_process
+    from preftune.errors import PreftuneError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(PreftuneError, match="preftune ppo runs in one process; it was started by torchrun with 2"):
+        require_single_process("ppo")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    require_single_process("ppo")

@@ -28,6 +28,7 @@ import torch
 from pydantic import Field, model_validator
 
 from preftune.config import TrainConfig
+from preftune.distributed import require_single_process
 from preftune.errors import PreftuneError
 from preftune.models.generation import generate
 from preftune.models.loading import load_causal_lm, set_threads
@@ -323,6 +324,7 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
     """Run PPO; returns the final summary. ``reward_fn``/``gold_fn`` (``(prompts, responses) ->
     floats``) replace the specs in ``cfg``; ``stop_after`` ends the run after that step's checkpoint,
     as an interruption would (used by the resume tests)."""
+    require_single_process("ppo")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.threads)

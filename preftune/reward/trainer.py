@@ -22,6 +22,7 @@ from preftune.config import TrainConfig
 from preftune.data.jsonl import read_jsonl
 from preftune.data.records import Messages, RecordError
 from preftune.data.split import train_eval_split
+from preftune.distributed import require_single_process
 from preftune.errors import ConfigError, DataError, PreftuneError
 from preftune.models.loading import set_threads
 from preftune.progress import console, progress_bar
@@ -241,6 +242,7 @@ def normalise(rm: RewardModel, cfg: RewardConfig, train_groups: list[PreferenceG
 def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: bool = False) -> dict:
     """Train a reward model; returns the final metrics. ``stop_after`` ends the run after that step
     (as an interruption would; used by the resume tests)."""
+    require_single_process("reward")
     if cfg.fsdp:
         raise ConfigError("--fsdp: preftune reward trains in one process (reward models are small)")
     out = Path(cfg.out)
