@@ -37,37 +37,25 @@ def cli() -> None:
     """preftune: tune language models to human preferences.
 
     \b
-    The loop:  sft -> sample -> label/annotate -> reward -> ppo -> eval
+    The loop:  sft -> sample -> label/annotate -> reward -> ppo (or dpo, bon) -> eval, probe
+    `preftune run` runs the whole loop from one config file and writes a report.
     Run `preftune COMMAND --help` for the options of each stage."""
 
 
+# Each stage registers its own commands, in the order of the loop.
 from preftune.dpo.cli import register as _register_dpo  # noqa: E402
+from preftune.evaluation.cli import register as _register_evaluation  # noqa: E402
+from preftune.feedback.cli import annotate  # noqa: E402  (light: the app loads on first use)
+from preftune.feedback.commands import register as _register_sample_label  # noqa: E402
+from preftune.pipeline.cli import register as _register_run  # noqa: E402
+from preftune.ppo.cli import register as _register_ppo  # noqa: E402
+from preftune.reward.cli import register as _register_reward  # noqa: E402
 from preftune.sft.cli import register as _register_sft  # noqa: E402
 
-_register_sft(cli, CONFIG_HELP)
-_register_dpo(cli, CONFIG_HELP)
-
-from preftune.feedback.commands import register as _register_feedback  # noqa: E402
-from preftune.reward.cli import register as _register_reward  # noqa: E402
-
-_register_feedback(cli, CONFIG_HELP)
-_register_reward(cli, CONFIG_HELP)
-
-from preftune.ppo.cli import register as _register_ppo  # noqa: E402
-
-_register_ppo(cli, CONFIG_HELP)
-
-from preftune.evaluation.cli import register as _register_evaluation  # noqa: E402
-
-_register_evaluation(cli, CONFIG_HELP)
-
-from preftune.feedback.cli import annotate  # noqa: E402  (light: the app loads on first use)
-
+for _register in (_register_sft, _register_sample_label, _register_reward, _register_ppo, _register_dpo,
+                  _register_evaluation, _register_run):
+    _register(cli, CONFIG_HELP)
 cli.add_command(annotate)
-
-from preftune.pipeline.cli import register as _register_run  # noqa: E402
-
-_register_run(cli, CONFIG_HELP)
 
 
 def main() -> None:
