@@ -48,9 +48,9 @@ def write_report(run, results: dict, metrics: dict) -> None:
                     f"annotators; {ev['n_prompts']} held-out prompts. Whole loop: "
                     f"{metrics['seconds_total'] / 60:.1f} minutes."),
         R.paragraph(verdict),
-        R.table(["stage", "seconds"], [[STAGE_TITLES.get(k, k), round(v, 1)]
+        R.table(["stage", "seconds"], [[STAGE_TITLES.get(k, k), f"{v:.1f}"]
                                        for k, v in metrics["seconds_per_stage"].items()]
-                + [["total", round(metrics["seconds_total"], 1)]])))
+                + [["total", f"{metrics['seconds_total']:.1f}"]])))
 
     sections.append(R.section(
         STAGE_TITLES["sft"],
