@@ -31,6 +31,7 @@ from preftune.progress import console
 from preftune.training import write_json
 
 STAGES = ["sft", "sample", "label", "reward", "ppo", "eval", "probes"]
+OUTPUT_DIRS = ["sft", "rm", "ppo", "eval", "probes", "models"]
 
 
 @dataclass
@@ -51,9 +52,8 @@ class Run:
         """A stage's config: defaults < the run's config file's [section] table < run-fixed paths."""
         common = {"seed": self.cfg.seed, "device": self.cfg.device, "dtype": self.cfg.dtype,
                   "threads": self.cfg.threads}
-        base = build_config(cls, file=self.config_file, section=section,
+        return build_config(cls, file=self.config_file, section=section,
                             overrides={**{k: v for k, v in common.items() if k in cls.model_fields}, **fixed})
-        return base
 
     # ------------------------------------------------------------ stage bookkeeping
 
@@ -278,11 +278,9 @@ def run_loop(cfg: RunConfig, config_file: str | None = None, quiet: bool = False
 
     run = Run(cfg, config_file, quiet)
     run.out.mkdir(parents=True, exist_ok=True)
-    if cfg.force:
-        for name in STAGES + ["data", "models"]:
-            target = run.path(name)
-            if target.is_dir() and name not in ("data",):
-                shutil.rmtree(target, ignore_errors=True)
+    if cfg.force:  # outputs of an earlier run (data/ is rewritten by the stages themselves)
+        for name in OUTPUT_DIRS:
+            shutil.rmtree(run.path(name), ignore_errors=True)
     set_threads(cfg.threads)
     run.load_state()
     t0 = time.perf_counter()
