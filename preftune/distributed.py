@@ -8,6 +8,9 @@ that crashed or disagrees ends the run with an error instead of a hang.
 Batches: ``--batch-size`` is per process. The global batch (world size x batch size) is drawn from
 the same seeded order whatever the world size, and each rank takes its contiguous slice of it, so
 2 processes x batch B see exactly the examples of 1 process x batch 2B.
+
+Collectives on CPU tensors (metrics, counts) also work under NCCL: the helpers here move them to
+the rank's GPU and back.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -41,9 +44,13 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def per_rank(self, n: int) -> int:
+        """Size of the largest share when ``n`` items are split by ``my_slice``."""
+        return -(-n // self.world)
+
     def my_slice(self, global_batch: Sequence[T]) -> list[T]:
         """This rank's contiguous share of a global batch."""
-        per_rank = -(-len(global_batch) // self.world)
+        per_rank = self.per_rank(len(global_batch))
         return list(global_batch[self.rank * per_rank:(self.rank + 1) * per_rank])
 
 
@@ -54,11 +61,11 @@ def init_distributed(device: str | None = None) -> DistInfo:
         return DistInfo()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device not in ("cpu",)
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         timeout = timedelta(seconds=float(os.environ.get("PREFTUNE_DIST_TIMEOUT", "600")))
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
     return DistInfo(rank, world, local_rank)
 
 
@@ -69,11 +76,65 @@ def device_for(info: DistInfo, device: str | None) -> str | None:
     return device
 
 
+def _comm_device() -> torch.device:
+    """Where collective tensors must live: the rank's GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum of ``value`` over all ranks (a new tensor on ``value``'s device; ``value`` itself
+    in one process)."""
     if info.enabled:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        work = value.to(_comm_device(), copy=True)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        value = work.to(value.device)
     return value
+
+
+def summing(info: DistInfo) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``all_reduce_sum`` as the ``reduce`` argument of ``preftune.ppo.core``'s statistics (None
+    in one process)."""
+    return (lambda t: all_reduce_sum(t, info)) if info.enabled else None
+
+
+def all_gather_tensor(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Every rank's ``value`` (the same shape on all ranks) concatenated along dim 0 in rank order."""
+    if not info.enabled:
+        return value
+    work = value.to(_comm_device()).contiguous()
+    parts = [torch.empty_like(work) for _ in range(info.world)]
+    dist.all_gather(parts, work)
+    return torch.cat(parts).to(value.device)
+
+
+def all_gather_lists(items: list, info: DistInfo) -> list:
+    """Every rank's list of picklable items, concatenated in rank order (the same on every rank).
+    With ``my_slice`` shares this restores the global order."""
+    if not info.enabled:
+        return list(items)
+    gathered: list[list | None] = [None] * info.world
+    dist.all_gather_object(gathered, list(items))
+    return [x for part in gathered for x in part]  # type: ignore[union-attr]
+
+
+def all_ranks_done(info: DistInfo) -> Callable[[bool], bool] | None:
+    """For loops whose length depends on the data (sampling until every response ended) when each
+    pass is a collective (FSDP): go on until every rank is done. None in one process."""
+    if not info.enabled:
+        return None
+    return lambda done: bool(all_reduce_sum(torch.tensor([0.0 if done else 1.0]), info).item() == 0)
+
+
+def micro_batches(mine: Sequence[T], per_rank: int, parts: int) -> list[list[T]]:
+    """This rank's share cut into micro-batches (for gradient accumulation), the same number on
+    every rank whatever its share's size: trailing ones may be empty. Every rank then runs as many
+    forward and backward passes, which FSDP needs (each is a collective) and DDP's gradient
+    synchronisation on the last one relies on."""
+    count = max(1, min(parts, per_rank))
+    size = max(1, -(-per_rank // count))
+    return [list(mine[k * size:(k + 1) * size]) for k in range(count)]
 
 
 def check_same_config(config: dict[str, Any], info: DistInfo) -> None:

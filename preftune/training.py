@@ -224,8 +224,9 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
 
 
 def distribute(net: torch.nn.Module, model: torch.nn.Module, info, fsdp: bool) -> torch.nn.Module:
-    """Wrap the training module for data parallelism: DDP, or with ``fsdp`` FSDP2 (each decoder
-    layer of ``model`` sharded, then ``net`` as the root). A no-op in a single process."""
+    """Wrap the training module for data parallelism: DDP, or with ``fsdp`` FSDP2 (each transformer
+    block of every model inside ``net`` sharded, then ``net`` as the root). A no-op in a single
+    process. ``model`` is the main model (its device, and its name in errors)."""
     if not info.enabled:
         return net
     device = next(model.parameters()).device
@@ -234,15 +235,29 @@ def distribute(net: torch.nn.Module, model: torch.nn.Module, info, fsdp: bool) -
             net, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layer_names = set(getattr(inner, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in layer_names]
+    layers = transformer_blocks(net)
     if not layers:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         raise PreftuneError(f"--fsdp: cannot find the decoder layers of {type(inner).__name__}")
     for layer in layers:
         fully_shard(layer)
     fully_shard(net)
     return net
+
+
+def transformer_blocks(root: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks FSDP shards one by one: the classes Hugging Face models name in
+    ``_no_split_modules`` (decoder layers), or for models that name none (BERT) the members of
+    their layer lists."""
+    names: set[str] = set()
+    for m in root.modules():
+        names |= set(getattr(m, "_no_split_modules", None) or [])
+    blocks = [m for m in root.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in root.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1
+             and len({type(x) for x in m}) == 1 and any(p.numel() for p in m.parameters())]
+    return [block for blocks_list in lists for block in blocks_list]
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float | None:
