@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from preftune.cli import cli
 from preftune.data.chat import encode_prompt
 from preftune.errors import DataError, PreftuneError
-from preftune.models.generation import generate
+from preftune.models.generation import generate, inverse_cdf_sample, row_seed
 from preftune.models.loading import load_causal_lm
 from preftune.ppo.models import ValueHead, reference_mode
 from preftune.ppo.monitor import OveroptimisationMonitor
@@ -105,6 +105,37 @@ def test_ended_flag_comes_from_the_eos_id_not_the_pad_id(tiny_model_dir):
     assert gen.ended.any() and not gen.ended.all()
     assert all(lengths[i] == 12 for i in range(len(prompts)) if not gen.ended[i])
     assert eos_tok.pad_token_id != frequent
+
+
+def test_inverse_cdf_sampling():
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3]])  # cumulative 0.2, 0.2, 0.7, 1.0
+    picks = [inverse_cdf_sample(probs, torch.tensor([u], dtype=torch.float64)).item()
+             for u in (0.0, 0.19, 0.21, 0.69, 0.71, 0.999)]
+    assert picks == [0, 0, 2, 2, 3, 3]  # token 1 has probability 0 and is never drawn
+    # unnormalised rows (top-p/top-k leave zeros): u scales the row's total mass, here 0.4
+    assert inverse_cdf_sample(torch.tensor([[0.0, 0.1, 0.3, 0.0]]), torch.tensor([0.3])).item() == 2  # 0.12 > 0.1
+
+
+def test_row_seeded_sampling_does_not_depend_on_the_batch(tiny_model_dir):
+    """A prompt's response depends on its seed only, not on the batch it is sampled in (what lets
+    N processes reproduce one): the same rows alone, reordered or in other company agree."""
+    model, tok = load_causal_lm(tiny_model_dir)
+    prompts = [encode_prompt(tok, [{"role": "user", "content": f"Tell me about the {t}."}]) for t in TOPICS[:4]]
+    seeds = [row_seed(7, 0, i) for i in range(4)]
+
+    def sample(rows):
+        gen = generate(model, tok, [prompts[i] for i in rows], max_new_tokens=10, temperature=1.0,
+                       row_seeds=[seeds[i] for i in rows], return_logprobs=True)
+        return {i: (gen.response_ids[k][gen.response_mask[k].bool()].tolist(), gen.logprobs[k][gen.response_mask[k].bool()])
+                for k, i in enumerate(rows)}
+
+    together, apart = sample([0, 1, 2, 3]), {**sample([3, 1]), **sample([2]), **sample([0])}
+    for i in range(4):
+        assert together[i][0] == apart[i][0]
+        assert torch.allclose(together[i][1], apart[i][1], atol=1e-5)
+    assert len({tuple(ids) for ids, _ in together.values()}) == 4
+    other = generate(model, tok, prompts[:1], max_new_tokens=10, temperature=1.0, row_seeds=[row_seed(7, 1, 0)])
+    assert other.response_ids[0].tolist() != together[0][0]  # another seed, another sample
 
 
 def test_prompt_indices_cover_each_epoch_and_split_ranks():

@@ -12,14 +12,21 @@ One loop, used by ``preftune sample``, PPO rollouts, best-of-n and evaluation:
   quantity PPO needs for its old policy, so no second forward pass is required when the policy is
   unchanged since sampling), and the final hidden state that produced each token's logits (what a
   value head on the policy trunk reads, so its values come for free as well).
+
+Random numbers: by default one ``torch.Generator`` serves the whole batch, so a row's sample
+depends on the rows sampled with it. With ``row_seeds`` each row draws from its own stream instead
+(one uniform number per new token, turned into a token by the inverse of the cumulative
+distribution), so a prompt gets the same response whichever batch, or process, it is sampled in:
+what PPO under data parallelism needs to match a single process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -54,9 +61,34 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tu
     return ids.to(device), mask.to(device)
 
 
+def row_seed(*parts: int | str) -> int:
+    """A 63-bit seed mixed from the given parts (e.g. run seed, step, prompt position): nearby tuples
+    give unrelated streams."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def row_uniforms(seeds: Sequence[int], n: int) -> torch.Tensor:
+    """[B, n] float64 uniform numbers in [0, 1): row i from a CPU generator seeded with ``seeds[i]``
+    (the same numbers on any device, in any batch)."""
+    return torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+                        for s in seeds])
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` [B, V] (non-negative, not necessarily normalised): the first
+    index whose cumulative mass exceeds ``u * total`` for the row's ``u`` in [0, 1). A token of
+    probability 0 is never chosen."""
+    cdf = probs.double().cumsum(-1)
+    target = uniforms.to(cdf.device, torch.float64) * cdf[:, -1]
+    token = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1)
+    return token.clamp(max=probs.shape[-1] - 1)
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Sample one token per row from ``logits`` [B, V] (greedy when temperature == 0)."""
+                generator: torch.Generator | None, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample one token per row from ``logits`` [B, V] (greedy when temperature == 0): with
+    ``generator`` (shared by the rows), or with one uniform number per row (``uniforms`` [B])."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -70,6 +102,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: i
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    if uniforms is not None:
+        return inverse_cdf_sample(probs, uniforms)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -84,14 +118,22 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] = (),
              min_new_tokens: int = 0, generator: torch.Generator | None = None,
+             row_seeds: Sequence[int] | None = None, all_done: Callable[[bool], bool] | None = None,
              return_logprobs: bool = False, return_hidden: bool = False) -> Generation:
-    """Sample a response for each tokenised prompt (see module docstring)."""
+    """Sample a response for each tokenised prompt (see module docstring).
+
+    ``row_seeds`` (one per prompt) replaces ``generator``: each row samples from its own stream.
+    ``all_done`` turns "every row of this batch has ended" into the decision to stop; under FSDP,
+    where every forward pass is a collective, it waits for the other ranks' batches too."""
     device = next(model.parameters()).device
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise ValueError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
+    uniforms = row_uniforms(row_seeds, max_new_tokens).to(device) if row_seeds is not None else None
     with _head_inputs(model, return_hidden) as hidden_states:
         return _generate(model, tokenizer, prompts, device, hidden_states, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_p=top_p, top_k=top_k, stop=stop,
-                         min_new_tokens=min_new_tokens, generator=generator, return_logprobs=return_logprobs,
-                         return_hidden=return_hidden)
+                         min_new_tokens=min_new_tokens, generator=generator, uniforms=uniforms,
+                         all_done=all_done, return_logprobs=return_logprobs, return_hidden=return_hidden)
 
 
 @contextmanager
@@ -111,7 +153,7 @@ def _head_inputs(model, enabled: bool) -> Iterator[list[torch.Tensor]]:
 
 
 def _generate(model, tokenizer, prompts, device, hidden_states, *, max_new_tokens, temperature, top_p, top_k,
-              stop, min_new_tokens, generator, return_logprobs, return_hidden) -> Generation:
+              stop, min_new_tokens, generator, uniforms, all_done, return_logprobs, return_hidden) -> Generation:
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     eos_ids = torch.tensor(sorted({eos_id} | set(_extra_eos_ids(model, tokenizer))), device=device)
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
@@ -132,7 +174,8 @@ def _generate(model, tokenizer, prompts, device, hidden_states, *, max_new_token
         logits = logits.float()
         if step < min_new_tokens:
             logits[:, eos_ids] = float("-inf")
-        token = sample_next(logits, temperature, top_p, top_k, generator)
+        token = sample_next(logits, temperature, top_p, top_k, generator,
+                            uniforms[:, step] if uniforms is not None else None)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         if return_logprobs:
             scaled = logits / temperature if temperature > 0 else logits
@@ -149,7 +192,8 @@ def _generate(model, tokenizer, prompts, device, hidden_states, *, max_new_token
                 if _cut_at_stop(text, stop)[1]:
                     done[i] = True
                     ended[i] = True
-        if bool(done.all()) or step == max_new_tokens - 1:
+        finished = bool(done.all())
+        if step == max_new_tokens - 1 or (all_done(finished) if all_done is not None else finished):
             break
         # Finished rows keep feeding pad tokens; their outputs are discarded, so attending is harmless.
         attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
@@ -158,8 +202,11 @@ def _generate(model, tokenizer, prompts, device, hidden_states, *, max_new_token
         cache, logits = _returned_cache(out), out.logits[:, -1, :]
         next_pos = next_pos + 1
 
-    response_ids = torch.stack(tokens, 1)
     response_mask = torch.stack(alive_mask, 1)
+    # Columns past the longest response exist only when other ranks' rows went on (all_done).
+    width = max(1, int(response_mask.sum(1).max()))
+    response_mask, tokens, logps = response_mask[:, :width], tokens[:width], logps[:width]
+    response_ids = torch.stack(tokens, 1)
     texts = []
     for i in range(batch):
         text = tokenizer.decode(response_ids[i][response_mask[i].bool()], skip_special_tokens=True)
