@@ -1,6 +1,7 @@
 """PPO mathematics against values computed by hand (the arithmetic is in the comments)."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from preftune.ppo.core import (
     logprobs_from_logits,
     masked_mean,
     masked_var,
+    minibatch_shares,
     per_token_rewards,
     policy_loss,
     value_loss,
@@ -45,6 +47,78 @@ def test_whiten_masked():
     kept = torch.tensor([[(1 - 7 / 3) / std + 7 / 3, (2 - 7 / 3) / std + 7 / 3, 0.0],
                          [(4 - 7 / 3) / std + 7 / 3, 0.0, 0.0]])
     assert close(whiten(X, M, shift_mean=False), kept, 1e-4)
+
+
+def test_masked_mean_with_an_external_count():
+    # masked sum 1 + 2 + 4 = 7, divided by the given count instead of the mask's 3
+    assert close(masked_mean(X, M, count=10), 0.7)
+    # rows as two parts of one batch of 3 tokens: (1 + 2) / 3 + 4 / 3 = 7 / 3, the whole batch's mean
+    parts = [masked_mean(X[i:i + 1], M[i:i + 1], count=3) for i in range(2)]
+    assert close(parts[0], 1.0) and close(parts[1], 4 / 3)
+    assert close(parts[0] + parts[1], masked_mean(X, M))
+    # the losses' shares add up the same way: (-1.2 - 0.5) / 3 + 2.2 / 3 = the loss of the three tokens
+    old, logp = torch.zeros(1, 3), torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    adv, mask = torch.tensor([[1.0, 1.0, -2.0]]), torch.ones(1, 3)
+    whole, _ = policy_loss(logp, old, adv, mask, 0.2)
+    first, _ = policy_loss(logp[:, :2], old[:, :2], adv[:, :2], mask[:, :2], 0.2, count=3)
+    second, _ = policy_loss(logp[:, 2:], old[:, 2:], adv[:, 2:], mask[:, 2:], 0.2, count=3)
+    assert close(first, (-1.2 - 0.5) / 3) and close(second, 2.2 / 3) and close(first + second, whole)
+
+
+def test_statistics_over_processes_use_reduced_sums_and_counts():
+    # Two processes holding the same values: the mean is unchanged; the variance sees 6 values
+    # with squared deviations 2 x 14/3 = 28/3, Bessel-corrected by 6 - 1: 28/15.
+    twice = lambda t: 2 * t  # noqa: E731  (an all-reduce over two identical processes)
+    assert close(masked_mean(X, M, reduce=twice), 7 / 3)
+    assert close(masked_var(X, M, reduce=twice), 28 / 15)
+    assert close(masked_var(X, M, unbiased=False, reduce=twice), 14 / 9)
+
+
+class ThreadGroup:
+    """An all-reduce (sum) among threads standing in for processes."""
+
+    def __init__(self, world: int) -> None:
+        self.barrier, self.slots = threading.Barrier(world), [None] * world
+
+    def reduce(self, rank: int):
+        def summed(t: torch.Tensor) -> torch.Tensor:
+            self.slots[rank] = t
+            self.barrier.wait()
+            total = sum(self.slots)
+            self.barrier.wait()
+            return total
+
+        return summed
+
+
+def test_whitening_in_shares_equals_whitening_the_whole_batch():
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.0], [3.0, 1.0, 0.0, 0.0], [-2.0, 4.0, 1.5, 0.5]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    shares = [(x[:1], mask[:1]), (x[1:], mask[1:])]  # rank 0 holds one episode, rank 1 two
+    group, results = ThreadGroup(2), [None, None]
+
+    def rank(r: int) -> None:
+        xs, ms = shares[r]
+        results[r] = (whiten(xs, ms, reduce=group.reduce(r)), whiten(xs, ms, shift_mean=False, reduce=group.reduce(r)))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert close(torch.cat([results[0][0], results[1][0]]), whiten(x, mask), 1e-6)
+    assert close(torch.cat([results[0][1], results[1][1]]), whiten(x, mask, shift_mean=False), 1e-6)
+
+
+def test_minibatch_shares():
+    # Global positions 0-3 live on rank 0, 4-7 on rank 1. Members in the mini-batch's order:
+    # rank 0 holds 0, 3, 2 (local 0, 3, 2); rank 1 holds 5, 7 (local 1, 3). Micro-batches of 2:
+    # rank 0 needs 2, so rank 1 gets an empty second one.
+    assert minibatch_shares([5, 0, 3, 2, 7], per_rank=4, world=2, micro_size=2) == [[[0, 3], [2]], [[1, 3], []]]
+    # a rank may hold no member at all; it still runs one (empty) micro-batch per micro-batch of the others
+    assert minibatch_shares([4, 5], per_rank=4, world=2, micro_size=1) == [[[], []], [[0], [1]]]
+    # one process: the mini-batch itself, in micro-batches
+    assert minibatch_shares([2, 0, 1], per_rank=3, world=1, micro_size=2) == [[[2, 0], [1]]]
 
 
 def test_logprobs_and_entropy_use_temperature():

@@ -5,18 +5,23 @@ Shapes: ``[B, T]`` tensors run over the *response* tokens of B episodes (right-p
 here touches a model, so each function is tested against hand-computed values.
 
 Statistics over the batch (``masked_mean``/``masked_var``) are the only places where episodes
-are mixed; under data parallelism they are where sums and counts would be all-reduced.
+are mixed. Under data parallelism each process holds a share of the episodes, and these functions
+take ``reduce``, a function that sums a tensor over the processes (an all-reduce; None in one
+process): the sums and counts are reduced before dividing, so the statistics are those of the
+whole batch. Losses of a mini-batch split across processes (and micro-batches) divide their sums by
+the mini-batch's global count (``count``), so the parts add up to the mean over the whole.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 KLEstimator = Literal["k1", "k3"]
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------- masked statistics
@@ -26,26 +31,44 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum()
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over the positions where ``mask`` is 1."""
-    return masked_sum(x, mask) / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: float | torch.Tensor | None = None,
+                reduce: Reduce | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is 1.
+
+    ``count``: divide the masked sum by this number instead of the mask's own count (for a part of a
+    larger batch whose count is ``count``: the parts' results add up to the mean of the whole).
+    ``reduce``: sum and count are first summed over the processes (the mean of every process's
+    positions)."""
+    if count is not None:
+        return masked_sum(x, mask) / max(float(count), 1.0)
+    if reduce is None:
+        return masked_sum(x, mask) / mask.sum().clamp(min=1)
+    total = reduce(torch.stack([masked_sum(x, mask), mask.sum().to(x.dtype)]))
+    return total[0] / total[1].clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of ``x`` over the masked positions (Bessel-corrected by default)."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_sum((x - mean) ** 2, mask) / n.clamp(min=1)
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
+               reduce: Reduce | None = None) -> torch.Tensor:
+    """Variance of ``x`` over the masked positions (Bessel-corrected by default); with ``reduce``
+    over every process's positions (two passes: the global mean, then the squared deviations)."""
+    mean = masked_mean(x, mask, reduce=reduce)
+    if reduce is None:
+        squares, n = masked_sum((x - mean) ** 2, mask), mask.sum()
+    else:
+        squares, n = reduce(torch.stack([masked_sum((x - mean) ** 2, mask), mask.sum().to(x.dtype)]))
+    var = squares / n.clamp(min=1)
     if unbiased and n > 1:
         var = var * n / (n - 1)
     return var
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           reduce: Reduce | None = None) -> torch.Tensor:
     """Scale ``x`` to unit variance over the masked positions (and zero mean when ``shift_mean``);
     padding positions come out as 0. Rewards are whitened without shifting the mean, so a
-    positive reward stays positive (lm-human-preferences / TRL)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    positive reward stays positive (lm-human-preferences / TRL). With ``reduce`` the mean and
+    variance are those of every process's positions."""
+    mean, var = masked_mean(x, mask, reduce=reduce), masked_var(x, mask, reduce=reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -140,32 +163,54 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_ratio: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                mask: torch.Tensor, clip_ratio: float,
+                count: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (to minimise) and its diagnostics.
 
-    loss = mean_t max(-A_t * r_t, -A_t * clip(r_t, 1 - eps, 1 + eps)), r_t = pi / pi_old."""
+    loss = mean_t max(-A_t * r_t, -A_t * clip(r_t, 1 - eps, 1 + eps)), r_t = pi / pi_old.
+    With ``count`` the loss and diagnostics are this part's share of a mean over ``count`` tokens."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, count)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
-                 "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
-                 "ratio": masked_mean(ratio, mask)}
+        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask, count),
+                 "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask, count),
+                 "ratio": masked_mean(ratio, mask, count)}
     return loss, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss: 0.5 * mean_t max((V - R)^2, (V_old + clip(V - V_old, +-c) - R)^2)."""
+               clip_value: float,
+               count: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * mean_t max((V - R)^2, (V_old + clip(V - V_old, +-c) - R)^2)
+    (with ``count``: this part's share of a mean over ``count`` tokens)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip_value, clip_value)
     unclipped_err = (values - returns) ** 2
     clipped_err = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask, count)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped_err > unclipped_err).float(), mask)}
+        stats = {"clipfrac": masked_mean((clipped_err > unclipped_err).float(), mask, count)}
     return loss, stats
+
+
+# ---------------------------------------------------------------- mini-batches across processes
+
+
+def minibatch_shares(members: Sequence[int], per_rank: int, world: int, micro_size: int) -> list[list[list[int]]]:
+    """Who computes what of one mini-batch when the step's episodes are spread over processes.
+
+    ``members`` are positions in the step's global batch, in which rank r holds the ``per_rank``
+    positions from ``r * per_rank`` on. Returns, for every rank, its members as local indices
+    (position - r * per_rank, in the mini-batch's order) cut into micro-batches of at most
+    ``micro_size``, every rank padded with empty micro-batches to the same count (a rank with an
+    empty one still runs a pass that contributes nothing, so collectives line up)."""
+    owned: list[list[int]] = [[] for _ in range(world)]
+    for position in members:
+        owned[position // per_rank].append(position % per_rank)
+    count = max(1, max(-(-len(o) // micro_size) for o in owned))
+    return [[o[k * micro_size:(k + 1) * micro_size] for k in range(count)] for o in owned]
 
 
 # ---------------------------------------------------------------- KL coefficient
