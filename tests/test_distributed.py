@@ -1,9 +1,15 @@
-"""torchrun with 2 CPU processes (gloo) against 1 process with the doubled batch."""
+"""torchrun with 2 CPU processes (gloo) against 1 process with the doubled batch.
+
+Tolerances: the runs differ only in the order of floating-point sums (shares summed across ranks,
+other padding widths), so losses agree to 1e-4 relative and weights to 1e-5 at the learning rates
+used here.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -12,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUICK, ROOT
+from conftest import QUICK, ROOT, write_lines
 
 
 def _free_port() -> int:
@@ -71,6 +77,119 @@ def test_sft_fsdp_with_lora_matches_one_rank(tmp_path, tiny_model_dir):
     launch(1, sft_args(tiny_model_dir, tmp_path / "one", 8, "--lora", **common))
     assert_weights_close(tmp_path / "fsdp", tmp_path / "one", atol=1e-5)
     assert (tmp_path / "fsdp" / "checkpoints" / "step-000002" / "model.safetensors").exists()
+
+
+def test_micro_batches_are_as_many_on_every_rank():
+    from preftune.distributed import DistInfo, micro_batches
+
+    assert micro_batches(["a", "b", "c"], per_rank=4, parts=2) == [["a", "b"], ["c"]]
+    assert micro_batches(["a", "b"], per_rank=4, parts=2) == [["a", "b"], []]  # the last rank's short share
+    assert micro_batches([], per_rank=1, parts=3) == [[]]  # nothing left for this rank: one empty pass
+    # 5 groups on 2 ranks: shares of 3 and 2
+    assert [DistInfo(r, 2).my_slice(list(range(5))) for r in range(2)] == [[0, 1, 2], [3, 4]]
+
+
+def cli_args(stage: str, options: dict) -> list[str]:
+    """Command-line flags for ``options`` (the same dict builds the in-process config)."""
+    args = [stage]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        args += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
+    return args
+
+
+def metric_rows(out) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k not in ("eps", "tokens_per_s")}
+            for r in rows]
+
+
+def assert_curves_close(a, b, rel=1e-4, abs_=1e-6):
+    ra, rb = metric_rows(a), metric_rows(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=rel, abs=abs_), (x["step"], k)
+
+
+def resume_on_one_rank(two_rank_out, resumed_out, step: int) -> None:
+    (resumed_out / "checkpoints").mkdir(parents=True)
+    name = f"step-{step:06d}"
+    os.rename(two_rank_out / "checkpoints" / name, resumed_out / "checkpoints" / name)
+
+
+# ---------------------------------------------------------------- reward
+
+
+@pytest.fixture(scope="module")
+def preferences(tmp_path_factory):
+    """Comparisons, rankings (several pairs per group) and ratings: groups of unequal size."""
+    rng = random.Random(0)
+    words = "great happy love bad sad awful the cat dog river city film day book tree".split()
+    good, bad = set(words[:3]), set(words[3:6])
+    gold = lambda t: sum(w in good for w in t.split()) - sum(w in bad for w in t.split())  # noqa: E731
+    text = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(3, 9)))  # noqa: E731
+    rows = []
+    for i in range(40):
+        a, b = text(), text()
+        rows.append({"prompt": f"Review {i % 7}.", "chosen": max(a, b, key=gold), "rejected": min(a, b, key=gold)})
+    for _ in range(8):
+        responses = [text() for _ in range(3)]
+        rows.append({"prompt": "Rank these.", "responses": responses, "annotator": "r",
+                     "ranking": sorted(range(3), key=lambda k: -gold(responses[k]))})
+    for i in range(6):
+        rows += [{"prompt": f"Rate {i}.", "response": text(), "rating": rng.randint(1, 3), "annotator": "b"}
+                 for _ in range(3)]
+    return write_lines(tmp_path_factory.mktemp("prefs") / "prefs.jsonl", [r for r in rows if "chosen" not in r
+                                                                         or r["chosen"] != r["rejected"]])
+
+
+def reward_options(model, data, out, batch, **extra) -> dict:
+    return {"model": str(model), "data": str(data), "out": str(out), "batch_size": batch, "lr": 1e-3,
+            "max_steps": 6, "eval_split": 0.25, "seed": 5, "max_length": 64, "threads": 1, "device": "cpu", **extra}
+
+
+def test_reward_two_ranks_match_one_rank_with_double_batch(tmp_path, tiny_model_dir, preferences):
+    from preftune.reward.trainer import RewardConfig, train_reward
+
+    launch(2, cli_args("reward", reward_options(tiny_model_dir, preferences, tmp_path / "two", 4, grad_accum=2,
+                                                save_every=3)))
+    one = train_reward(RewardConfig(**reward_options(tiny_model_dir, preferences, tmp_path / "one", 8)), quiet=True)
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2 and len(set(two["rank_param_checksums"])) == 1
+    for key in ("eval_loss", "eval_accuracy", "eval_ece", "eval_reward_mean", "eval_reward_std", "gain", "bias",
+                "initial_eval_loss"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4), key
+    assert two["eval_accuracy_by_annotator"] == one["eval_accuracy_by_annotator"]
+    assert_curves_close(tmp_path / "two", tmp_path / "one")
+    assert_weights_close(tmp_path / "two", tmp_path / "one", atol=1e-5)
+    meta = json.loads((tmp_path / "two" / "reward_model.json").read_text())
+    assert meta["gain"] == two["gain"]
+
+    # The checkpoint of step 3 written by 2 ranks resumes in one process (batch 8 = 2 x 4).
+    resume_on_one_rank(tmp_path / "two", tmp_path / "resumed", 3)
+    train_reward(RewardConfig(**reward_options(tiny_model_dir, preferences, tmp_path / "resumed", 8, resume=True)),
+                 quiet=True)
+    assert_weights_close(tmp_path / "resumed", tmp_path / "one", atol=1e-5)
+
+
+def test_reward_fsdp_with_lora_matches_one_rank(tmp_path, tiny_model_dir, preferences):
+    from preftune.reward.trainer import RewardConfig, train_reward
+
+    common = dict(lora=True, lora_r=4)
+    launch(2, cli_args("reward", reward_options(tiny_model_dir, preferences, tmp_path / "fsdp", 4, fsdp=True,
+                                                save_every=2, **common)))
+    one = train_reward(RewardConfig(**reward_options(tiny_model_dir, preferences, tmp_path / "one", 8, **common)),
+                       quiet=True)
+    fsdp = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
+    assert fsdp["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
+    assert fsdp["gain"] == pytest.approx(one["gain"], rel=1e-4)
+    assert_weights_close(tmp_path / "fsdp", tmp_path / "one", atol=1e-5)  # merged, gathered, plain HF
+    resume_on_one_rank(tmp_path / "fsdp", tmp_path / "resumed", 4)
+    train_reward(RewardConfig(**reward_options(tiny_model_dir, preferences, tmp_path / "resumed", 8, resume=True,
+                                               **common)), quiet=True)
+    assert_weights_close(tmp_path / "resumed", tmp_path / "one", atol=1e-5)
 
 
 def test_stages_without_data_parallelism_refuse_torchrun(monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from preftune.config import config_from_cli, config_options
+from preftune.distributed import is_main_process
 from preftune.reward.trainer import RewardConfig
 
 
@@ -30,4 +31,5 @@ def register(cli: click.Group, config_help: str) -> None:
         summary = train_reward(cfg)
         acc = summary.get("eval_accuracy")
         shown = f"eval_accuracy {acc:.3f}, eval_loss {summary['eval_loss']:.4f}" if acc is not None else "no eval data"
-        click.echo(f"reward done: {shown} -> {cfg.out}")
+        if is_main_process():
+            click.echo(f"reward done: {shown} -> {cfg.out}")

@@ -197,13 +197,15 @@ class RewardModel:
         model, tokenizer = _load_seq_cls(path, device, dtype)
         return cls(model, tokenizer, meta)
 
-    def save(self, out: str | Path) -> None:
-        """Plain Hugging Face directory (+ ``reward_model.json``); LoRA adapters are merged."""
+    def save(self, out: str | Path, sharded: bool = False, is_main: bool = True) -> None:
+        """Plain Hugging Face directory (+ ``reward_model.json``); LoRA adapters are merged. Under
+        torchrun every rank calls this and rank 0 writes (``sharded``: FSDP, gathered first)."""
         from preftune.training import save_final_model
 
         out = Path(out)
-        save_final_model(self.model, self.tokenizer, out)
-        (out / META_FILE).write_text(json.dumps(asdict(self.meta), indent=2) + "\n")
+        save_final_model(self.model, self.tokenizer, out, sharded=sharded, is_main=is_main)
+        if is_main:
+            (out / META_FILE).write_text(json.dumps(asdict(self.meta), indent=2) + "\n")
 
     # ------------------------------------------------------------ scoring
 

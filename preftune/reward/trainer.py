@@ -1,9 +1,15 @@
 """Reward-model training: ``preftune reward``.
 
 A thin loop around the pure pieces: records -> groups of pairs (``pairs.py``), one forward over
-every response of a batch of groups (``RewardModel.forward_ids``), the grouped Bradley-Terry loss
+every response of a batch of groups (``sequence_scores``), the grouped Bradley-Terry loss
 (``losses.py``). After training the scores are normalised on reference responses and the model is
 saved as a Hugging Face directory with ``reward_model.json``.
+
+Under torchrun each rank takes its slice of the global batch of groups (world size x
+``--batch-size``) and the loss is the sum of group losses over the global number of groups, so the
+gradient is that of the big batch. Held-out scores and the normalisation's reference scores are
+computed in shares and gathered (under FSDP every rank scores everything: each forward pass is a
+collective), so every rank gets the numbers a single process gets.
 """
 
 from __future__ import annotations
@@ -22,18 +28,31 @@ from preftune.config import TrainConfig
 from preftune.data.jsonl import read_jsonl
 from preftune.data.records import Messages, RecordError
 from preftune.data.split import train_eval_split
-from preftune.distributed import require_single_process
-from preftune.errors import ConfigError, DataError, PreftuneError
+from preftune.distributed import (
+    DistInfo,
+    all_gather_lists,
+    all_reduce_sum,
+    barrier,
+    check_same_config,
+    device_for,
+    gather_checksums,
+    init_distributed,
+    micro_batches,
+)
+from preftune.errors import DataError, PreftuneError
 from preftune.models.loading import set_threads
 from preftune.progress import console, progress_bar
 from preftune.reward.losses import expected_calibration_error, grouped_preference_loss, pair_accuracy
-from preftune.reward.model import RewardModel
+from preftune.reward.model import RewardModel, right_pad, sequence_scores
 from preftune.reward.pairs import PreferenceGroup, expand_preferences
 from preftune.sft.trainer import epoch_order
 from preftune.training import (
     MetricsLogger,
     Throughput,
     apply_lora,
+    clip_gradients,
+    distribute,
+    gradient_sync,
     latest_checkpoint,
     load_checkpoint,
     make_optimizer,
@@ -119,10 +138,28 @@ def flatten(groups: list[EncodedGroup]):
             torch.tensor(margins, dtype=torch.float32))
 
 
-def batch_loss(rm: RewardModel, groups: list[EncodedGroup], center_coef: float):
-    """Per-group losses [G] and the raw scores of every sequence, in one forward pass."""
+class ScoreNet(torch.nn.Module):
+    """``sequence_scores`` as a module, so DDP and FSDP can wrap it (they act in its forward)."""
+
+    def __init__(self, model, pad_id: int) -> None:
+        super().__init__()
+        self.model, self.pad_id = model, pad_id
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return sequence_scores(self.model, input_ids, attention_mask)
+
+    def score(self, net, sequences) -> torch.Tensor:
+        """Raw scores [N] of token-id lists through ``net`` (this module or its wrapper)."""
+        ids, mask = right_pad(sequences, self.pad_id)
+        device = next(self.model.parameters()).device
+        return net(ids.to(device), mask.to(device))
+
+
+def batch_loss(score, groups: list[EncodedGroup], center_coef: float):
+    """Per-group losses [G] and the raw scores of every sequence, in one forward pass
+    (``score``: token-id lists -> scores)."""
     sequences, w, l, gid, margin = flatten(groups)
-    scores = rm.forward_ids(sequences)
+    scores = score(sequences)
     dev = scores.device
     losses = grouped_preference_loss(scores[w.to(dev)], scores[l.to(dev)], gid.to(dev), len(groups),
                                      margin.to(dev), center_coef)
@@ -130,23 +167,37 @@ def batch_loss(rm: RewardModel, groups: list[EncodedGroup], center_coef: float):
 
 
 @torch.no_grad()
-def evaluate(rm: RewardModel, groups: list[EncodedGroup], batch_size: int) -> dict:
-    """Held-out pair accuracy, loss, calibration (ECE), accuracy per annotator, reward mean/std."""
-    was_training = rm.model.training
-    rm.model.eval()
-    chosen, rejected, annotators, losses, all_scores = [], [], [], [], []
-    for i in range(0, len(groups), batch_size):
-        batch = groups[i:i + batch_size]
-        sequences, w, l, gid, margin = flatten(batch)
-        scores = rm.forward_ids(sequences).float().cpu()
-        chosen.append(scores[w])
-        rejected.append(scores[l])
-        annotators += [g.annotator for g in batch for _ in g.winners]
-        losses.append(grouped_preference_loss(scores[w], scores[l], gid, len(batch), margin))
-        all_scores.append(scores)
-    rm.model.train(was_training)
-    r_c, r_r, s = torch.cat(chosen), torch.cat(rejected), torch.cat(all_scores)
-    metrics = {"eval_loss": torch.cat(losses).mean().item(), "eval_accuracy": pair_accuracy(r_c, r_r).item(),
+def score_sequences(score, sequences: list[list[int]], batch_size: int, info: DistInfo = DistInfo(),
+                    everyone: bool = False) -> torch.Tensor:
+    """Raw scores [N] (float32, CPU) of token-id lists, the same on every rank: each rank scores its
+    share and the shares are gathered, or with ``everyone`` (FSDP, where a forward pass is a
+    collective) every rank scores all. Batches are formed by length (less padding)."""
+    positions = list(range(len(sequences)))
+    mine = positions if everyone or not info.enabled else info.my_slice(positions)
+    mine.sort(key=lambda i: len(sequences[i]))
+    found: list[tuple[int, float]] = []
+    for k in range(0, len(mine), batch_size):
+        chunk = mine[k:k + batch_size]
+        found += zip(chunk, score([sequences[i] for i in chunk]).float().cpu().tolist())
+    if info.enabled and not everyone:
+        found = all_gather_lists(found, info)
+    scores = torch.zeros(len(sequences), dtype=torch.float32)
+    for i, value in found:
+        scores[i] = value
+    return scores
+
+
+@torch.no_grad()
+def evaluate(score, groups: list[EncodedGroup], batch_size: int, info: DistInfo = DistInfo(),
+             everyone: bool = False) -> dict:
+    """Held-out pair accuracy, loss, calibration (ECE), accuracy per annotator, reward mean/std
+    (``score``: token-id lists -> raw scores; see ``score_sequences`` for ``info``/``everyone``)."""
+    sequences, w, l, gid, margin = flatten(groups)
+    s = score_sequences(score, sequences, batch_size, info, everyone)
+    r_c, r_r = s[w], s[l]
+    annotators = [g.annotator for g in groups for _ in g.winners]
+    losses = grouped_preference_loss(r_c, r_r, gid, len(groups), margin)
+    metrics = {"eval_loss": losses.mean().item(), "eval_accuracy": pair_accuracy(r_c, r_r).item(),
                "eval_ece": expected_calibration_error(r_c, r_r).item(), "eval_pairs": len(r_c),
                "eval_reward_mean": s.mean().item(), "eval_reward_std": s.std().item() if len(s) > 1 else 0.0}
     by_annotator: dict[str, list[int]] = defaultdict(list)
@@ -224,11 +275,18 @@ def normalisation(raw: torch.Tensor, with_gain: bool) -> tuple[float, float]:
     return gain, -mean * gain
 
 
-def normalise(rm: RewardModel, cfg: RewardConfig, train_groups: list[PreferenceGroup]) -> dict:
+def normalise(rm: RewardModel, cfg: RewardConfig, train_groups: list[PreferenceGroup], score=None,
+              info: DistInfo = DistInfo(), everyone: bool = False) -> dict:
+    """Set ``rm``'s gain and bias from raw scores of the reference responses (``score`` as in
+    ``score_sequences``; default: ``rm.forward_ids``)."""
     pairs = read_reference(cfg.reference, cfg.skip_invalid) if cfg.reference else unique_responses(train_groups)
     if len(pairs) > cfg.normalize_samples:
         pairs = random.Random(cfg.seed).sample(pairs, cfg.normalize_samples)
-    raw = rm.raw_scores([p for p, _ in pairs], [r for _, r in pairs], batch_size=cfg.batch_size * 2)
+    was_training = rm.model.training
+    rm.model.eval()
+    encoded = [rm.encode(p, r) for p, r in pairs]
+    raw = score_sequences(score or rm.forward_ids, encoded, cfg.batch_size * 2, info, everyone)
+    rm.model.train(was_training)
     gain, bias = normalisation(raw, cfg.normalize_gain)
     rm.meta.gain, rm.meta.bias = gain, bias
     rm.meta.normalisation = {"reference": cfg.reference or "training responses", "count": len(pairs),
@@ -240,17 +298,18 @@ def normalise(rm: RewardModel, cfg: RewardConfig, train_groups: list[PreferenceG
 
 
 def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: bool = False) -> dict:
-    """Train a reward model; returns the final metrics. ``stop_after`` ends the run after that step
-    (as an interruption would; used by the resume tests)."""
-    require_single_process("reward")
-    if cfg.fsdp:
-        raise ConfigError("--fsdp: preftune reward trains in one process (reward models are small)")
+    """Train a reward model (one process, or one rank under torchrun); returns the final metrics.
+    ``stop_after`` ends the run after that step (as an interruption would; used by the resume tests)."""
+    info = init_distributed(cfg.device)
+    check_same_config(cfg.model_dump(), info)
+    quiet = quiet or not info.is_main
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     train_groups, eval_groups, notes = read_preferences(cfg)  # bad input fails before the model loads
-    rm = RewardModel.from_backbone(cfg.model, device=cfg.device, dtype=cfg.dtype, max_length=cfg.max_length)
+    rm = RewardModel.from_backbone(cfg.model, device=device_for(info, cfg.device), dtype=cfg.dtype,
+                                   max_length=cfg.max_length)
     train, skipped = encode_groups(train_groups, rm, cfg.max_length, cfg.truncate, cfg.skip_invalid)
     held, skipped_eval = encode_groups(eval_groups, rm, cfg.max_length, cfg.truncate, cfg.skip_invalid)
     if skipped or skipped_eval:
@@ -258,31 +317,52 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
                      f"{(skipped + skipped_eval)[0]}")
     if not train:
         raise PreftuneError(f"{cfg.data}: no training pairs left after skipping over-long records")
-    for note in notes:
+    for note in notes if info.is_main else []:
         console.print(note if "skipped" not in note else f"[yellow]{note}")
     if cfg.lora:
         rm.model = apply_lora(rm.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
                               task_type="SEQ_CLS")
     rm.model.train()
+    scorer = ScoreNet(rm.model, rm.tokenizer.pad_token_id)
+    net = distribute(scorer, rm.model, info, cfg.fsdp)
+    sharded = info.enabled and cfg.fsdp
+    train_score = lambda sequences: scorer.score(net, sequences)  # noqa: E731
+    # No-grad scoring: under FSDP through the sharded root (every rank scores everything), else the
+    # plain module (each rank scores a share).
+    eval_score = lambda sequences: scorer.score(net if sharded else scorer, sequences)  # noqa: E731
 
-    steps_per_epoch, total_steps = plan_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    global_batch = cfg.batch_size * info.world
+    steps_per_epoch, total_steps = plan_steps(len(train), global_batch, cfg.epochs, cfg.max_steps)
     optimizer = make_optimizer(rm.model.parameters(), cfg.lr, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.schedule)
 
     start = 0
     ckpt = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None:
+    if cfg.resume and ckpt is None and info.is_main:
         console.print(f"[yellow]--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
     if ckpt is not None:
-        start = load_checkpoint(ckpt, {"model": rm.model}, optimizer, scheduler)["step"]
-        console.print(f"resuming from {ckpt} (step {start})")
-    write_json(out / "run_config.json", {"stage": "reward", **cfg.model_dump()})
-    logger = MetricsLogger(out, cfg.tensorboard, resume_step=start if ckpt is not None else None)
+        state = load_checkpoint(ckpt, {"model": rm.model}, optimizer, scheduler)
+        start = state["step"]
+        if info.is_main:
+            if state.get("global_batch", global_batch) != global_batch:
+                console.print(f"[yellow]resuming with global batch {global_batch} (world {info.world} x "
+                              f"{cfg.batch_size}); the checkpoint was written with {state['global_batch']}")
+            console.print(f"resuming from {ckpt} (step {start})")
+    logger = None
+    if info.is_main:
+        write_json(out / "run_config.json", {"stage": "reward", "world_size": info.world, **cfg.model_dump()})
+        logger = MetricsLogger(out, cfg.tensorboard, resume_step=start if ckpt is not None else None)
 
-    micro = max(1, cfg.batch_size // cfg.grad_accum)
+    def run_eval() -> dict:
+        was_training = rm.model.training
+        rm.model.eval()
+        metrics = evaluate(eval_score, held, cfg.batch_size * 4, info, everyone=sharded)
+        rm.model.train(was_training)
+        return metrics
+
     speed = Throughput()
     t_start = time.perf_counter()
-    initial = evaluate(rm, held, cfg.batch_size * 2) if held and start == 0 else {}
+    initial = run_eval() if held and start == 0 else {}
     evals: dict = {}
     last: dict = {}
     t_loop, eval_seconds = time.perf_counter(), 0.0
@@ -291,48 +371,65 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
         for step in range(start, total_steps):
             epoch, pos = divmod(step, steps_per_epoch)
             order = epoch_order(len(train), cfg.seed, epoch)
-            batch = [train[i] for i in order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]]
-            step_loss, scores = 0.0, []
-            for j in range(0, len(batch), micro):
-                losses, s = batch_loss(rm, batch[j:j + micro], cfg.center_coef)
-                (losses.sum() / len(batch)).backward()  # mean over the step's groups
-                step_loss += losses.sum().item()
-                scores.append(s.detach().float().cpu())
-            grad_norm = (torch.nn.utils.clip_grad_norm_(rm.model.parameters(), cfg.max_grad_norm).item()
-                         if cfg.max_grad_norm > 0 else None)
+            batch = [train[i] for i in order[pos * global_batch:(pos + 1) * global_batch]]
+            chunks = micro_batches(info.my_slice(batch), info.per_rank(len(batch)), cfg.grad_accum)
+            # loss sum, score sum, score sum of squares, score count: summed over ranks below
+            local = torch.zeros(4, dtype=torch.float64)
+            for k, chunk in enumerate(chunks):
+                with gradient_sync(net, enabled=k == len(chunks) - 1):
+                    # A rank left without groups (the end of an epoch) still takes part in the
+                    # gradient all-reduce, with a pass that adds nothing.
+                    losses, s = batch_loss(train_score, chunk or batch[:1], cfg.center_coef)
+                    # Mean over the global batch's groups; DDP and FSDP average over ranks.
+                    weight = info.world / len(batch) if chunk else 0.0
+                    (losses.sum() * weight).backward()
+                if chunk:
+                    s = s.detach().double().cpu()
+                    local += torch.stack([losses.detach().sum().double().cpu(), s.sum(), (s ** 2).sum(),
+                                          torch.tensor(float(len(s)), dtype=torch.float64)])
+            grad_norm = clip_gradients(rm.model, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            s = torch.cat(scores)
-            last = {"loss": step_loss / len(batch), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                    "reward_mean": s.mean().item(), "reward_std": s.std().item() if len(s) > 1 else 0.0,
+            loss_sum, s_sum, s_squares, n = all_reduce_sum(local, info).tolist()
+            variance = (s_squares - s_sum ** 2 / n) / (n - 1) if n > 1 else 0.0
+            last = {"loss": loss_sum / len(batch), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    "reward_mean": s_sum / n, "reward_std": max(variance, 0.0) ** 0.5,
                     "tokens_per_s": speed.update(sum(g.tokens for g in batch)), "epoch": done / steps_per_epoch}
             if held and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
                 t_eval = time.perf_counter()
-                evals = evaluate(rm, held, cfg.batch_size * 2)
+                evals = run_eval()
                 eval_seconds += time.perf_counter() - t_eval
                 last.update(evals)
-            if done % cfg.log_every == 0 or done == total_steps:
+            if logger and (done % cfg.log_every == 0 or done == total_steps):
                 logger.log(done, last)
             bar.advance(1, loss=last["loss"], acc=last.get("eval_accuracy", ""),
                         tok_s=round(last["tokens_per_s"]))
             if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
-                save_checkpoint(out, done, {"model": rm.model}, optimizer, scheduler, {}, cfg.keep_checkpoints)
+                save_checkpoint(out, done, {"model": rm.model}, optimizer, scheduler, {"global_batch": global_batch},
+                                cfg.keep_checkpoints, is_main=info.is_main)
             if stop_after is not None and done >= stop_after:
-                logger.close()
+                barrier(info)
+                if logger:
+                    logger.close()
                 return {"stopped_at": done}
-    logger.close()
+    if logger:
+        logger.close()
     train_seconds = time.perf_counter() - t_loop - eval_seconds
-    norm = normalise(rm, cfg, train_groups)
-    rm.save(out)
+    norm = normalise(rm, cfg, train_groups, eval_score, info, everyone=sharded)
     summary = {"steps": total_steps, "train_groups": len(train), "train_pairs": sum(len(g.winners) for g in train),
                "eval_groups": len(held), "final_loss": last.get("loss"), **evals,
                **{f"initial_{k}": v for k, v in initial.items() if k in ("eval_accuracy", "eval_loss")},
-               "normalisation": norm, "gain": rm.meta.gain, "bias": rm.meta.bias,
+               "normalisation": norm, "gain": rm.meta.gain, "bias": rm.meta.bias, "world_size": info.world,
                "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(1, total_steps - start),
                "seconds": time.perf_counter() - t_start}
+    if info.enabled and not cfg.fsdp:  # evidence that DDP kept every rank's weights identical
+        summary["rank_param_checksums"] = gather_checksums(rm.model, info)
+    rm.save(out, sharded=sharded, is_main=info.is_main)
     if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
         summary["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    write_json(out / "metrics.json", summary)
+    if info.is_main:
+        write_json(out / "metrics.json", summary)
+    barrier(info)
     return summary
