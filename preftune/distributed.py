@@ -167,15 +167,6 @@ def gather_checksums(model: torch.nn.Module, info: DistInfo) -> list[float]:
     return sums  # type: ignore[return-value]
 
 
-def require_single_process(stage: str) -> None:
-    """Stages without data-parallel support refuse torchrun instead of running N copies that
-    overwrite each other's outputs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise PreftuneError(f"preftune {stage} runs in one process; it was started by torchrun with "
-                            f"{world} processes (run it without torchrun)")
-
-
 def is_main_process() -> bool:
     """Rank 0 under torchrun (or the only process): the one that prints."""
     return os.environ.get("RANK", "0") == "0"

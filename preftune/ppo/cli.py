@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from preftune.config import config_from_cli, config_options
+from preftune.distributed import is_main_process
 
 
 def register(cli: click.Group, config_help: str) -> None:
@@ -29,4 +30,5 @@ def register(cli: click.Group, config_help: str) -> None:
         cfg = config_from_cli(PPOConfig, kwargs, "ppo")
         summary = train_ppo(cfg)
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}
-        click.echo(f"ppo done: {shown} -> {cfg.out}")
+        if is_main_process():
+            click.echo(f"ppo done: {shown} -> {cfg.out}")

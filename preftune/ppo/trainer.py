@@ -11,6 +11,14 @@ One step (CleanRL style, every phase named and timed):
 5. **advantages** -- per-token rewards ``-beta * KL_t`` + score at the last token, GAE, whitening;
 6. **update** -- ``ppo_epochs`` passes over ``mini_batches`` shuffled mini-batches: clipped policy
    loss + ``vf_coef`` * clipped value loss (+ ``ptx_coef`` * LM loss on ``ptx_data``).
+
+Under torchrun (DDP, or FSDP2 with ``--fsdp``) each rank samples and scores its share of the step's
+prompts; every statistic that mixes episodes (whitening, KL, metrics) is computed from all-reduced
+sums and counts; the mini-batches are drawn from one global permutation of the step's episodes,
+each rank computing the members it holds, with every mean over the mini-batch's global counts. Each
+prompt is sampled from its own random stream, seeded from (seed, step, position in the step's
+global batch). So a run on N ranks with batch B matches one process with batch N x B up to
+floating-point rounding.
 """
 
 from __future__ import annotations
@@ -19,7 +27,6 @@ import copy
 import json
 import math
 import time
-from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Literal
@@ -28,11 +35,23 @@ import torch
 from pydantic import Field, model_validator
 
 from preftune.config import TrainConfig
-from preftune.distributed import require_single_process
+from preftune.distributed import (
+    DistInfo,
+    all_gather_lists,
+    all_gather_tensor,
+    all_ranks_done,
+    all_reduce_sum,
+    barrier,
+    check_same_config,
+    device_for,
+    gather_checksums,
+    init_distributed,
+    summing,
+)
 from preftune.errors import PreftuneError
-from preftune.models.generation import generate
+from preftune.models.generation import generate, row_seed
 from preftune.models.loading import load_causal_lm, set_threads
-from preftune.models.logits import _unwrap
+from preftune.models.logits import ResponseLogits, _unwrap
 from preftune.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
@@ -40,6 +59,7 @@ from preftune.ppo.core import (
     gae_advantages,
     kl_penalty,
     masked_mean,
+    minibatch_shares,
     per_token_rewards,
     policy_loss,
     value_loss,
@@ -60,6 +80,9 @@ from preftune.reward.spec import checked, load_reward
 from preftune.training import (
     MetricsLogger,
     apply_lora,
+    clip_gradients,
+    distribute,
+    gradient_sync,
     latest_checkpoint,
     load_checkpoint,
     make_optimizer,
@@ -169,13 +192,14 @@ def build_value_function(cfg: PPOConfig, policy, tokenizer, device, dtype):
     return None, load_value_model(path, device, dtype)
 
 
-def total_rollout_steps(cfg: PPOConfig, n_prompts: int) -> int:
-    steps = cfg.steps or math.ceil(cfg.epochs * n_prompts / cfg.batch_size)
+def total_rollout_steps(cfg: PPOConfig, n_prompts: int, world: int = 1) -> int:
+    steps = cfg.steps or math.ceil(cfg.epochs * n_prompts / (cfg.batch_size * world))
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
 class PtxStream:
-    """Endless shuffled stream of demonstration batches for the PPO-ptx loss."""
+    """Endless shuffled stream of demonstrations for the PPO-ptx loss (every rank holds all of them
+    and advances the same position)."""
 
     def __init__(self, cfg: PPOConfig, tokenizer) -> None:
         from preftune.data.jsonl import read_jsonl
@@ -187,8 +211,8 @@ class PtxStream:
             raise PreftuneError(f"{cfg.ptx_data}: no demonstrations left")
         self.seed, self.position, self.pad_id = cfg.seed, 0, tokenizer.pad_token_id
 
-    def next(self, n: int):
-        from preftune.sft.data import collate
+    def take(self, n: int) -> list:
+        """The next ``n`` demonstrations (``Example``s)."""
         from preftune.sft.trainer import epoch_order
 
         picked = []
@@ -196,7 +220,7 @@ class PtxStream:
             epoch, pos = divmod(k, len(self.examples))
             picked.append(self.examples[epoch_order(len(self.examples), self.seed, epoch)[pos]])
         self.position += n
-        return collate(picked, self.pad_id)
+        return picked
 
 
 @contextmanager
@@ -206,114 +230,219 @@ def timed(times: dict[str, float], phase: str):
     times[f"time/{phase}"] = times.get(f"time/{phase}", 0.0) + time.perf_counter() - t
 
 
+# ---------------------------------------------------------------- the models and how they run
+
+
+class Dispatch(torch.nn.Module):
+    """One root module over the models a stage trains, whose forward runs any function of them.
+    DDP and FSDP act in the forward of the module they wrap, and PPO uses its models in several
+    ways (sampling, reference and value passes, the update's loss): each use is a function passed
+    to ``forward``."""
+
+    def __init__(self, **modules: torch.nn.Module | None) -> None:
+        super().__init__()
+        for name, module in modules.items():
+            if module is not None:
+                self.add_module(name, module)
+
+    def forward(self, fn: Callable, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+
+class PPOModels:
+    """The policy, its reference, the value function, and how each pass over them runs.
+
+    One process or DDP: passes without gradients (sampling, reference, values, evaluation) call the
+    modules directly (every rank holds the same weights, and DDP's wrapper would add collectives to
+    passes whose number differs between ranks); the update's forward goes through the DDP wrapper.
+    FSDP: every pass goes through the sharded root's forward, which gathers the weights, and
+    sampling continues until every rank's batch has ended, so all ranks run the same passes."""
+
+    def __init__(self, policy, reference, value_head, value_model, info: DistInfo, fsdp: bool) -> None:
+        self.policy, self.reference, self.value_head, self.value_model = policy, reference, value_head, value_model
+        self.fsdp = info.enabled and fsdp
+        self.inner = Dispatch(policy=policy, value=value_head if value_head is not None else value_model)
+        self.net = distribute(self.inner, policy, info, fsdp)
+        self.ref_net = (distribute(Dispatch(reference=reference), reference, info, True)
+                        if self.fsdp and reference is not None else None)
+        self.all_done = all_ranks_done(info) if self.fsdp else None
+
+    def run(self, fn: Callable, *args):
+        """``fn(*args)`` without gradients: through the FSDP root when sharded, else directly."""
+        return self.net(fn, *args) if self.fsdp else fn(*args)
+
+    def sample(self, tokenizer, prompt_ids: list[list[int]], seeds: list[int], cfg: PPOConfig, values: bool = False):
+        """(generation with log-probs, value-head values or None): one response per prompt, each
+        from its own random stream (``seeds``)."""
+
+        def fn():
+            gen = generate(self.policy, tokenizer, prompt_ids, max_new_tokens=cfg.response_length,
+                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop=cfg.stop,
+                           row_seeds=seeds, all_done=self.all_done, return_logprobs=True, return_hidden=values)
+            return gen, self.value_head(gen.hidden) * gen.response_mask.float() if values else None
+
+        return self.run(fn)
+
+    def reference_logprobs(self, episodes: Rollout, temperature: float) -> torch.Tensor:
+        def fn():
+            with reference_mode(self.policy, self.reference) as ref:
+                return policy_forward(ref, episodes, temperature, with_entropy=False).logprobs
+
+        if self.reference is None:  # LoRA: the policy with its adapters disabled
+            return self.run(fn)
+        return self.ref_net(fn) if self.ref_net is not None else fn()
+
+    def values(self, episodes: Rollout) -> torch.Tensor:
+        return self.run(value_forward, self.value_model, episodes)
+
+    def update_forward(self, part: Rollout, temperature: float, with_entropy: bool, ptx_batch: dict | None):
+        """The update's pass (with gradients, through DDP/FSDP): (log-probs, entropy or None, values,
+        summed PPO-ptx LM loss or None)."""
+        return self.net(self._update_pass, part, temperature, with_entropy, ptx_batch)
+
+    def _update_pass(self, part, temperature, with_entropy, ptx_batch):
+        from preftune.sft.trainer import lm_loss_sum
+
+        out = policy_forward(self.policy, part, temperature, self.value_head, with_entropy=with_entropy)
+        values = out.values if self.value_head is not None else value_forward(self.value_model, part)
+        lm_sum = None
+        if ptx_batch is not None:
+            lm_sum, _ = lm_loss_sum(ResponseLogits(self.policy), ptx_batch, part.logprobs.device)
+        return out.logprobs, out.entropy, values, lm_sum
+
+
 # ---------------------------------------------------------------- the loop's phases
 
 
 @torch.no_grad()
-def rollout(policy, reference, value_head, value_model, tokenizer, prompts: list[Prompt], reward: Callable,
-            cfg: PPOConfig, generator: torch.Generator, times: dict) -> tuple[Rollout, torch.Tensor, torch.Tensor, list[str]]:
+def rollout(models: PPOModels, tokenizer, prompts: list[Prompt], seeds: list[int], reward: Callable,
+            cfg: PPOConfig, times: dict) -> tuple[Rollout, torch.Tensor, torch.Tensor, list[str]]:
     """Phases 1-4: (episodes with old log-probs, reference log-probs and values; scores; ended; texts)."""
     with timed(times, "generation"):
-        gen = generate(policy, tokenizer, [p.ids for p in prompts], max_new_tokens=cfg.response_length,
-                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop=cfg.stop,
-                       generator=generator, return_logprobs=True, return_hidden=value_head is not None)
+        gen, values = models.sample(tokenizer, [p.ids for p in prompts], seeds, cfg,
+                                    values=models.value_head is not None)
         episodes = Rollout(gen.prompt_ids, gen.prompt_mask, gen.response_ids, gen.response_mask.float(),
-                           gen.logprobs)
-        if value_head is not None:
-            episodes.values = value_head(gen.hidden) * episodes.response_mask
+                           gen.logprobs, values=values)
     with timed(times, "scoring"):
         device = episodes.logprobs.device
         scores = reward([p.messages for p in prompts], gen.texts).to(device)
-    with timed(times, "reference"), reference_mode(policy, reference) as ref:
-        episodes.ref_logprobs = policy_forward(ref, episodes, cfg.temperature, with_entropy=False).logprobs
-    if value_model is not None:
+    with timed(times, "reference"):
+        episodes.ref_logprobs = models.reference_logprobs(episodes, cfg.temperature)
+    if models.value_model is not None:
         with timed(times, "values"):
-            episodes.values = value_forward(value_model, episodes)
+            episodes.values = models.values(episodes)
     return episodes, scores, gen.ended.to(device), gen.texts
 
 
-def ppo_update(policy, value_head, value_model, optimizer, episodes: Rollout, cfg: PPOConfig,
-               shuffle: torch.Generator, ptx: PtxStream | None) -> dict[str, float]:
-    """Phase 6: ppo_epochs x mini_batches optimiser steps; returns the mean diagnostics."""
-    from preftune.models.logits import ResponseLogits
-    from preftune.sft.trainer import lm_loss_sum
+UPDATE_STATS = ["loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "policy/clipfrac_avg", "val/ratio",
+                "val/clipfrac_avg", "policy/entropy_avg", "loss/ptx_avg"]
 
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    n = len(episodes)
+
+def ppo_update(models: PPOModels, optimizer, episodes: Rollout, cfg: PPOConfig, step: int,
+               ptx: PtxStream | None, info: DistInfo = DistInfo()) -> dict[str, float]:
+    """Phase 6: ppo_epochs x mini_batches optimiser steps; returns the mean diagnostics.
+
+    The step's episodes form one global batch (rank r holds positions r*B .. r*B+B-1). Each epoch
+    permutes it with a generator seeded from (seed, step, epoch), the same on every rank; a
+    mini-batch is a slice of that permutation and each rank computes the members it holds (see
+    ``core.minibatch_shares``). Every mean is over the mini-batch's global token count and DDP/FSDP
+    average gradients over ranks, hence the factor world size: the gradient is the single-process
+    mini-batch gradient."""
+    from preftune.sft.data import collate
+    from preftune.sft.trainer import count_targets
+
+    per_rank = len(episodes)
+    n = per_rank * info.world
+    lengths = all_gather_tensor(episodes.response_mask.sum(1).double().cpu(), info)  # every episode's tokens
     mb_size = math.ceil(n / cfg.mini_batches)
-    micro_size = math.ceil(mb_size / cfg.grad_accum)
-    stats: dict[str, list[float]] = defaultdict(list)
+    micro_size = max(1, math.ceil(mb_size / (info.world * cfg.grad_accum)))
     device = episodes.logprobs.device
+    pad_id = ptx.pad_id if ptx is not None else 0
+    rows, entropy_rows = [], []  # per mini-batch: this rank's shares of the statistics
     for epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(n, generator=shuffle)
+        shuffle = torch.Generator().manual_seed(row_seed(cfg.seed, step, epoch, "minibatches"))
+        order = torch.randperm(n, generator=shuffle).tolist()
         for mb_start in range(0, n, mb_size):
-            mb = order[mb_start:mb_start + mb_size]
-            for micro_start in range(0, len(mb), micro_size):
-                part = episodes.subset(mb[micro_start:micro_start + micro_size].to(device))
-                # Entropy is a diagnostic: one pass over the batch (the first epoch) measures it.
-                out = policy_forward(policy, part, cfg.temperature, value_head, with_entropy=epoch == 0)
-                values = out.values if value_head is not None else value_forward(value_model, part)
-                mask = part.response_mask
-                pg_loss, pg = policy_loss(out.logprobs, part.logprobs, part.advantages, mask, cfg.clip_ratio)
-                vf_loss, vf = value_loss(values, part.values, part.returns, mask, cfg.clip_value)
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                if ptx is not None:
-                    lm_sum, lm_tokens = lm_loss_sum(ResponseLogits(policy), ptx.next(len(part)), device)
-                    loss = loss + cfg.ptx_coef * lm_sum / max(lm_tokens, 1)
-                    stats["loss/ptx_avg"].append(lm_sum.item() / max(lm_tokens, 1))
-                (loss * len(part) / len(mb)).backward()
-                stats["loss/policy_avg"].append(pg_loss.item())
-                stats["loss/value_avg"].append(vf_loss.item())
-                stats["policy/approxkl_avg"].append(pg["approxkl"].item())
-                stats["policy/clipfrac_avg"].append(pg["clipfrac"].item())
-                stats["val/ratio"].append(pg["ratio"].item())
-                stats["val/clipfrac_avg"].append(vf["clipfrac"].item())
-                if out.entropy is not None:
-                    stats["policy/entropy_avg"].append(masked_mean(out.entropy, mask).item())
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            members = order[mb_start:mb_start + mb_size]
+            tokens = float(lengths[members].sum())
+            # PPO-ptx: one demonstration per member, drawn in the mini-batch's order on every rank.
+            demos = ptx.take(len(members)) if ptx is not None else []
+            ptx_tokens = max(count_targets(demos), 1) if demos else 1
+            my_demos = {m % per_rank: d for m, d in zip(members, demos) if m // per_rank == info.rank}
+            parts = minibatch_shares(members, per_rank, info.world, micro_size)[info.rank]
+            row = torch.zeros(len(UPDATE_STATS), dtype=torch.float64)
+            for k, part_index in enumerate(parts):
+                real = bool(part_index)
+                index = part_index or [0]  # an empty share still runs a pass (collectives), weighted 0
+                part = episodes.subset(torch.tensor(index, device=device))
+                ptx_batch = (collate([my_demos[i] for i in index] if real else demos[:1], pad_id)
+                             if ptx is not None else None)
+                with gradient_sync(models.net, enabled=k == len(parts) - 1):
+                    logprobs, entropy, values, lm_sum = models.update_forward(part, cfg.temperature, epoch == 0,
+                                                                             ptx_batch)
+                    mask = part.response_mask
+                    pg_loss, pg = policy_loss(logprobs, part.logprobs, part.advantages, mask, cfg.clip_ratio, tokens)
+                    vf_loss, vf = value_loss(values, part.values, part.returns, mask, cfg.clip_value, tokens)
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    if lm_sum is not None:
+                        loss = loss + cfg.ptx_coef * lm_sum / ptx_tokens
+                    (loss * (info.world if real else 0.0)).backward()
+                if real:
+                    row += torch.tensor([pg_loss.item(), vf_loss.item(), pg["approxkl"].item(), pg["clipfrac"].item(),
+                                         pg["ratio"].item(), vf["clipfrac"].item(),
+                                         masked_mean(entropy, mask, tokens).item() if entropy is not None else 0.0,
+                                         lm_sum.item() / ptx_tokens if lm_sum is not None else 0.0],
+                                        dtype=torch.float64)
+            clip_gradients(models.inner, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+            entropy_rows.append(epoch == 0)
+            rows.append(row)
+    table = all_reduce_sum(torch.stack(rows), info)
+    stats = {name: table[:, k].mean().item() for k, name in enumerate(UPDATE_STATS)}
+    stats["policy/entropy_avg"] = table[torch.tensor(entropy_rows), UPDATE_STATS.index("policy/entropy_avg")].mean().item()
+    if ptx is None:
+        del stats["loss/ptx_avg"]
+    return stats
 
 
 @torch.no_grad()
-def evaluate(policy, reference, tokenizer, prompts: list[Prompt], reward, gold, cfg: PPOConfig,
-             device) -> tuple[dict[str, float], list[dict]]:
-    """Sample the held-out prompts at the training temperature with a fixed seed (the same random
-    numbers at every evaluation, so differences come from the policy), score them with the proxy
-    (and gold) reward, and estimate KL(pi || pi_ref) on those samples (summed k1 per episode)."""
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 7919)
-    proxies, golds, kls, lengths, rows = [], [], [], [], []
-    for i in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[i:i + cfg.batch_size]
-        gen = generate(policy, tokenizer, [p.ids for p in chunk], max_new_tokens=cfg.response_length,
-                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop=cfg.stop,
-                       generator=generator, return_logprobs=True)
+def evaluate(models: PPOModels, tokenizer, prompts: list[Prompt], reward, gold, cfg: PPOConfig,
+             info: DistInfo = DistInfo()) -> tuple[dict[str, float], list[dict]]:
+    """Sample the held-out prompts at the training temperature, each from a random stream fixed by
+    (seed, its position) (the same random numbers at every evaluation, so differences come from the
+    policy, and the same whichever rank samples it), score them with the proxy (and gold) reward,
+    and estimate KL(pi || pi_ref) on those samples (summed k1 per episode). Under DDP each rank
+    takes a share and the rows are gathered; under FSDP every rank samples all of them."""
+    everyone = models.fsdp or not info.enabled
+    positions = list(range(len(prompts)))
+    mine = positions if everyone else info.my_slice(positions)
+    rows = []
+    for i in range(0, len(mine), cfg.batch_size):
+        chunk = [prompts[k] for k in mine[i:i + cfg.batch_size]]
+        seeds = [row_seed(cfg.seed, "eval", k) for k in mine[i:i + cfg.batch_size]]
+        gen, _ = models.sample(tokenizer, [p.ids for p in chunk], seeds, cfg)
         episodes = Rollout(gen.prompt_ids, gen.prompt_mask, gen.response_ids, gen.response_mask.float(),
                            gen.logprobs)
-        with reference_mode(policy, reference) as ref:
-            ref_logprobs = policy_forward(ref, episodes, cfg.temperature, with_entropy=False).logprobs
+        ref_logprobs = models.reference_logprobs(episodes, cfg.temperature)
         kl = (kl_penalty(episodes.logprobs, ref_logprobs, "k1") * episodes.response_mask).sum(1)
         proxy = reward([p.messages for p in chunk], gen.texts)
         g = gold([p.messages for p in chunk], gen.texts) if gold is not None else None
-        proxies += proxy.tolist()
-        golds += g.tolist() if g is not None else []
-        kls += kl.tolist()
-        lengths += gen.response_lengths.tolist()
         for j, p in enumerate(chunk):
             row = {"prompt": p.messages[-1]["content"], "response": gen.texts[j], "score": proxy[j].item(),
-                   "kl": kl[j].item()}
+                   "kl": kl[j].item(), "length": int(gen.response_lengths[j])}
             if g is not None:
                 row["gold"] = g[j].item()
             rows.append(row)
-    mean = lambda xs: sum(xs) / len(xs)
-    kl_mean = mean(kls)
-    metrics = {"eval/proxy": mean(proxies), "eval/kl": kl_mean, "eval/sqrt_kl": math.sqrt(max(kl_mean, 0.0)),
-               "eval/response_length": mean(lengths)}
-    if golds:
-        metrics["eval/gold"] = mean(golds)
-    return metrics, rows
+    if not everyone:
+        rows = all_gather_lists(rows, info)
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    kl_mean = mean("kl")
+    metrics = {"eval/proxy": mean("score"), "eval/kl": kl_mean, "eval/sqrt_kl": math.sqrt(max(kl_mean, 0.0)),
+               "eval/response_length": mean("length")}
+    if gold is not None:
+        metrics["eval/gold"] = mean("gold")
+    return metrics, [{k: v for k, v in r.items() if k != "length"} for r in rows]
 
 
 # ---------------------------------------------------------------- the loop
@@ -321,15 +450,19 @@ def evaluate(policy, reference, tokenizer, prompts: list[Prompt], reward, gold, 
 
 def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Callable | None = None,
               stop_after: int | None = None, quiet: bool = False) -> dict:
-    """Run PPO; returns the final summary. ``reward_fn``/``gold_fn`` (``(prompts, responses) ->
-    floats``) replace the specs in ``cfg``; ``stop_after`` ends the run after that step's checkpoint,
-    as an interruption would (used by the resume tests)."""
-    require_single_process("ppo")
+    """Run PPO (one process, or one rank under torchrun); returns the final summary.
+    ``reward_fn``/``gold_fn`` (``(prompts, responses) -> floats``) replace the specs in ``cfg``;
+    ``stop_after`` ends the run after that step's checkpoint, as an interruption would (used by the
+    resume tests)."""
+    info = init_distributed(cfg.device)
+    check_same_config(cfg.model_dump(), info)
+    quiet = quiet or not info.is_main
+    say = console.print if info.is_main else (lambda *_a, **_k: None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
-    policy, tokenizer = load_causal_lm(cfg.policy, device=cfg.device, dtype=cfg.dtype)
+    policy, tokenizer = load_causal_lm(cfg.policy, device=device_for(info, cfg.device), dtype=cfg.dtype)
     device, dtype = next(policy.parameters()).device, next(policy.parameters()).dtype
 
     notes: list[str] = []
@@ -338,7 +471,7 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
     eval_prompts = (load_prompts(cfg.eval_prompts, tokenizer, max_prompt, cfg.truncate, cfg.skip_invalid, notes)
                     if cfg.eval_prompts else [])
     for note in notes:
-        console.print(f"[yellow]{note}")
+        say(f"[yellow]{note}")
     reward = checked(getattr(reward_fn, "__name__", "reward_fn"), reward_fn) if reward_fn else load_reward(cfg.reward)
     gold = (checked(getattr(gold_fn, "__name__", "gold_fn"), gold_fn) if gold_fn
             else load_reward(cfg.gold) if cfg.gold else None)
@@ -352,39 +485,43 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
         reference.requires_grad_(False)
     value_head, value_model = build_value_function(cfg, policy, tokenizer, device, dtype)
     value_module = value_head if value_head is not None else value_model
+    models = PPOModels(policy, reference, value_head, value_model, info, cfg.fsdp)
     optimizer = make_optimizer(list(policy.parameters()) + list(value_module.parameters()), cfg.lr,
                                cfg.weight_decay)
-    total_steps = total_rollout_steps(cfg, len(prompts))
+    global_batch = cfg.batch_size * info.world
+    total_steps = total_rollout_steps(cfg, len(prompts), info.world)
     scheduler = make_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.schedule)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
-    sampling = torch.Generator(device=device).manual_seed(cfg.seed)
-    shuffle = torch.Generator().manual_seed(cfg.seed + 1)
     monitor = OveroptimisationMonitor(cfg.overopt_drop)
     ptx = PtxStream(cfg, tokenizer) if cfg.ptx_coef > 0 else None
     modules = {"policy": policy, "value": value_module}
+    reduce = summing(info)
 
     start = 0
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and ckpt is None:
-        console.print(f"[yellow]--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
+        say(f"[yellow]--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
     if ckpt is not None:
         state = load_checkpoint(ckpt, modules, optimizer, scheduler)
         start = state["step"]
         kl_ctl.load_state_dict(state["kl_controller"])
-        sampling.set_state(state["sampling_rng"])
-        shuffle.set_state(state["shuffle_rng"])
         monitor.load_state_dict(state["monitor"])
         if ptx is not None:
             ptx.position = state["ptx_position"]
-        console.print(f"resuming from {ckpt} (step {start})")
-    write_json(out / "run_config.json", {"stage": "ppo", **cfg.model_dump()})
-    logger = MetricsLogger(out, cfg.tensorboard, resume_step=start if ckpt is not None else None)
+        if state.get("global_batch", global_batch) != global_batch:
+            say(f"[yellow]resuming with global batch {global_batch} (world {info.world} x {cfg.batch_size}); "
+                f"the checkpoint was written with {state['global_batch']}")
+        say(f"resuming from {ckpt} (step {start})")
+    logger = None
     samples_path = out / "samples.jsonl"
-    _truncate_samples(samples_path, start if ckpt is not None else None)
+    if info.is_main:
+        write_json(out / "run_config.json", {"stage": "ppo", "world_size": info.world, **cfg.model_dump()})
+        logger = MetricsLogger(out, cfg.tensorboard, resume_step=start if ckpt is not None else None)
+        _truncate_samples(samples_path, start if ckpt is not None else None)
 
     eos_ids = torch.tensor([tokenizer.eos_token_id], device=device)
-    summary: dict = {"steps": total_steps, "prompts": len(prompts)}
+    summary: dict = {"steps": total_steps, "prompts": len(prompts), "world_size": info.world}
     last: dict = {}
     t_start = time.perf_counter()
     with progress_bar(total_steps, "ppo", disable=quiet) as bar:
@@ -393,98 +530,127 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
             done = step + 1
             times: dict[str, float] = {}
             t0 = time.perf_counter()
-            batch = [prompts[i] for i in prompt_indices(step, cfg.batch_size, len(prompts), cfg.seed)]
+            indices = prompt_indices(step, cfg.batch_size, len(prompts), cfg.seed, info.rank, info.world)
+            batch = [prompts[i] for i in indices]
+            # Each prompt's random stream is fixed by its place in the step's global batch.
+            seeds = [row_seed(cfg.seed, step, info.rank * cfg.batch_size + j) for j in range(len(batch))]
 
             # 1-4: sample, score, reference log-probs, values
-            episodes, raw_scores, ended, texts = rollout(policy, reference, value_head, value_model, tokenizer,
-                                                         batch, reward, cfg, sampling, times)
-            # 5: per-token rewards and advantages
+            episodes, raw_scores, ended, texts = rollout(models, tokenizer, batch, seeds, reward, cfg, times)
+            # 5: per-token rewards and advantages (statistics over every rank's episodes)
             mask = episodes.response_mask
             kl = kl_penalty(episodes.logprobs, episodes.ref_logprobs, cfg.kl_estimator) * mask
             scores = final_scores(raw_scores, ended, cfg.missing_eos_penalty)
             rewards, non_score = per_token_rewards(scores, kl, mask, kl_ctl.value)
             if cfg.whiten_rewards:
-                rewards = whiten(rewards, mask, shift_mean=False)
+                rewards = whiten(rewards, mask, shift_mean=False, reduce=reduce)
             advantages, episodes.returns = gae_advantages(rewards, episodes.values, mask, cfg.gamma, cfg.lam)
-            episodes.advantages = whiten(advantages, mask)
+            episodes.advantages = whiten(advantages, mask, reduce=reduce)
             # 6: update
             with timed(times, "update"):
-                update_stats = ppo_update(policy, value_head, value_model, optimizer, episodes, cfg, shuffle, ptx)
+                update_stats = ppo_update(models, optimizer, episodes, cfg, step, ptx, info)
             scheduler.step()
 
-            mean_kl = kl.sum(1).mean().item()
+            sums = torch.stack([kl.sum(), (-episodes.logprobs * mask).sum(), non_score.sum(), scores.sum(),
+                                (torch.isin(episodes.response_ids, eos_ids) & mask.bool()).sum(),
+                                ended.sum(), mask.sum()]).double().cpu()
+            kl_sum, entropy_sum, non_score_sum, score_sum, eos_count, ended_count, token_sum = \
+                all_reduce_sum(sums, info).tolist()
+            mean_kl = kl_sum / global_batch
             metrics = {
                 "objective/kl": mean_kl,
-                "objective/entropy": (-episodes.logprobs * mask).sum(1).mean().item(),
-                "objective/non_score_reward": non_score.sum(1).mean().item(),
-                "objective/rlhf_reward": (scores + non_score.sum(1)).mean().item(),
-                "objective/scores": scores.mean().item(),
+                "objective/entropy": entropy_sum / global_batch,
+                "objective/non_score_reward": non_score_sum / global_batch,
+                "objective/rlhf_reward": (score_sum + non_score_sum) / global_batch,
+                "objective/scores": score_sum / global_batch,
                 **update_stats,
-                "val/num_eos_tokens": int((torch.isin(episodes.response_ids, eos_ids) & mask.bool()).sum()),
-                "val/ended": ended.float().mean().item(),
-                "response_length_mean": mask.sum(1).mean().item(),
+                "val/num_eos_tokens": int(eos_count),
+                "val/ended": ended_count / global_batch,
+                "response_length_mean": token_sum / global_batch,
                 "kl_coef": kl_ctl.value,
                 "lr": scheduler.get_last_lr()[0],
             }
-            kl_ctl.update(mean_kl, len(batch))
+            kl_ctl.update(mean_kl, global_batch)
             times["time/step"] = time.perf_counter() - t0
-            metrics["eps"] = len(batch) / times["time/step"]
+            metrics["eps"] = global_batch / times["time/step"]
             metrics.update(times)
 
-            stop_reason = check_kl(mean_kl, done, cfg)
+            stop_reason = check_kl(mean_kl, done, cfg, say)
             evaluating = (cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps or stop_reason
             if evaluating:
-                rows = [{"prompt": p.messages[-1]["content"], "response": t, "score": s}
-                        for p, t, s in zip(batch[:cfg.samples], texts, raw_scores.tolist())]
                 if eval_prompts:
-                    eval_metrics, rows = evaluate(policy, reference, tokenizer, eval_prompts, reward, gold, cfg, device)
+                    eval_metrics, rows = evaluate(models, tokenizer, eval_prompts, reward, gold, cfg, info)
                     metrics.update(eval_metrics)
                     if "eval/gold" in eval_metrics:
                         best, warning = monitor.update(done, eval_metrics["eval/proxy"], eval_metrics["eval/gold"])
                         if warning:
-                            console.print(f"[yellow]{warning}")
+                            say(f"[yellow]{warning}")
                         if best:
-                            save_final_model(copy.deepcopy(policy), tokenizer, out / "best", cfg.keep_adapter)
-                            write_json(out / "best" / "preftune_best.json", {"step": done, **eval_metrics})
-                with open(samples_path, "a", encoding="utf-8") as f:
-                    for row in rows:
-                        f.write(json.dumps({"step": done, **row}) + "\n")
-            if done % cfg.log_every == 0 or done == total_steps or stop_reason:
+                            save_best(policy, tokenizer, out / "best", cfg, models.fsdp, info,
+                                      {"step": done, **eval_metrics})
+                else:  # the first --samples episodes of the step's global batch
+                    mine = [{"prompt": p.messages[-1]["content"], "response": t, "score": s}
+                            for p, t, s in zip(batch, texts, raw_scores.tolist())][:cfg.samples]
+                    rows = all_gather_lists(mine, info)[:cfg.samples]
+                if info.is_main:
+                    with open(samples_path, "a", encoding="utf-8") as f:
+                        for row in rows:
+                            f.write(json.dumps({"step": done, **row}) + "\n")
+            if logger and (done % cfg.log_every == 0 or done == total_steps or stop_reason):
                 logger.log(done, metrics)
             last = metrics
             bar.advance(1, score=metrics["objective/scores"], kl=mean_kl, eps=metrics["eps"])
             if stop_reason:
                 summary["stopped"] = stop_reason
-                console.print(f"[red]{stop_reason}")
+                say(f"[red]{stop_reason}")
                 break
             if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
                 save_checkpoint(out, done, modules, optimizer, scheduler,
-                                {"kl_controller": kl_ctl.state_dict(), "sampling_rng": sampling.get_state(),
-                                 "shuffle_rng": shuffle.get_state(), "monitor": monitor.state_dict(),
-                                 "ptx_position": ptx.position if ptx is not None else 0},
-                                cfg.keep_checkpoints)
+                                {"kl_controller": kl_ctl.state_dict(), "monitor": monitor.state_dict(),
+                                 "ptx_position": ptx.position if ptx is not None else 0,
+                                 "global_batch": global_batch},
+                                cfg.keep_checkpoints, is_main=info.is_main)
             if stop_after is not None and done >= stop_after:
-                logger.close()
+                barrier(info)
+                if logger:
+                    logger.close()
                 return {"stopped_at": done}
-    logger.close()
-    save_final_model(policy, tokenizer, out, keep_adapter=cfg.keep_adapter)
+    if logger:
+        logger.close()
+    if info.enabled and not cfg.fsdp:  # evidence that DDP kept every rank's weights identical
+        summary["rank_param_checksums"] = gather_checksums(models.inner, info)
+    save_final_model(policy, tokenizer, out, keep_adapter=cfg.keep_adapter, sharded=models.fsdp,
+                     is_main=info.is_main)
     summary.update({k: last.get(k) for k in ("objective/scores", "objective/kl", "eval/proxy", "eval/gold")
                     if k in last})
     summary["seconds"] = time.perf_counter() - t_start
     if monitor.best_step is not None:
         summary["best_gold_step"] = monitor.best_step
-    write_json(out / "metrics.json", summary)
+    if info.is_main:
+        write_json(out / "metrics.json", summary)
+    barrier(info)
     return summary
 
 
-def check_kl(mean_kl: float, step: int, cfg: PPOConfig) -> str | None:
-    """Warn when the KL runs away; a reason to stop when it passes --kl-stop or is not finite."""
+def save_best(policy, tokenizer, out: Path, cfg: PPOConfig, sharded: bool, info: DistInfo, record: dict) -> None:
+    """Keep the policy with the best gold reward so far in ``out`` (every rank calls this)."""
+    if sharded:  # gathered into a plain copy: the training model is left as it is
+        save_final_model(policy, tokenizer, out, cfg.keep_adapter, sharded=True, is_main=info.is_main)
+    elif info.is_main:  # merging LoRA changes the model it is called on: save a copy
+        save_final_model(copy.deepcopy(policy), tokenizer, out, cfg.keep_adapter)
+    if info.is_main:
+        write_json(out / "preftune_best.json", record)
+
+
+def check_kl(mean_kl: float, step: int, cfg: PPOConfig, say: Callable = console.print) -> str | None:
+    """Warn when the KL runs away; a reason to stop when it passes --kl-stop or is not finite (the
+    KL is global, so every rank reaches the same decision)."""
     if not math.isfinite(mean_kl):
         return f"step {step}: objective/kl is {mean_kl}; stopping (lower --lr or raise --kl-coef)"
     if cfg.kl_stop and mean_kl > cfg.kl_stop:
         return f"step {step}: objective/kl {mean_kl:.4g} nats passed --kl-stop {cfg.kl_stop}; stopping"
     if cfg.kl_warn and mean_kl > cfg.kl_warn:
-        console.print(f"[yellow]step {step}: objective/kl {mean_kl:.4g} nats is above --kl-warn {cfg.kl_warn} "
+        say(f"[yellow]step {step}: objective/kl {mean_kl:.4g} nats is above --kl-warn {cfg.kl_warn} "
                       f"(the policy is drifting far from the reference)")
     return None
 
