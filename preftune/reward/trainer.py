@@ -28,7 +28,7 @@ from preftune.models.loading import set_threads
 from preftune.progress import console, progress_bar
 from preftune.reward.losses import expected_calibration_error, grouped_preference_loss, pair_accuracy
 from preftune.reward.model import RewardModel
-from preftune.reward.pairs import PreferenceGroup, expand_preferences
+from preftune.reward.pairs import PreferenceGroup, expand_preferences, group_by_prompt
 from preftune.sft.trainer import epoch_order
 from preftune.training import (
     MetricsLogger,
@@ -68,6 +68,11 @@ class RewardConfig(TrainConfig):
                                                    "the reference responses (else only shift the mean).")
     normalize_samples: int = Field(512, ge=2, description="Most reference responses scored for the "
                                                           "normalisation (a seeded random subset).")
+    group_by_prompt: bool = Field(True, description="Merge the records of one prompt that share responses (e.g. "
+                                                    "several annotators comparing the same candidates) into one "
+                                                    "batch element: each distinct response is scored once per "
+                                                    "step and the held-out split keeps them together. "
+                                                    "--batch-size then counts merged groups.")
     resume: bool = Field(False, description="Continue from the newest checkpoint in OUT/checkpoints.")
 
 
@@ -80,7 +85,7 @@ class EncodedGroup:
     winners: list[int]
     losers: list[int]
     margins: list[float]
-    annotator: str | None
+    annotators: list[str | None]  # per pair
 
     @property
     def tokens(self) -> int:
@@ -100,7 +105,7 @@ def encode_groups(groups: list[PreferenceGroup], rm: RewardModel, max_length: in
             skipped.append(f"{g.source}: {e}")
             continue
         encoded.append(EncodedGroup(ids, [p.winner for p in g.pairs], [p.loser for p in g.pairs],
-                                    [p.margin for p in g.pairs], g.annotator))
+                                    [p.margin for p in g.pairs], [p.annotator for p in g.pairs]))
     return encoded, skipped
 
 
@@ -141,7 +146,7 @@ def evaluate(rm: RewardModel, groups: list[EncodedGroup], batch_size: int) -> di
         scores = rm.forward_ids(sequences).float().cpu()
         chosen.append(scores[w])
         rejected.append(scores[l])
-        annotators += [g.annotator for g in batch for _ in g.winners]
+        annotators += [a for g in batch for a in g.annotators]
         losses.append(grouped_preference_loss(scores[w], scores[l], gid, len(batch), margin))
         all_scores.append(scores)
     rm.model.train(was_training)
@@ -169,7 +174,12 @@ def read_preferences(cfg: RewardConfig) -> tuple[list[PreferenceGroup], list[Pre
             notes.append(result.summary())
         expansion = expand_preferences(result.records, cfg.margin_scale)
         notes.append(f"{path}: {expansion.summary()}")
-        return expansion.groups
+        if not cfg.group_by_prompt:
+            return expansion.groups
+        groups = group_by_prompt(expansion.groups)
+        if len(groups) < len(expansion.groups):
+            notes.append(f"{path}: {len(expansion.groups)} groups merged into {len(groups)} prompts")
+        return groups
 
     groups = read(cfg.data)
     if cfg.eval_data:
