@@ -1,7 +1,7 @@
 """Expansion of comparisons, rankings and ratings into groups of pairs."""
 
 from preftune.data.records import Comparison, Ranking, Rating
-from preftune.reward.pairs import expand_preferences, ranking_pairs, rating_pairs
+from preftune.reward.pairs import expand_preferences, group_by_prompt, ranking_pairs, rating_pairs
 
 MSG = [{"role": "user", "content": "q"}]
 
@@ -63,3 +63,37 @@ def test_identical_texts_in_a_ranking_are_skipped():
 def test_no_margin_without_strength():
     exp = expand_preferences([Comparison(MSG, "a", "b")], margin_scale=3.0)
     assert exp.groups[0].pairs[0].margin == 0.0
+
+
+def test_group_by_prompt_merges_a_prompts_comparisons_and_keeps_every_pair():
+    other = [{"role": "user", "content": "other"}]
+    records = [
+        Comparison(MSG, "a", "b", annotator="ann1"),
+        Comparison(other, "x", "y", annotator="ann1"),
+        Comparison(MSG, "c", "a", annotator="ann1", strength=2.0),
+        Comparison(MSG, "b", "a", annotator="ann2"),  # disagrees with the first: both pairs stay
+        Ranking(MSG, ["c", "d"], [[1], [0]], annotator="ann2"),
+        Comparison(MSG, "e", "f"),  # same prompt, no shared response: stays its own group
+    ]
+    groups = group_by_prompt(expand_preferences(records).groups)
+    assert len(groups) == 3
+    first, second, third = groups
+    assert first.responses == ["a", "b", "c", "d"]  # each distinct text once, in order of appearance
+    assert [(p.winner, p.loser, p.margin, p.annotator) for p in first.pairs] == [
+        (0, 1, 0.0, "ann1"), (2, 0, 2.0, "ann1"), (1, 0, 0.0, "ann2"), (3, 2, 0.0, "ann2")]
+    assert first.annotator is None  # two annotators contributed
+    assert second.responses == ["x", "y"] and second.annotator == "ann1"
+    assert third.responses == ["e", "f"] and len(third.pairs) == 1
+
+
+def test_group_by_prompt_merges_transitively():
+    records = [Comparison(MSG, "a", "b"), Comparison(MSG, "c", "d"), Comparison(MSG, "b", "c")]
+    (group,) = group_by_prompt(expand_preferences(records).groups)
+    assert group.responses == ["a", "b", "c", "d"]
+    assert [(p.winner, p.loser) for p in group.pairs] == [(0, 1), (2, 3), (1, 2)]
+
+
+def test_group_by_prompt_keeps_splits_apart():
+    records = [Comparison(MSG, "a", "b", split="train"), Comparison(MSG, "a", "c", split="eval")]  # shares "a"
+    groups = group_by_prompt(expand_preferences(records).groups)
+    assert [(g.split, g.responses) for g in groups] == [("train", ["a", "b"]), ("eval", ["a", "c"])]

@@ -8,6 +8,10 @@
   only once gives no pair (counted too).
 
 Pairs of two identical response texts carry no preference and are skipped (counted).
+
+``group_by_prompt`` then merges the groups of one prompt (e.g. several annotators' comparisons among
+the same K candidates) into one group whose distinct responses are scored once: C(K,2) pairs from
+two annotators cost K forward passes instead of 2 * K * (K-1).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class Pair:
     winner: int  # index into the group's responses
     loser: int
     margin: float = 0.0
+    annotator: str | None = None
 
 
 @dataclass
@@ -92,13 +97,14 @@ def expand_preferences(records: list[Comparison | Ranking | Rating], margin_scal
         if isinstance(rec, Comparison):
             counts["comparisons"] += 1
             margin = margin_scale * rec.strength if rec.strength is not None else 0.0
-            groups.append(PreferenceGroup(rec.messages, [rec.chosen, rec.rejected], [Pair(0, 1, margin)],
-                                          rec.annotator, rec.source, rec.split))
+            groups.append(PreferenceGroup(rec.messages, [rec.chosen, rec.rejected],
+                                          [Pair(0, 1, margin, rec.annotator)], rec.annotator, rec.source, rec.split))
         elif isinstance(rec, Ranking):
             counts["rankings"] += 1
             index_pairs, ties = ranking_pairs(rec.ranking)
             counts["tied_pairs_skipped"] += ties
-            pairs = _without_identical(rec.responses, [Pair(w, l) for w, l in index_pairs], counts)
+            pairs = _without_identical(rec.responses, [Pair(w, l, 0.0, rec.annotator) for w, l in index_pairs],
+                                       counts)
             if pairs:
                 groups.append(PreferenceGroup(rec.messages, list(rec.responses), pairs, rec.annotator, rec.source,
                                               rec.split))
@@ -116,9 +122,50 @@ def expand_preferences(records: list[Comparison | Ranking | Rating], margin_scal
         index_pairs, ties = rating_pairs([(r.rating - 1) / (r.scale - 1) for r in recs])
         counts["tied_pairs_skipped"] += ties
         responses = [r.response for r in recs]
-        pairs = _without_identical(responses, [Pair(w, l) for w, l in index_pairs], counts)
+        pairs = _without_identical(responses, [Pair(w, l, 0.0, annotator) for w, l in index_pairs], counts)
         if pairs:
             groups.append(PreferenceGroup(recs[0].messages, responses, pairs, annotator, recs[0].source,
                                           recs[0].split))
     counts["pairs"] = sum(len(g.pairs) for g in groups)
     return Expansion(groups, counts)
+
+
+def group_by_prompt(groups: list[PreferenceGroup]) -> list[PreferenceGroup]:
+    """Merge groups of the same prompt (and split) that share a response text, transitively (e.g. two
+    annotators' comparisons among the same K candidates become one group of K responses), in order of
+    first appearance. Equal texts become one response; every pair is kept with its annotator and margin.
+    Groups whose responses appear nowhere else stay as they are. The merged group's annotator is the
+    common one, or None when several annotators contributed."""
+    parent = list(range(len(groups)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[tuple[str, str | None, str], int] = {}  # (prompt, split, response) -> a group holding it
+    for i, g in enumerate(groups):
+        prompt = json.dumps(g.messages, sort_keys=True)
+        for r in g.responses:
+            j = owner.setdefault((prompt, g.split, r), i)
+            a, b = root(i), root(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)  # the earliest group is the root: first-appearance order
+    merged: dict[int, PreferenceGroup] = {}
+    position: dict[int, dict[str, int]] = {}
+    for i, g in enumerate(groups):
+        k = root(i)
+        if k not in merged:
+            merged[k] = PreferenceGroup(g.messages, [], [], g.annotator, g.source, g.split)
+            position[k] = {}
+        target, index = merged[k], position[k]
+        for r in g.responses:
+            if r not in index:
+                index[r] = len(target.responses)
+                target.responses.append(r)
+        target.pairs += [Pair(index[g.responses[p.winner]], index[g.responses[p.loser]], p.margin, p.annotator)
+                         for p in g.pairs]
+        if target.annotator != g.annotator:
+            target.annotator = None
+    return list(merged.values())

@@ -44,7 +44,7 @@ from preftune.models.loading import set_threads
 from preftune.progress import console, progress_bar
 from preftune.reward.losses import expected_calibration_error, grouped_preference_loss, pair_accuracy
 from preftune.reward.model import RewardModel, right_pad, sequence_scores
-from preftune.reward.pairs import PreferenceGroup, expand_preferences
+from preftune.reward.pairs import PreferenceGroup, expand_preferences, group_by_prompt
 from preftune.sft.trainer import epoch_order
 from preftune.training import (
     MetricsLogger,
@@ -87,6 +87,11 @@ class RewardConfig(TrainConfig):
                                                    "the reference responses (else only shift the mean).")
     normalize_samples: int = Field(512, ge=2, description="Most reference responses scored for the "
                                                           "normalisation (a seeded random subset).")
+    group_by_prompt: bool = Field(True, description="Merge the records of one prompt that share responses (e.g. "
+                                                    "several annotators comparing the same candidates) into one "
+                                                    "batch element: each distinct response is scored once per "
+                                                    "step and the held-out split keeps them together. "
+                                                    "--batch-size then counts merged groups.")
     resume: bool = Field(False, description="Continue from the newest checkpoint in OUT/checkpoints.")
 
 
@@ -99,7 +104,7 @@ class EncodedGroup:
     winners: list[int]
     losers: list[int]
     margins: list[float]
-    annotator: str | None
+    annotators: list[str | None]  # per pair
 
     @property
     def tokens(self) -> int:
@@ -119,7 +124,7 @@ def encode_groups(groups: list[PreferenceGroup], rm: RewardModel, max_length: in
             skipped.append(f"{g.source}: {e}")
             continue
         encoded.append(EncodedGroup(ids, [p.winner for p in g.pairs], [p.loser for p in g.pairs],
-                                    [p.margin for p in g.pairs], g.annotator))
+                                    [p.margin for p in g.pairs], [p.annotator for p in g.pairs]))
     return encoded, skipped
 
 
@@ -195,7 +200,7 @@ def evaluate(score, groups: list[EncodedGroup], batch_size: int, info: DistInfo 
     sequences, w, l, gid, margin = flatten(groups)
     s = score_sequences(score, sequences, batch_size, info, everyone)
     r_c, r_r = s[w], s[l]
-    annotators = [g.annotator for g in groups for _ in g.winners]
+    annotators = [a for g in groups for a in g.annotators]
     losses = grouped_preference_loss(r_c, r_r, gid, len(groups), margin)
     metrics = {"eval_loss": losses.mean().item(), "eval_accuracy": pair_accuracy(r_c, r_r).item(),
                "eval_ece": expected_calibration_error(r_c, r_r).item(), "eval_pairs": len(r_c),
@@ -220,7 +225,12 @@ def read_preferences(cfg: RewardConfig) -> tuple[list[PreferenceGroup], list[Pre
             notes.append(result.summary())
         expansion = expand_preferences(result.records, cfg.margin_scale)
         notes.append(f"{path}: {expansion.summary()}")
-        return expansion.groups
+        if not cfg.group_by_prompt:
+            return expansion.groups
+        groups = group_by_prompt(expansion.groups)
+        if len(groups) < len(expansion.groups):
+            notes.append(f"{path}: {len(expansion.groups)} groups merged into {len(groups)} prompts")
+        return groups
 
     groups = read(cfg.data)
     if cfg.eval_data:
