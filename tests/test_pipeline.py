@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from conftest import ROOT
@@ -19,6 +20,7 @@ def test_quick_run_writes_report_and_metrics_and_ppo_reward_rises(tmp_path, monk
     for key in ("rm_eval_accuracy", "annotator_agreement", "kl_ppo_sft", "winrate_ppo_vs_sft_gold",
                 "seconds_total"):
         assert isinstance(metrics[key], float), key
+    assert 0.0 <= metrics["rm_eval_gold_accuracy"] <= 1.0 and 0.0 <= metrics["rm_gold_agreement"] <= 1.0
     for key in ("gold_reward", "proxy_reward"):
         for model in ("base", "sft", "ppo"):
             entry = metrics[key][model]
@@ -37,3 +39,19 @@ def test_quick_run_writes_report_and_metrics_and_ppo_reward_rises(tmp_path, monk
     # A second invocation reuses every finished stage.
     again = CliRunner().invoke(cli, ["run", "--quick", "--out", str(out)], catch_exceptions=False)
     assert again.exit_code == 0 and "reusing the finished stage" in again.output
+
+
+def test_gold_accuracy_on_held_out_counts_the_gold_agreeing_with_the_labels(tmp_path):
+    from preftune.pipeline.run import gold_on_held_out
+    from preftune.reward.trainer import RewardConfig
+
+    rows = [{"prompt": "How was the day?", "chosen": good, "rejected": bad, "split": split}
+            for good, bad, split in [("A wonderful, happy day.", "A terrible, awful day.", "eval"),
+                                     ("I love it, great fun.", "I hate it, sad and bad.", "eval"),
+                                     ("Horrible and ugly.", "Lovely and nice.", "eval"),  # against the gold
+                                     ("Great!", "Awful!", "train")]]
+    path = tmp_path / "comparisons.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RewardConfig(model="unused", data=str(path), out=str(tmp_path / "rm"))
+    result = gold_on_held_out(cfg, "sentiment")
+    assert result == {"gold_eval_accuracy": pytest.approx(2 / 3)}  # no trained model in out: no RM agreement

@@ -83,6 +83,10 @@ def write_report(run, results: dict, metrics: dict) -> None:
                     f"noiseless gold {_pct(cmp_stats.get('gold_agreement'))} of the time, which bounds what any "
                     f"model can reach on these labels."),
         R.table(["measure", "value"], [["held-out accuracy", _pct(reward.get("eval_accuracy"))],
+                                       ["the noiseless gold on the same held-out labels (best achievable)",
+                                        _pct(reward.get("gold_eval_accuracy"))],
+                                       ["held-out pairs ordered as the noiseless gold orders them",
+                                        _pct(reward.get("rm_gold_agreement"))],
                                        ["held-out loss", _num(reward.get("eval_loss"))],
                                        ["calibration error (ECE)", _num(reward.get("eval_ece"))],
                                        ["training pairs", reward.get("train_pairs")]])))

@@ -177,7 +177,37 @@ def stage_reward(run: Run, base: str) -> dict:
 
     cfg = run.stage_config(RewardConfig, "reward", model=resolve_backbone(run, base),
                            data=str(run.path("data", "comparisons.jsonl")), out=str(run.path("rm")))
-    return train_reward(cfg, quiet=run.quiet)
+    summary = train_reward(cfg, quiet=run.quiet)
+    return {**summary, **gold_on_held_out(cfg, run.cfg.gold)}
+
+
+def gold_on_held_out(cfg, gold: str) -> dict:
+    """The noiseless gold on the reward model's held-out pairs: how often it agrees with the
+    annotators' labels (``gold_eval_accuracy``, the best any model can score on exactly these labels;
+    the overall annotator-gold agreement varies by a few points between small held-out sets) and how
+    often the trained reward model orders the pair as the gold does (``rm_gold_agreement``)."""
+    from preftune.feedback.simulated import load_labeler
+    from preftune.reward.losses import pair_accuracy
+    from preftune.reward.model import RewardModel
+    from preftune.reward.trainer import read_preferences
+
+    _, held, _ = read_preferences(cfg)  # the trainer's own deterministic split
+    if not held:
+        return {}
+    prompts = [prompt_text(g.messages) for g in held for _ in g.responses]
+    responses = [r for g in held for r in g.responses]
+    offsets = np.cumsum([0] + [len(g.responses) for g in held])
+    winners = torch.tensor([offsets[k] + p.winner for k, g in enumerate(held) for p in g.pairs])
+    losers = torch.tensor([offsets[k] + p.loser for k, g in enumerate(held) for p in g.pairs])
+    gold_scores = torch.as_tensor(load_labeler(gold)(prompts, responses), dtype=torch.float32)
+    result = {"gold_eval_accuracy": pair_accuracy(gold_scores[winners], gold_scores[losers]).item()}
+    if Path(cfg.out, "config.json").exists():
+        rm_scores = RewardModel.load(cfg.out, device=cfg.device).score(prompts, responses).float().cpu()
+        # Pairs the gold ties carry no order; count the rest.
+        order = torch.sign(gold_scores[winners] - gold_scores[losers])
+        agree = torch.sign(rm_scores[winners] - rm_scores[losers]) == order
+        result["rm_gold_agreement"] = agree[order != 0].float().mean().item()
+    return result
 
 
 def stage_ppo(run: Run, prompts: dict[str, Path]) -> dict:
@@ -304,6 +334,8 @@ def run_loop(cfg: RunConfig, config_file: str | None = None, quiet: bool = False
     ev, label = results["eval"], results["label"]["comparisons"]
     metrics = {
         "rm_eval_accuracy": results["reward"].get("eval_accuracy"),
+        "rm_eval_gold_accuracy": results["reward"].get("gold_eval_accuracy"),
+        "rm_gold_agreement": results["reward"].get("rm_gold_agreement"),
         "annotator_agreement": label.get("gold_agreement"),
         "inter_annotator_agreement": label.get("inter_annotator_agreement"),
         "gold_reward": ev["gold_reward"], "proxy_reward": ev["proxy_reward"],
