@@ -80,6 +80,39 @@ def test_sft_fsdp_with_lora_matches_one_rank(tmp_path, tiny_model_dir):
     assert (tmp_path / "fsdp" / "checkpoints" / "step-000002" / "model.safetensors").exists()
 
 
+def test_sft_fsdp_epoch_end_with_an_idle_rank_and_accumulation_matches_one_rank(tmp_path, tiny_model_dir):
+    """79 training examples in global batches of 12: the last batch has 7, rank 1 gets 1 of them and
+    --grad-accum 4 cuts both ranks' shares into 4 passes (3 of rank 1's empty), as FSDP needs."""
+    common = dict(epochs=1, grad_accum=4)
+    launch(2, sft_args(tiny_model_dir, tmp_path / "two", 6, "--fsdp", **common))
+    launch(1, sft_args(tiny_model_dir, tmp_path / "one", 12, **common))
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["steps"] == 7
+    assert_weights_close(tmp_path / "two", tmp_path / "one", atol=1e-5)
+
+
+def test_dpo_two_ranks_match_one_rank_even_with_an_idle_rank(tmp_path, tiny_model_dir):
+    """57 pairs in global batches of 8: the last step's only pair is rank 0's and rank 1 joins the
+    gradient all-reduce with a pass weighted 0."""
+    topics = ["apple", "river", "song", "book", "garden", "city", "movie", "mountain", "cake", "dog"]
+    rows = [{"prompt": f"Tell me about a {t} {i}.", "chosen": f"What a lovely {t}! I love it.",
+             "rejected": f"The {t} is bad and boring."} for i in range(6) for t in topics][:57]
+    data = tmp_path / "cmp.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def args(out, batch):
+        return ["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--batch-size",
+                str(batch), "--eval-split", "0", "--epochs", "1", "--lr", "3e-3", "--beta", "0.5", "--seed", "1",
+                "--threads", "1"]
+
+    launch(2, args(tmp_path / "two", 4))
+    launch(1, args(tmp_path / "one", 8))
+    la = [json.loads(l)["loss"] for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(l)["loss"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert len(la) == 8 and la == pytest.approx(lb, rel=1e-4)
+    assert_weights_close(tmp_path / "two", tmp_path / "one", atol=1e-5)
+
+
 def test_micro_batches_are_as_many_on_every_rank():
     from preftune.distributed import DistInfo, micro_batches
 

@@ -163,8 +163,11 @@ def train_dpo(cfg: DPOConfig, *, quiet: bool = False) -> dict:
             epoch, pos = divmod(step, steps_per_epoch)
             idx = epoch_order(len(train), cfg.seed, epoch)[pos * global_batch:(pos + 1) * global_batch]
             mine = info.my_slice(idx)
-            c, r = pair_logprobs(net, [train[i] for i in mine], pad_id, device)
-            ref = ref_train[mine].to(device)
+            # A rank left without pairs at the end of an epoch still joins the gradient all-reduce
+            # (and FSDP's collectives) with a pass weighted 0.
+            rows = mine or idx[:1]
+            c, r = pair_logprobs(net, [train[i] for i in rows], pad_id, device)
+            ref = ref_train[rows].to(device)
             loss, stats = dpo_loss(c, r, ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing)
             # Mean over the global batch: DDP averages gradients over ranks.
             (loss * len(mine) * info.world / len(idx)).backward()

@@ -21,6 +21,7 @@ from preftune.distributed import (
     device_for,
     gather_checksums,
     init_distributed,
+    micro_batches,
 )
 from preftune.errors import PreftuneError
 from preftune.models.loading import load_causal_lm, set_threads
@@ -202,15 +203,17 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, quiet: bool = Fa
             # Normalise by the global number of target tokens: accumulation and data parallelism then
             # give the gradient of one big batch (DDP averages over ranks, hence the world factor).
             n_targets = max(count_targets(global_examples), 1)
-            micro = max(1, -(-len(mine) // cfg.grad_accum))
-            chunks = [mine[j:j + micro] for j in range(0, len(mine), micro)]
+            # The same number of passes on every rank (FSDP's passes are collectives); a rank left
+            # without examples at the end of an epoch runs a pass weighted 0.
+            chunks = micro_batches(mine, info.per_rank(len(global_examples)), cfg.grad_accum)
             step_loss, step_tokens = torch.zeros(1, dtype=torch.float64), 0
             for k, chunk in enumerate(chunks):
                 with gradient_sync(net, enabled=k == len(chunks) - 1):
-                    loss_sum, _ = lm_loss_sum(net, collate(chunk, pad_id), device)
-                    (loss_sum * info.world / n_targets).backward()
-                step_loss += loss_sum.item()
-                step_tokens += sum(len(e.input_ids) for e in chunk)
+                    loss_sum, _ = lm_loss_sum(net, collate(chunk or global_examples[:1], pad_id), device)
+                    (loss_sum * (info.world / n_targets if chunk else 0.0)).backward()
+                if chunk:
+                    step_loss += loss_sum.item()
+                    step_tokens += sum(len(e.input_ids) for e in chunk)
             grad_norm = clip_gradients(model, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
