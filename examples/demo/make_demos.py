@@ -1,11 +1,12 @@
 """Writes demos.jsonl: the demo task's demonstrations, made the documented way.
 
 Stand-in for human-written demonstrations: for each of 150 training prompts (a seeded subset), the
-base model (SmolLM2-135M-Instruct) samples 4 responses and the gold labeler (``helpful``) keeps
-the best one. Prompts used here are not used for comparisons in the main job (see
-preftune/pipeline/stages.py). Run from the repository root:
+base model (SmolLM2-135M-Instruct) samples 8 responses of at most 48 new tokens (the main job's
+length limit, so a kept answer is one that finishes within it) and the gold labeler (``helpful``)
+keeps the best one. Prompts used here are not used for comparisons in the main job (see
+preftune/pipeline/run.py). Run from the repository root:
 
-    python examples/demo/make_demos.py [--model smollm2-135m-instruct] [--prompts 150] [--n 4]
+    python examples/demo/make_demos.py [--model smollm2-135m-instruct] [--prompts 150] [--n 8]
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=DEMO_PROMPTS)
-    parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
     rows = [json.loads(l) for l in (HERE / "prompts.jsonl").read_text().splitlines()]
     chosen = demo_prompt_ids(rows, args.prompts)
