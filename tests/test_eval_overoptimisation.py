@@ -1,6 +1,6 @@
 """Over-optimisation on purpose: PPO without a KL penalty against a flawed proxy.
 
-The gold reward wants the letter "e" and dislikes "!"; the proxy also wants "e" but pays three
+The gold reward wants the letter "e" and dislikes "!"; the proxy also wants "e" but pays ten
 times as much for the spurious "!". A tiny policy trained on the proxy with no KL leash first
 gains gold reward, then trades "e" for "!": the proxy keeps rising, the gold falls, the monitor
 fires and the report shows it. Needs the PPO trainer (``preftune.ppo``).
@@ -21,7 +21,7 @@ def gold(prompts, responses):
     return [float(r.count("e")) - r.count("!") for r in responses]
 
 def flawed_proxy(prompts, responses):
-    return [float(r.count("e")) + 3.0 * r.count("!") for r in responses]
+    return [float(r.count("e")) + 10.0 * r.count("!") for r in responses]
 '''
 TOPICS = ["movie", "film", "day", "food", "book", "song", "city", "dog"]
 
