@@ -21,13 +21,18 @@ class PreftuneGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
         except PreftuneError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        if "torch.distributed" in sys.modules:  # under torchrun: leave the process group before exiting
+            from preftune.distributed import shutdown
+
+            shutdown()
+        return result
 
 
 @click.group(cls=PreftuneGroup, context_settings={"help_option_names": ["-h", "--help"],

@@ -154,8 +154,10 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+def shutdown() -> None:
+    """Leave the process group at the end of a command: a process that exits with gloo's threads
+    still running can abort ("terminate called without an active exception") after its work is done."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
