@@ -28,10 +28,10 @@ class PreftuneGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
-        if "torch.distributed" in sys.modules:  # under torchrun: leave the process group before exiting
-            from preftune.distributed import shutdown
+        if "torch.distributed" in sys.modules:  # under torchrun: leave the process group and exit
+            from preftune.distributed import finish_and_exit
 
-            shutdown()
+            finish_and_exit()
         return result
 
 

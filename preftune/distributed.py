@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Sequence, TypeVar
@@ -154,11 +155,20 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    """Leave the process group at the end of a command: a process that exits with gloo's threads
-    still running can abort ("terminate called without an active exception") after its work is done."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def finish_and_exit() -> None:
+    """End a command that ran under torchrun: wait for every rank, leave the process group, exit 0.
+
+    The barrier keeps a rank from closing its connections while a peer still writes its outputs.
+    The exit skips the interpreter's teardown: gloo's worker threads, still alive then, can abort a
+    finished run there ("terminate called without an active exception", SIGABRT), which torchrun
+    reports as a failure. Every output is written and closed before this is called."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def gather_checksums(model: torch.nn.Module, info: DistInfo) -> list[float]:
