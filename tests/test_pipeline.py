@@ -55,3 +55,31 @@ def test_gold_accuracy_on_held_out_counts_the_gold_agreeing_with_the_labels(tmp_
     cfg = RewardConfig(model="unused", data=str(path), out=str(tmp_path / "rm"))
     result = gold_on_held_out(cfg, "sentiment")
     assert result == {"gold_eval_accuracy": pytest.approx(2 / 3)}  # no trained model in out: no RM agreement
+
+
+def test_reward_data_holds_out_whole_prompts_and_only_their_comparisons(tmp_path):
+    from preftune.pipeline.config import RunConfig
+    from preftune.pipeline.run import Run, reward_data
+
+    run = Run(RunConfig(out=str(tmp_path)), None)
+    prompts = [f"Prompt {i}?" for i in range(10)]
+    comparisons = [{"prompt": p, "chosen": f"good {k}", "rejected": f"bad {k}", "annotator": a}
+                   for p in prompts for k in range(2) for a in ("sim-1", "sim-2")]
+    ratings = [{"prompt": p, "response": f"good {k}", "rating": 1 + k, "scale": 3, "annotator": "sim-1"}
+               for p in prompts for k in range(2)]
+    for name, rows in (("comparisons", comparisons), ("ratings", ratings)):
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    train_path, eval_path = reward_data(run, 0.2, seed=3)
+    train = [json.loads(l) for l in train_path.read_text().splitlines()]
+    held = [json.loads(l) for l in eval_path.read_text().splitlines()]
+    held_prompts = {r["prompt"] for r in held}
+    assert len(held_prompts) == 2 and not held_prompts & {r["prompt"] for r in train}
+    assert all("chosen" in r for r in held) and len(held) == 2 * 4  # comparisons only, all of them
+    assert len(train) == 8 * 4 + 8 * 2  # the other prompts' comparisons and ratings
+    assert reward_data(run, 0.2, seed=3)[1].read_text() == eval_path.read_text()  # deterministic
+
+    run.cfg.reward_ratings = False
+    train_path, _ = reward_data(run, 0.2, seed=3)
+    assert all("chosen" in json.loads(l) for l in train_path.read_text().splitlines())

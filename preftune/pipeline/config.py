@@ -26,6 +26,9 @@ class RunConfig(StageConfig):
     comparison_prompts: int = Field(128, ge=2, description="Training prompts answered by the base and SFT "
                                                            "models for people to compare.")
     samples_per_model: int = Field(2, ge=1, description="Responses per comparison prompt from each model.")
+    reward_ratings: bool = Field(True, description="Also train the reward model on the pairs implied by the "
+                                                   "annotators' 1-3 ratings (ties skipped); its held-out "
+                                                   "accuracy is measured on comparisons only.")
     annotators: int = Field(2, ge=1, description="Simulated annotators; each labels every pair.")
     target_agreement: float = Field(0.73, gt=0.5, lt=1, description="Noise calibrated so two annotators agree "
                                                                     "this often (people: about 0.73).")

@@ -25,6 +25,7 @@ import torch
 from preftune.config import build_config
 from preftune.data.jsonl import read_dicts, read_jsonl, write_jsonl
 from preftune.data.records import prompt_text, to_json
+from preftune.data.split import train_eval_split
 from preftune.errors import PreftuneError
 from preftune.pipeline.config import RunConfig
 from preftune.progress import console
@@ -172,11 +173,35 @@ def stage_label(run: Run) -> dict:
     return {"comparisons": comparisons, "ratings": {**ratings, "flag_counts": flags}}
 
 
+def reward_data(run: Run, eval_split: float, seed: int) -> tuple[Path, Path | None]:
+    """(training, held-out) preference files for the reward model. The comparison prompts are split
+    (seeded); training gets every judgement of the training prompts (comparisons, and with
+    ``reward_ratings`` the pairs implied by the ratings), the held-out file only the comparisons of
+    the other prompts, so the held-out accuracy is measured on the same kind of label as the
+    annotators' agreement with the gold."""
+    comparisons = read_dicts(run.path("data", "comparisons.jsonl"))
+    ratings = read_dicts(run.path("data", "ratings.jsonl")) if run.cfg.reward_ratings else []
+    prompts = [(key,) for key in dict.fromkeys(json.dumps(r["prompt"], sort_keys=True) for r in comparisons)]
+    held_set = {key for (key,) in train_eval_split(prompts, eval_split, seed)[1]}
+    train_path, eval_path = run.path("data", "rm_train.jsonl"), run.path("data", "rm_eval.jsonl")
+    write_jsonl(train_path, [r for r in comparisons + ratings
+                             if json.dumps(r["prompt"], sort_keys=True) not in held_set])
+    if not held_set:
+        return train_path, None
+    write_jsonl(eval_path, [r for r in comparisons if json.dumps(r["prompt"], sort_keys=True) in held_set])
+    return train_path, eval_path
+
+
 def stage_reward(run: Run, base: str) -> dict:
     from preftune.reward.trainer import RewardConfig, train_reward
 
-    cfg = run.stage_config(RewardConfig, "reward", model=resolve_backbone(run, base),
-                           data=str(run.path("data", "comparisons.jsonl")), out=str(run.path("rm")))
+    cfg = run.stage_config(RewardConfig, "reward", model=resolve_backbone(run, base), data="",
+                           out=str(run.path("rm")))
+    if cfg.eval_data is None:  # unless the config names its own held-out file
+        train_path, eval_path = reward_data(run, cfg.eval_split, cfg.seed)
+        cfg = cfg.model_copy(update={"data": str(train_path), "eval_data": str(eval_path) if eval_path else None})
+    else:
+        cfg = cfg.model_copy(update={"data": str(reward_data(run, 0.0, cfg.seed)[0])})
     summary = train_reward(cfg, quiet=run.quiet)
     return {**summary, **gold_on_held_out(cfg, run.cfg.gold)}
 
