@@ -80,9 +80,9 @@ def write_report(run, results: dict, metrics: dict) -> None:
         R.paragraph(f"A reward model ({cfg.reward_backbone} backbone) was trained on the comparisons"
                     f"{' and the pairs implied by the ratings (ties skipped)' if cfg.reward_ratings else ''} "
                     f"with the Bradley-Terry loss. On the comparisons of held-out prompts it agrees with the "
-                    f"annotators' choice {_pct(reward.get('eval_accuracy'))} of the time; a single annotator agrees with the "
-                    f"noiseless gold {_pct(cmp_stats.get('gold_agreement'))} of the time, which bounds what any "
-                    f"model can reach on these labels."),
+                    f"annotators' choice {_pct(reward.get('eval_accuracy'))} of the time; a single annotator "
+                    f"agrees with the noiseless gold {_pct(cmp_stats.get('gold_agreement'))} of the time, which "
+                    f"bounds what any model can reach on these labels."),
         R.table(["measure", "value"], [["held-out accuracy", _pct(reward.get("eval_accuracy"))],
                                        ["the noiseless gold on the same held-out labels (best achievable)",
                                         _pct(reward.get("gold_eval_accuracy"))],

@@ -181,6 +181,7 @@ def reward_data(run: Run, eval_split: float, seed: int) -> tuple[Path, Path | No
     annotators' agreement with the gold."""
     comparisons = read_dicts(run.path("data", "comparisons.jsonl"))
     ratings = read_dicts(run.path("data", "ratings.jsonl")) if run.cfg.reward_ratings else []
+    # one-tuples, not strings: the split reads a record's ``split`` attribute, and str has one
     prompts = [(key,) for key in dict.fromkeys(json.dumps(r["prompt"], sort_keys=True) for r in comparisons)]
     held_set = {key for (key,) in train_eval_split(prompts, eval_split, seed)[1]}
     train_path, eval_path = run.path("data", "rm_train.jsonl"), run.path("data", "rm_eval.jsonl")
