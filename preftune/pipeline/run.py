@@ -179,17 +179,19 @@ def reward_data(run: Run, eval_split: float, seed: int) -> tuple[Path, Path | No
     ``reward_ratings`` the pairs implied by the ratings), the held-out file only the comparisons of
     the other prompts, so the held-out accuracy is measured on the same kind of label as the
     annotators' agreement with the gold."""
+    def key(row: dict) -> str:  # a prompt is a string or a message list
+        return json.dumps(row["prompt"], sort_keys=True)
+
     comparisons = read_dicts(run.path("data", "comparisons.jsonl"))
     ratings = read_dicts(run.path("data", "ratings.jsonl")) if run.cfg.reward_ratings else []
     # one-tuples, not strings: the split reads a record's ``split`` attribute, and str has one
-    prompts = [(key,) for key in dict.fromkeys(json.dumps(r["prompt"], sort_keys=True) for r in comparisons)]
-    held_set = {key for (key,) in train_eval_split(prompts, eval_split, seed)[1]}
+    prompts = [(k,) for k in dict.fromkeys(map(key, comparisons))]
+    held = {k for (k,) in train_eval_split(prompts, eval_split, seed)[1]}
     train_path, eval_path = run.path("data", "rm_train.jsonl"), run.path("data", "rm_eval.jsonl")
-    write_jsonl(train_path, [r for r in comparisons + ratings
-                             if json.dumps(r["prompt"], sort_keys=True) not in held_set])
-    if not held_set:
+    write_jsonl(train_path, [r for r in comparisons + ratings if key(r) not in held])
+    if not held:
         return train_path, None
-    write_jsonl(eval_path, [r for r in comparisons if json.dumps(r["prompt"], sort_keys=True) in held_set])
+    write_jsonl(eval_path, [r for r in comparisons if key(r) in held])
     return train_path, eval_path
 
 
