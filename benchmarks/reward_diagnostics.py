@@ -45,9 +45,10 @@ def main() -> None:
     held = [r for r in rows if r.get("split") == "eval"]
     answers = list(dict.fromkeys((r["prompt"], t) for r in held for t in r["responses"]))
     prompts, responses = [p for p, _ in answers], [t for _, t in answers]
-    terms = parse_labeler(args.labeler)
-    parts = {c: resolve_gold(c, "cpu")(prompts, responses).numpy().astype(float) for _, c, _ in terms}
-    weights = {c: w for w, c, _ in terms}
+    # each weighted part of the labeler, by its own text (e.g. "length(max=50)")
+    weights = {c + (f"({','.join(f'{k}={v}' for k, v in kw.items())})" if kw else ""): w
+               for w, c, kw in parse_labeler(args.labeler)}
+    parts = {c: resolve_gold(c, "cpu")(prompts, responses).numpy().astype(float) for c in weights}
     gold = sum(weights[c] * parts[c] for c in parts)
     rm = RewardModel.load(args.rm).raw_scores(prompts, responses, batch_size=32).numpy().astype(float)
 
