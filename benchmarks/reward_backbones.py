@@ -77,6 +77,11 @@ def eval_pairs(rows: list[dict], gold: dict[tuple[str, str], float]) -> np.ndarr
     return np.array(diffs)
 
 
+def accuracy_of(diffs: np.ndarray) -> float:
+    """Pair accuracy of a scorer from its (labelled winner minus loser) differences; a tie counts half."""
+    return float(np.mean((diffs > 0) + 0.5 * (diffs == 0)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench-reward")
@@ -144,7 +149,7 @@ def main() -> None:
     # for timing runs (--one NAME --data OUT/train_only.jsonl --max-steps K): no held-out set to score
     (out / "train_only.jsonl").write_text("".join(json.dumps(r) + "\n" for r in label_rows if r.get("split") != "eval"))
     diffs = eval_pairs(eval_rows, gold)
-    realised = float(np.mean((diffs > 0) + 0.5 * (diffs == 0)))  # the gold's accuracy on the drawn labels
+    realised = accuracy_of(diffs)  # the gold's accuracy on the drawn labels
     analytic = noise_ceiling(diffs, list(stats["temperatures"].values())[0])
     print(f"eval: {len(eval_rows)} rankings, {len(diffs)} pairs; noise ceiling {100 * analytic:.1f}% "
           f"(expected), gold accuracy on the drawn eval labels {100 * realised:.1f}%")

@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
 
-    from benchmarks.reward_backbones import eval_pairs
+    from benchmarks.reward_backbones import accuracy_of, eval_pairs
     from preftune.feedback.commands import resolve_gold
     from preftune.feedback.simulated import parse_labeler
     from preftune.models.loading import set_threads
@@ -53,8 +53,7 @@ def main() -> None:
     rm = RewardModel.load(args.rm).raw_scores(prompts, responses, batch_size=32).numpy().astype(float)
 
     def accuracy(values: np.ndarray) -> float:
-        diffs = eval_pairs(held, {(json.dumps(p), t): v for (p, t), v in zip(answers, values)})
-        return float(np.mean((diffs > 0) + 0.5 * (diffs == 0)))
+        return accuracy_of(eval_pairs(held, {(json.dumps(p), t): v for (p, t), v in zip(answers, values)}))
 
     prompt_ids = np.unique(prompts, return_inverse=True)[1]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "demo"))
 
-from make_prompts import TEMPLATES, TOPICS  # noqa: E402
+from make_prompts import TEMPLATES, topic_list  # noqa: E402
 
 EXTRA_TEMPLATES = [
     "Share a happy thought about {t}.",
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     assert not set(EXTRA_TEMPLATES) & set(TEMPLATES)
-    topics = [t.strip() for t in TOPICS.split(";") if t.strip()]
+    topics = topic_list()
     rows = [{"id": f"{t.replace(' ', '-')}-x{k}", "prompt": template.format(t=t)}
             for t in topics for k, template in enumerate(EXTRA_TEMPLATES)]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

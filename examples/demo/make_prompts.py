@@ -37,8 +37,12 @@ TEMPLATES = [
 HELD_OUT_TOPICS = 20
 
 
+def topic_list() -> list[str]:
+    return [t.strip() for t in TOPICS.split(";") if t.strip()]
+
+
 def main() -> None:
-    topics = [t.strip() for t in TOPICS.split(";") if t.strip()]
+    topics = topic_list()
     assert len(topics) == len(set(topics)), "duplicate topics"
     rng = random.Random(2026)
     rng.shuffle(topics)
