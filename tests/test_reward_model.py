@@ -11,8 +11,10 @@ from preftune.reward.model import (
     RewardModel,
     last_real_token_index,
     last_real_token_mask,
+    pair_token_type_ids,
     sequence_scores,
 )
+from preftune.data.records import RecordError
 
 PROMPTS = ["What is the capital of France?", [{"role": "system", "content": "Be brief."},
                                               {"role": "user", "content": "Say hello."}], "Hi"]
@@ -98,6 +100,56 @@ def test_encoder_backbone_reads_the_first_token_like_transformers(tmp_path):
         theirs = torch.cat([hf(input_ids=torch.tensor([rm.encode(p, r)])).logits[:, 0]
                             for p, r in zip(PROMPTS, RESPONSES)])
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_pair_token_type_ids_by_hand():
+    # [CLS] a [SEP] b c [SEP] [PAD] with [CLS]=2, [SEP]=3, pad 0: segment 1 from b to the last [SEP]
+    ids = torch.tensor([[2, 7, 3, 8, 9, 3, 0], [2, 7, 7, 3, 8, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0]])
+    assert pair_token_type_ids(ids, mask, sep_id=3).tolist() == [[0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1, 0]]
+
+
+@pytest.fixture
+def tiny_bert_dir(tmp_path):
+    """A tiny BERT with a real WordPiece tokenizer (segment ids on text pairs, as bert-base has)."""
+    from transformers import BertTokenizerFast
+
+    words = sorted({w for text in ["user assistant system be brief say hello what is the capital of france "
+                                   "hi paris there it nice to meet you"] for w in text.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *".,!?:"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    bert = build_tiny_model(tok, kind="bert")
+    bert.save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    return tmp_path / "bert"
+
+
+def test_bert_reward_matches_transformers_on_the_tokenizers_own_text_pair(tiny_bert_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from preftune.data.chat import render_prompt
+
+    rm = RewardModel.from_backbone(str(tiny_bert_dir), device="cpu")
+    ours = rm.raw_scores(PROMPTS, RESPONSES)
+    hf = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    messages = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in PROMPTS]
+    batch = tok([render_prompt(tok, m) for m in messages], RESPONSES, padding=True, return_tensors="pt")
+    assert batch["token_type_ids"].sum() > 0  # the responses are segment 1
+    with torch.no_grad():
+        theirs = hf(**batch).logits[:, 0]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    # without the segment ids the scores differ: the check above can fail
+    batch.pop("token_type_ids")
+    with torch.no_grad():
+        assert not torch.allclose(ours, hf(**batch).logits[:, 0], atol=1e-5)
+
+
+def test_bert_reward_rejects_a_text_that_contains_the_separator(tiny_bert_dir):
+    rm = RewardModel.from_backbone(str(tiny_bert_dir), device="cpu")
+    with pytest.raises(RecordError, match="separator token"):
+        rm.encode("Hi", "hello [SEP] there")
 
 
 def test_missing_metadata_is_a_clear_error(tiny_model_dir):

@@ -8,7 +8,9 @@ it, so ``AutoModelForSequenceClassification.from_pretrained(DIR)`` reproduces ou
   with left and right padding; the pad id is distinct from EOS and never occurs in real text, so
   Hugging Face's pad-id search lands on the same token;
 * encoders (BERT and friends): the model's own head on the pooled first token ([CLS]); prompt and
-  response are encoded as a text pair ``[CLS] prompt [SEP] response [SEP]``.
+  response are encoded as a text pair ``[CLS] prompt [SEP] response [SEP]``, with the segment ids
+  (``token_type_ids``: 1 on the response) that the tokenizer gives such a pair, so
+  ``model(**tokenizer(prompt, response, return_tensors="pt"))`` is the same call.
 
 The reward model keeps its own tokenizer and chat rendering, so a policy with another tokenizer
 can use it: ``RewardModel.load(DIR).score(prompts, responses)`` takes text. Scores are normalised
@@ -69,11 +71,14 @@ ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deb
 
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Raw scalar reward [B] of each sequence (see module docstring for where it is read)."""
+                    position_ids: torch.Tensor | None = None,
+                    token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw scalar reward [B] of each sequence (see module docstring for where it is read;
+    ``token_type_ids``: an encoder's segment ids, see ``pair_token_type_ids``)."""
     inner = _unwrap(model)
     if not is_decoder(model):
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return model(input_ids=input_ids, attention_mask=attention_mask, **segments).logits[:, 0]
     if position_ids is None:  # left padding: positions count real tokens only
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     # The trunk over every token, the head on one position per row (the same numbers as the full
@@ -91,6 +96,19 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
         ids[i, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
         mask[i, :len(seq)] = 1
     return ids, mask
+
+
+def pair_token_type_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """Segment ids [B, T] of ``[CLS] prompt [SEP] response [SEP]`` rows: 0 up to the first [SEP]
+    (included), 1 after it, 0 on padding, as BERT-style tokenizers return for a text pair."""
+    is_sep = (input_ids == sep_id).long()
+    seps_before = is_sep.cumsum(-1) - is_sep
+    return ((seps_before > 0) & attention_mask.bool()).long()
+
+
+def uses_token_types(tokenizer, decoder: bool) -> bool:
+    """Encoders whose tokenizer gives a text pair segment ids (BERT, not RoBERTa/DistilBERT)."""
+    return not decoder and "token_type_ids" in tokenizer.model_input_names and tokenizer.sep_token_id is not None
 
 
 # ---------------------------------------------------------------- encoding
@@ -115,20 +133,28 @@ def encode_for_reward(tokenizer, messages: Messages, response: str, *, decoder: 
         if tokenizer.pad_token_id in fitted.input_ids:
             raise RecordError(f"the text contains the pad token {tokenizer.pad_token!r}")
         return fitted.input_ids
+    return encode_text_pair(tokenizer, messages, response, max_length, truncate)
+
+
+def encode_text_pair(tokenizer, messages: Messages, response: str, max_length: int, truncate: bool) -> list[int]:
+    """``[CLS] prompt [SEP] response [SEP]`` ids (over-long pairs lose prompt tokens from the left)."""
     prompt = render_prompt(tokenizer, messages)
     full = tokenizer(prompt, response, add_special_tokens=True)["input_ids"]
-    if len(full) <= max_length:
-        return full
-    if not truncate:
-        raise RecordError(f"prompt + response is {len(full)} tokens, over --max-length {max_length} "
-                          f"(use --truncate to cut the prompt)")
-    side = tokenizer.truncation_side
-    tokenizer.truncation_side = "left"
-    try:
-        return tokenizer(prompt, response, add_special_tokens=True, truncation="longest_first",
-                         max_length=max_length)["input_ids"]
-    finally:
-        tokenizer.truncation_side = side
+    if len(full) > max_length:
+        if not truncate:
+            raise RecordError(f"prompt + response is {len(full)} tokens, over --max-length {max_length} "
+                              f"(use --truncate to cut the prompt)")
+        side = tokenizer.truncation_side
+        tokenizer.truncation_side = "left"
+        try:
+            full = tokenizer(prompt, response, add_special_tokens=True, truncation="longest_first",
+                             max_length=max_length)["input_ids"]
+        finally:
+            tokenizer.truncation_side = side
+    # the segment ids are found from the [SEP]s, so the text must not contain one itself
+    if uses_token_types(tokenizer, decoder=False) and full.count(tokenizer.sep_token_id) != 2:
+        raise RecordError(f"the text contains the separator token {tokenizer.sep_token!r}")
+    return full
 
 
 # ---------------------------------------------------------------- the model
@@ -217,10 +243,17 @@ class RewardModel:
         """The exact text the model reads for one (prompt, response)."""
         return self.tokenizer.decode(self.encode(prompt, response))
 
+    @property
+    def sep_id(self) -> int | None:
+        """The [SEP] id that ``pair_token_type_ids`` splits at, or None (no segment ids)."""
+        return self.tokenizer.sep_token_id if uses_token_types(self.tokenizer, self.decoder) else None
+
     def forward_ids(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Raw scores [N] of already encoded sequences, one right-padded forward (with grad)."""
         ids, mask = right_pad(sequences, self.tokenizer.pad_token_id)
-        return sequence_scores(self.model, ids.to(self.device), mask.to(self.device))
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        types = None if self.sep_id is None else pair_token_type_ids(ids, mask, self.sep_id)
+        return sequence_scores(self.model, ids, mask, token_type_ids=types)
 
     @torch.no_grad()
     def raw_scores(self, prompts: Sequence[Messages | str], responses: Sequence[str],

@@ -43,7 +43,7 @@ from preftune.errors import DataError, PreftuneError
 from preftune.models.loading import set_threads
 from preftune.progress import console, progress_bar
 from preftune.reward.losses import expected_calibration_error, grouped_preference_loss, pair_accuracy
-from preftune.reward.model import RewardModel, right_pad, sequence_scores
+from preftune.reward.model import RewardModel, pair_token_type_ids, right_pad, sequence_scores
 from preftune.reward.pairs import PreferenceGroup, expand_preferences, group_by_prompt
 from preftune.sft.trainer import epoch_order
 from preftune.training import (
@@ -146,12 +146,13 @@ def flatten(groups: list[EncodedGroup]):
 class ScoreNet(torch.nn.Module):
     """``sequence_scores`` as a module, so DDP and FSDP can wrap it (they act in its forward)."""
 
-    def __init__(self, model, pad_id: int) -> None:
+    def __init__(self, model, pad_id: int, sep_id: int | None = None) -> None:
         super().__init__()
-        self.model, self.pad_id = model, pad_id
+        self.model, self.pad_id, self.sep_id = model, pad_id, sep_id
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return sequence_scores(self.model, input_ids, attention_mask)
+        types = None if self.sep_id is None else pair_token_type_ids(input_ids, attention_mask, self.sep_id)
+        return sequence_scores(self.model, input_ids, attention_mask, token_type_ids=types)
 
     def score(self, net, sequences) -> torch.Tensor:
         """Raw scores [N] of token-id lists through ``net`` (this module or its wrapper)."""
@@ -333,7 +334,7 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
         rm.model = apply_lora(rm.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
                               task_type="SEQ_CLS")
     rm.model.train()
-    scorer = ScoreNet(rm.model, rm.tokenizer.pad_token_id)
+    scorer = ScoreNet(rm.model, rm.tokenizer.pad_token_id, rm.sep_id)
     net = distribute(scorer, rm.model, info, cfg.fsdp)
     sharded = info.enabled and cfg.fsdp
     train_score = lambda sequences: scorer.score(net, sequences)  # noqa: E731
