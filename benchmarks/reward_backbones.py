@@ -11,6 +11,8 @@ Usage::
 
     python benchmarks/reward_backbones.py --out runs/bench-reward
     python benchmarks/reward_backbones.py --out runs/bench-reward --backbones minilm,smollm2-lora
+    python benchmarks/reward_backbones.py --out runs/bench-n16 --backbones minilm \
+        --candidates runs/bench-n8/candidates.jsonl runs/bench-n16/candidates-seed1.jsonl
 
 The ceiling is reported twice: the Bradley-Terry expectation on the eval pairs and the accuracy of
 the noiseless gold itself on the drawn eval labels (what a perfect RM would score on them).
@@ -65,6 +67,28 @@ def train_one(name: str, data: str, out: str, epochs: float | None, batch_size: 
     print("RESULT " + json.dumps(summary))
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def pooled_candidates(paths: list[str]) -> list[dict]:
+    """The rows of several candidates files, one per prompt id, with their answers concatenated
+    (the first file's row keeps its other fields)."""
+    pooled: dict[str, dict] = {}
+    for path in paths:
+        for row in read_jsonl(path):
+            if row["id"] not in pooled:
+                pooled[row["id"]] = {**row, "responses": list(row["responses"])}
+                continue
+            kept = pooled[row["id"]]
+            if kept["prompt"] != row["prompt"]:
+                sys.exit(f"{path}: prompt id {row['id']!r} has another prompt than in {paths[0]}")
+            for key in ("responses", "models", "ended", "num_tokens"):
+                if key in kept and key in row:
+                    kept[key] = list(kept[key]) + list(row[key])
+    return list(pooled.values())
+
+
 def eval_pairs(rows: list[dict], gold: dict[tuple[str, str], float]) -> np.ndarray:
     """Gold differences (labelled winner minus loser) of every pair the RM is evaluated on
     (all pairs of each ranking except two identical texts, as ``preftune reward`` does)."""
@@ -86,7 +110,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench-reward")
     parser.add_argument("--prompts", default=str(ROOT / "examples" / "quick" / "demos.jsonl"))
-    parser.add_argument("--candidates", help="reuse a candidates file instead of sampling")
+    parser.add_argument("--candidates", nargs="+", help="reuse candidates files instead of sampling (several: "
+                        "the answers to the same prompt id are pooled, e.g. two sampling seeds)")
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--sample-batch-size", type=int, default=64,
@@ -112,7 +137,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    candidates = Path(args.candidates) if args.candidates else out / "candidates.jsonl"
+    candidates = out / "candidates.jsonl"
     if not args.candidates:
         s = sample_candidates(SampleConfig(model=["smollm2-135m-instruct"], prompts=args.prompts, n=args.n,
                                            max_new_tokens=args.max_new_tokens, out=str(candidates),
@@ -120,7 +145,7 @@ def main() -> None:
                               quiet=True)
         print(f"sampled {s['responses']} responses in {s['seconds']:.0f} s ({s['tokens_per_s']:.0f} tokens/s, "
               f"{100 * s['ended_share']:.0f}% ended)")
-    rows = [json.loads(line) for line in candidates.read_text().splitlines() if line.strip()]
+    rows = pooled_candidates(args.candidates) if args.candidates else read_jsonl(candidates)
     random.Random(0).shuffle(order := list(range(len(rows))))
     eval_ids = set(order[:max(1, len(rows) // 5)])
     split_path = out / "candidates_split.jsonl"
@@ -144,7 +169,7 @@ def main() -> None:
     stats = run_label(LabelConfig(candidates=str(split_path), out=str(labels), kind="rankings",
                                   labeler=args.labeler, annotators=3, target_agreement=0.73, seed=0), quiet=True)
     print(f"labels: {describe_agreement(stats)}; T = {list(stats['temperatures'].values())[0]:.4f}")
-    label_rows = [json.loads(line) for line in labels.read_text().splitlines()]
+    label_rows = read_jsonl(labels)
     eval_rows = [r for r in label_rows if r.get("split") == "eval"]
     # for timing runs (--one NAME --data OUT/train_only.jsonl --max-steps K): no held-out set to score
     (out / "train_only.jsonl").write_text("".join(json.dumps(r) + "\n" for r in label_rows if r.get("split") != "eval"))
