@@ -14,7 +14,6 @@ from preftune.reward.model import (
     pair_token_type_ids,
     sequence_scores,
 )
-from preftune.data.records import RecordError
 
 PROMPTS = ["What is the capital of France?", [{"role": "system", "content": "Be brief."},
                                               {"role": "user", "content": "Say hello."}], "Hi"]
@@ -115,8 +114,8 @@ def tiny_bert_dir(tmp_path):
     from transformers import BertTokenizerFast
 
     words = sorted({w for text in ["user assistant system be brief say hello what is the capital of france "
-                                   "hi paris there it nice to meet you"] for w in text.split()})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *".,!?:"]
+                                   "hi paris there it nice to meet you sep"] for w in text.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *".,!?:[]"]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
     bert = build_tiny_model(tok, kind="bert")
@@ -146,10 +145,21 @@ def test_bert_reward_matches_transformers_on_the_tokenizers_own_text_pair(tiny_b
         assert not torch.allclose(ours, hf(**batch).logits[:, 0], atol=1e-5)
 
 
-def test_bert_reward_rejects_a_text_that_contains_the_separator(tiny_bert_dir):
+def test_bert_reward_reads_a_literal_separator_in_the_text_as_text(tiny_bert_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from preftune.data.chat import render_prompt
+
     rm = RewardModel.from_backbone(str(tiny_bert_dir), device="cpu")
-    with pytest.raises(RecordError, match="separator token"):
-        rm.encode("Hi", "hello [SEP] there")
+    ids = rm.encode("Hi", "hello [SEP] there")
+    assert ids.count(rm.tokenizer.sep_token_id) == 2  # only the pair's own separators
+    hf = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    prompt = render_prompt(tok, [{"role": "user", "content": "Hi"}])
+    batch = tok(prompt, "hello [SEP] there", split_special_tokens=True, return_tensors="pt")
+    assert batch["input_ids"][0].tolist() == ids
+    with torch.no_grad():
+        assert torch.allclose(rm.raw_scores(["Hi"], ["hello [SEP] there"]), hf(**batch).logits[:, 0], atol=1e-5)
 
 
 def test_missing_metadata_is_a_clear_error(tiny_model_dir):

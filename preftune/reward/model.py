@@ -137,24 +137,25 @@ def encode_for_reward(tokenizer, messages: Messages, response: str, *, decoder: 
 
 
 def encode_text_pair(tokenizer, messages: Messages, response: str, max_length: int, truncate: bool) -> list[int]:
-    """``[CLS] prompt [SEP] response [SEP]`` ids (over-long pairs lose prompt tokens from the left)."""
+    """``[CLS] prompt [SEP] response [SEP]`` ids (over-long pairs lose prompt tokens from the left).
+    Under the plain rendering a literal "[SEP]" (or other special token) in the text stays text, so
+    only the tokenizer's own separators split the segments (``pair_token_type_ids``); a chat
+    template's markers are special tokens and are kept as such."""
     prompt = render_prompt(tokenizer, messages)
-    full = tokenizer(prompt, response, add_special_tokens=True)["input_ids"]
-    if len(full) > max_length:
-        if not truncate:
-            raise RecordError(f"prompt + response is {len(full)} tokens, over --max-length {max_length} "
-                              f"(use --truncate to cut the prompt)")
-        side = tokenizer.truncation_side
-        tokenizer.truncation_side = "left"
-        try:
-            full = tokenizer(prompt, response, add_special_tokens=True, truncation="longest_first",
-                             max_length=max_length)["input_ids"]
-        finally:
-            tokenizer.truncation_side = side
-    # the segment ids are found from the [SEP]s, so the text must not contain one itself
-    if uses_token_types(tokenizer, decoder=False) and full.count(tokenizer.sep_token_id) != 2:
-        raise RecordError(f"the text contains the separator token {tokenizer.sep_token!r}")
-    return full
+    literal = not has_chat_template(tokenizer)
+    full = tokenizer(prompt, response, add_special_tokens=True, split_special_tokens=literal)["input_ids"]
+    if len(full) <= max_length:
+        return full
+    if not truncate:
+        raise RecordError(f"prompt + response is {len(full)} tokens, over --max-length {max_length} "
+                          f"(use --truncate to cut the prompt)")
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        return tokenizer(prompt, response, add_special_tokens=True, split_special_tokens=literal,
+                         truncation="longest_first", max_length=max_length)["input_ids"]
+    finally:
+        tokenizer.truncation_side = side
 
 
 # ---------------------------------------------------------------- the model
