@@ -34,14 +34,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
 
-    from benchmarks.reward_backbones import accuracy_of, eval_pairs
+    from benchmarks.reward_backbones import accuracy_of, eval_pairs, read_jsonl
     from preftune.feedback.commands import resolve_gold
     from preftune.feedback.simulated import parse_labeler
     from preftune.models.loading import set_threads
     from preftune.reward.model import RewardModel
 
     set_threads(args.threads)
-    rows = [json.loads(line) for line in (Path(args.bench) / "rankings.jsonl").read_text().splitlines()]
+    rows = read_jsonl(Path(args.bench) / "rankings.jsonl")
     held = [r for r in rows if r.get("split") == "eval"]
     answers = list(dict.fromkeys((r["prompt"], t) for r in held for t in r["responses"]))
     prompts, responses = [p for p, _ in answers], [t for _, t in answers]

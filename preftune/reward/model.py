@@ -71,13 +71,12 @@ ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deb
 
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    position_ids: torch.Tensor | None = None,
-                    token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                    position_ids: torch.Tensor | None = None, sep_id: int | None = None) -> torch.Tensor:
     """Raw scalar reward [B] of each sequence (see module docstring for where it is read;
-    ``token_type_ids``: an encoder's segment ids, see ``pair_token_type_ids``)."""
+    ``sep_id``: an encoder's [SEP], from which its segment ids are set, see ``pair_token_type_ids``)."""
     inner = _unwrap(model)
     if not is_decoder(model):
-        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        segments = {} if sep_id is None else {"token_type_ids": pair_token_type_ids(input_ids, attention_mask, sep_id)}
         return model(input_ids=input_ids, attention_mask=attention_mask, **segments).logits[:, 0]
     if position_ids is None:  # left padding: positions count real tokens only
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -252,9 +251,7 @@ class RewardModel:
     def forward_ids(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Raw scores [N] of already encoded sequences, one right-padded forward (with grad)."""
         ids, mask = right_pad(sequences, self.tokenizer.pad_token_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        types = None if self.sep_id is None else pair_token_type_ids(ids, mask, self.sep_id)
-        return sequence_scores(self.model, ids, mask, token_type_ids=types)
+        return sequence_scores(self.model, ids.to(self.device), mask.to(self.device), sep_id=self.sep_id)
 
     @torch.no_grad()
     def raw_scores(self, prompts: Sequence[Messages | str], responses: Sequence[str],

@@ -43,7 +43,7 @@ from preftune.errors import DataError, PreftuneError
 from preftune.models.loading import set_threads
 from preftune.progress import console, progress_bar
 from preftune.reward.losses import expected_calibration_error, grouped_preference_loss, pair_accuracy
-from preftune.reward.model import RewardModel, pair_token_type_ids, right_pad, sequence_scores
+from preftune.reward.model import RewardModel, right_pad, sequence_scores
 from preftune.reward.pairs import PreferenceGroup, expand_preferences, group_by_prompt
 from preftune.sft.trainer import epoch_order
 from preftune.training import (
@@ -151,8 +151,7 @@ class ScoreNet(torch.nn.Module):
         self.model, self.pad_id, self.sep_id = model, pad_id, sep_id
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        types = None if self.sep_id is None else pair_token_type_ids(input_ids, attention_mask, self.sep_id)
-        return sequence_scores(self.model, input_ids, attention_mask, token_type_ids=types)
+        return sequence_scores(self.model, input_ids, attention_mask, sep_id=self.sep_id)
 
     def score(self, net, sequences) -> torch.Tensor:
         """Raw scores [N] of token-id lists through ``net`` (this module or its wrapper)."""
