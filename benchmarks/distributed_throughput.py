@@ -58,7 +58,7 @@ def prepare(tmp: Path, args) -> dict[str, Path]:
     """The model, the demonstrations, synthetic comparisons, the prompts and a reward function."""
     from preftune.models.tiny import save_tiny
 
-    demos = [json.loads(line) for line in (ROOT / "examples/quick/demos.jsonl").read_text().splitlines()]
+    demos = [json.loads(line) for line in (ROOT / "preftune/resources/quick/demos.jsonl").read_text().splitlines()]
     texts = [d.get("prompt", "") + " " + d.get("completion", "") for d in demos]
     model = save_tiny(tmp / "model", texts, hidden_size=args.hidden, layers=args.layers, heads=4)
     prompts = [json.loads(line)["prompt"] for line in (ROOT / "examples/demo/prompts.jsonl").read_text().splitlines()]
@@ -69,7 +69,7 @@ def prepare(tmp: Path, args) -> dict[str, Path]:
                                              for p in prompts[:256]))
     (tmp / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts[:256]))
     (tmp / "reward.py").write_text(REWARD)
-    return {"model": model, "demos": ROOT / "examples/quick/demos.jsonl", "prefs": tmp / "prefs.jsonl",
+    return {"model": model, "demos": ROOT / "preftune/resources/quick/demos.jsonl", "prefs": tmp / "prefs.jsonl",
             "prompts": tmp / "prompts.jsonl", "reward": tmp / "reward.py"}
 
 

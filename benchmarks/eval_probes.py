@@ -15,8 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import matmul_gflops, peak_rss_mb  # noqa: E402
-from preftune.evaluation.probes.adversarial import AdversarialConfig, run_adversarial_probe  # noqa: E402
-from preftune.evaluation.probes.hallucination import HallucinationConfig, run_hallucination_probe  # noqa: E402
+from preftune.evaluation.config import AdversarialConfig, HallucinationConfig  # noqa: E402
+from preftune.evaluation.probes.adversarial import run_adversarial_probe  # noqa: E402
+from preftune.evaluation.probes.hallucination import run_hallucination_probe  # noqa: E402
 
 
 def fmt(rate: dict) -> str:

@@ -52,7 +52,7 @@ CONFIGS = {
 def peer_reward_model(directory: Path):
     """The peer's reward model (a plain sequence-classification directory, no normalisation) scored
     by preftune's RewardModel: chat rendering of (prompt, response) as text, last real token."""
-    from preftune.reward.model import RewardModel, _load_seq_cls
+    from preftune.models.reward_model import RewardModel, _load_seq_cls
 
     return RewardModel(*_load_seq_cls(directory, "cpu", "fp32")).score
 
@@ -86,7 +86,8 @@ def run_one(model: str, config: str, steps: int, learning: bool) -> dict:
 
     from preftune.data.chat import encode_prompt
     from preftune.models.loading import load_tokenizer
-    from preftune.ppo.trainer import PPOConfig, train_ppo
+    from preftune.ppo.config import PPOConfig
+    from preftune.ppo.trainer import train_ppo
 
     torch.set_num_threads(2)
     mm = matmul_gflops()

@@ -51,7 +51,8 @@ def train_one(name: str, data: str, out: str, epochs: float | None, batch_size: 
               max_steps: int = 0) -> None:
     """Child process: train one backbone, print its summary and peak memory as JSON."""
     from benchmarks.common import peak_rss_mb
-    from preftune.reward.trainer import RewardConfig, train_reward
+    from preftune.reward.config import RewardConfig
+    from preftune.reward.trainer import train_reward
 
     model, extra = BACKBONES[name]
     if epochs:
@@ -109,7 +110,7 @@ def accuracy_of(diffs: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench-reward")
-    parser.add_argument("--prompts", default=str(ROOT / "examples" / "quick" / "demos.jsonl"))
+    parser.add_argument("--prompts", default=str(ROOT / "preftune" / "resources" / "quick" / "demos.jsonl"))
     parser.add_argument("--candidates", nargs="+", help="reuse candidates files instead of sampling (several: "
                         "the answers to the same prompt id are pooled, e.g. two sampling seeds)")
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
@@ -131,9 +132,12 @@ def main() -> None:
         train_one(args.one, args.data, args.out, args.epochs, args.batch_size, args.threads, args.max_steps)
         return
 
-    from preftune.feedback.candidates import SampleConfig, sample_candidates
-    from preftune.feedback.commands import LabelConfig, describe_agreement, resolve_gold, run_label
-    from preftune.feedback.simulated import noise_ceiling
+    from preftune.annotators.config import LabelConfig
+    from preftune.annotators.label import describe_agreement, run_label
+    from preftune.annotators.simulated import noise_ceiling
+    from preftune.sampling.config import SampleConfig
+    from preftune.sampling.sample import sample_candidates
+    from preftune.scoring import load_scorer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,13 +157,13 @@ def main() -> None:
                                   for i, r in enumerate(rows)))
 
     # the gold on every response: labeler statistics and the realised ceiling
-    gold_fn = resolve_gold(args.labeler, "cpu")
+    gold_fn = load_scorer(args.labeler, "cpu")
     prompts = [r["prompt"] for r in rows for _ in r["responses"]]
     responses = [t for r in rows for t in r["responses"]]
     valid = [i for i, t in enumerate(responses) if t.strip()]
     scores = gold_fn([prompts[i] for i in valid], [responses[i] for i in valid]).numpy()
     gold = {(json.dumps(prompts[i]), responses[i]): float(s) for i, s in zip(valid, scores)}
-    components = {c: resolve_gold(c, "cpu")([prompts[i] for i in valid], [responses[i] for i in valid]).mean().item()
+    components = {c: load_scorer(c, "cpu")([prompts[i] for i in valid], [responses[i] for i in valid]).mean().item()
                   for c in ("similarity", "sentiment", "ends", "nonrepetitive")}
     print(f"{args.labeler} gold on {len(valid)} SmolLM2 samples: mean {scores.mean():.3f}, std {scores.std():.3f}, "
           f"min {scores.min():.3f}, max {scores.max():.3f}; means of the helpful components: "

@@ -35,10 +35,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from benchmarks.reward_backbones import accuracy_of, eval_pairs, read_jsonl
-    from preftune.feedback.commands import resolve_gold
-    from preftune.feedback.simulated import parse_labeler
     from preftune.models.loading import set_threads
-    from preftune.reward.model import RewardModel
+    from preftune.models.reward_model import RewardModel
+    from preftune.scoring import load_scorer, parse_scorer
 
     set_threads(args.threads)
     rows = read_jsonl(Path(args.bench) / "rankings.jsonl")
@@ -46,9 +45,8 @@ def main() -> None:
     answers = list(dict.fromkeys((r["prompt"], t) for r in held for t in r["responses"]))
     prompts, responses = [p for p, _ in answers], [t for _, t in answers]
     # each weighted part of the labeler, by its own text (e.g. "length(max=50)")
-    weights = {c + (f"({','.join(f'{k}={v}' for k, v in kw.items())})" if kw else ""): w
-               for w, c, kw in parse_labeler(args.labeler)}
-    parts = {c: resolve_gold(c, "cpu")(prompts, responses).numpy().astype(float) for c in weights}
+    weights = {term.atom: term.weight for term in parse_scorer(args.labeler)}
+    parts = {c: load_scorer(c, "cpu")(prompts, responses).numpy().astype(float) for c in weights}
     gold = sum(weights[c] * parts[c] for c in parts)
     rm = RewardModel.load(args.rm).raw_scores(prompts, responses, batch_size=32).numpy().astype(float)
 

@@ -23,7 +23,8 @@ def one(args) -> None:
     import torch
 
     from benchmarks.common import matmul_gflops, peak_rss_mb
-    from preftune.sft.trainer import SFTConfig, train_sft
+    from preftune.sft.config import SFTConfig
+    from preftune.sft.trainer import train_sft
 
     torch.set_num_threads(args.threads)
     gflops = matmul_gflops()

@@ -1,8 +1,9 @@
 """preftune: tune language models to human preferences.
 
-Stages, one subpackage each: ``data`` (formats), ``models`` (loading, generation),
-``sft``, ``reward``, ``ppo``, ``feedback`` (annotation app and simulated annotators),
-``evaluation``, and ``cli``.
+The layout is the architecture (docs/architecture.md): shared layers (``data``, ``models``,
+``scoring``, ``training``) below one package per stage (``sft``, ``sampling``, ``annotators``,
+``reward``, ``ppo``, ``dpo``, ``evaluation``, ``feedback``), the main job (``pipeline``) on top,
+and the command line (``cli``). Imports flow downwards only.
 """
 
 __version__ = "0.1.0"

@@ -29,7 +29,7 @@ class PreftuneGroup(click.Group):
             click.echo("interrupted", err=True)
             ctx.exit(130)
         if "torch.distributed" in sys.modules:  # under torchrun: leave the process group and exit
-            from preftune.distributed import finish_and_exit
+            from preftune.training.distributed import finish_and_exit
 
             finish_and_exit()
         return result
@@ -47,18 +47,20 @@ def cli() -> None:
     Run `preftune COMMAND --help` for the options of each stage."""
 
 
-# Each stage registers its own commands, in the order of the loop.
+# Each stage registers its own commands, in the order of the loop. Only configs and click are
+# imported here (no torch), so `preftune --help` and every `preftune STAGE --help` are fast.
+from preftune.annotators.cli import register as _register_label  # noqa: E402
 from preftune.dpo.cli import register as _register_dpo  # noqa: E402
 from preftune.evaluation.cli import register as _register_evaluation  # noqa: E402
 from preftune.feedback.cli import annotate  # noqa: E402  (light: the app loads on first use)
-from preftune.feedback.commands import register as _register_sample_label  # noqa: E402
 from preftune.pipeline.cli import register as _register_run  # noqa: E402
 from preftune.ppo.cli import register as _register_ppo  # noqa: E402
 from preftune.reward.cli import register as _register_reward  # noqa: E402
+from preftune.sampling.cli import register as _register_sample  # noqa: E402
 from preftune.sft.cli import register as _register_sft  # noqa: E402
 
-for _register in (_register_sft, _register_sample_label, _register_reward, _register_ppo, _register_dpo,
-                  _register_evaluation, _register_run):
+for _register in (_register_sft, _register_sample, _register_label, _register_reward, _register_ppo,
+                  _register_dpo, _register_evaluation, _register_run):
     _register(cli, CONFIG_HELP)
 cli.add_command(annotate)
 

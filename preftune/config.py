@@ -9,11 +9,11 @@ one file can configure a whole run. Every field becomes a kebab-case flag (``bat
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import click
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from preftune.errors import ConfigError
@@ -35,7 +35,7 @@ class StageConfig(BaseModel):
 
 
 class TrainConfig(StageConfig):
-    """Options of every training stage (SFT, reward model, PPO)."""
+    """Options of every training stage (SFT, reward model, DPO, PPO)."""
 
     epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int = Field(0, ge=0, description="Stop after this many optimiser steps (0: no limit; "
@@ -101,25 +101,44 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(cls: type[C], *, file: str | Path | None = None, section: str | None = None,
-                 overrides: dict[str, Any] | None = None) -> C:
-    """Defaults < file (its ``[section]`` table if present, else top level) < overrides."""
+def section_values(data: dict[str, Any], section: str | None, cls: type[BaseModel]) -> dict[str, Any]:
+    """The options a config file gives one stage: its ``[section]`` table, or the top level when the
+    file has no such table (other stages' tables ignored). A dotted section (``probes.hallucination``)
+    merges every level on its path, the deeper level winning: ``[probes]`` holds what both probes
+    share, ``[probes.hallucination]`` what only one takes."""
+    tables = section.split(".") if section else []
+    if not tables or not isinstance(data.get(tables[0]), dict):
+        return {k: v for k, v in data.items() if not isinstance(v, dict) or k in cls.model_fields}
     values: dict[str, Any] = {}
+    node: Any = data
+    for depth, name in enumerate(tables):
+        node = node.get(name) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            break
+        last = depth == len(tables) - 1
+        # Above the stage's own table, sub-tables belong to other stages.
+        values.update({k: v for k, v in node.items() if last or not isinstance(v, dict) or k in cls.model_fields})
+    return values
+
+
+def build_config(cls: type[C], *, file: str | Path | None = None, section: str | None = None,
+                 defaults: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> C:
+    """The fields' defaults < ``defaults`` < file (see ``section_values``) < ``overrides`` (None
+    values are "not given")."""
+    values: dict[str, Any] = dict(defaults or {})
+    from_file: set[str] = set()
     if file:
-        data = read_config_file(file)
-        if section and isinstance(data.get(section), dict):
-            data = data[section]
-        else:
-            # Ignore other stages' tables in a shared file.
-            data = {k: v for k, v in data.items() if not isinstance(v, dict) or k in cls.model_fields}
-        values.update({k.replace("-", "_"): v for k, v in data.items()})
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        data = {k.replace("-", "_"): v for k, v in section_values(read_config_file(file), section, cls).items()}
+        values.update(data)
+        from_file = set(data)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update(given)
     try:
         return cls(**values)
     except ValidationError as e:
         err = e.errors()[0]
         name = ".".join(str(p) for p in err["loc"]) or "config"
-        where = f"{file}: " if file and name in (values.keys() - (overrides or {}).keys()) else ""
+        where = f"{file}: " if name in from_file - given.keys() else ""
         flag = "--" + name.replace("_", "-")
         if err["type"] == "extra_forbidden":
             raise ConfigError(f"{where}unknown option {name!r}") from None
@@ -168,8 +187,9 @@ def config_options(cls: type[BaseModel], skip: tuple[str, ...] = ()):
     return decorate
 
 
-def config_from_cli(cls: type[C], kwargs: dict[str, Any], section: str) -> C:
+def config_from_cli(cls: type[C], kwargs: dict[str, Any], section: str,
+                    defaults: dict[str, Any] | None = None) -> C:
     """Build a stage config from the parsed CLI kwargs (which include ``config``)."""
     file = kwargs.pop("config", None)
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.model_fields}
-    return build_config(cls, file=file, section=section, overrides=overrides)
+    return build_config(cls, file=file, section=section, defaults=defaults, overrides=overrides)

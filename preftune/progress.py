@@ -1,7 +1,9 @@
-"""Progress bars (rich) with live metrics, shared by every long-running command."""
+"""Console output: progress bars (rich) with live metrics for every long-running command, and
+which process prints under torchrun. Torch-free, so ``--help`` stays fast."""
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -38,3 +40,8 @@ def progress_bar(total: int, description: str, disable: bool = False) -> Iterato
     with progress:
         task = progress.add_task(description, total=total, metrics="")
         yield Bar(progress, task)
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or the only process): the one that prints."""
+    return os.environ.get("RANK", "0") == "0"

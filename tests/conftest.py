@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ROOT / "examples" / "quick"
+QUICK = ROOT / "preftune" / "resources" / "quick"
 
 
 def corpus_texts() -> list[str]:

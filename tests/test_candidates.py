@@ -1,15 +1,22 @@
 """`preftune sample`: candidates from several models, recorded with their settings."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_lines
+from conftest import ROOT, write_lines
 from preftune.cli import cli
 from preftune.data.jsonl import read_jsonl
+from preftune.data.records import parse_prompt_source
 from preftune.errors import DataError
-from preftune.feedback.candidates import model_labels, read_candidates
+from preftune.sampling.sample import model_labels
+
+
+def read_candidates(path):
+    return read_jsonl(path, "candidates")
 
 
 def _sample(tmp_path, model_dir, *extra, out="cands.jsonl"):
@@ -59,9 +66,17 @@ def test_bad_candidates_line_names_file_and_line(tmp_path):
     assert len(read_jsonl(path, "candidates", skip_invalid=True).records) == 1
 
 
-def test_demonstrations_work_as_prompts(tmp_path):
-    from preftune.feedback.candidates import parse_prompt_source
+def test_candidates_are_read_without_importing_the_sampling_stage(tmp_path):
+    path = write_lines(tmp_path / "c.jsonl", [{"prompt": "q", "responses": ["a", "b"], "models": ["m", "n"]}])
+    code = ("import sys; from preftune.data.jsonl import read_jsonl; "
+            f"r = read_jsonl({str(path)!r}, 'candidates').records[0]; "
+            "assert 'preftune.sampling' not in sys.modules; print(type(r).__name__, r.models)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["CandidateSet", "['m',", "'n']"]
 
+
+def test_demonstrations_work_as_prompts(tmp_path):
     demo = parse_prompt_source({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
     assert demo.messages == [{"role": "user", "content": "hi"}]
     assert parse_prompt_source({"prompt": "q", "completion": "a", "id": 3}).id == "3"

@@ -13,7 +13,7 @@ from conftest import ROOT, write_lines
 from preftune.cli import cli
 from preftune.config import build_config
 from preftune.errors import ConfigError
-from preftune.sft.trainer import SFTConfig
+from preftune.sft.config import SFTConfig
 
 
 def run(args):
@@ -91,3 +91,16 @@ def test_skip_invalid_trains_on_the_rest_and_reports(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert "skipped 1 invalid" in result.output
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["train_examples"] == 12
+
+
+def test_dotted_sections_merge_their_levels_and_defaults_rank_below_the_file(tmp_path):
+    from preftune.evaluation.config import AdversarialConfig
+
+    toml = tmp_path / "c.toml"
+    toml.write_text('[probes]\nmax_new_tokens = 5\nsamples = 9\n[probes.adversarial]\nsamples = 3\n'
+                    '[probes.hallucination]\nquestions = "q.jsonl"\n')
+    cfg = build_config(AdversarialConfig, file=toml, section="probes.adversarial",
+                       defaults={"samples": 100, "batch_size": 4}, overrides={"model": "m", "out": "o"})
+    # max_new_tokens from [probes], samples from [probes.adversarial] over [probes] over the default,
+    # batch_size from the defaults; [probes.hallucination] belongs to the other probe.
+    assert (cfg.max_new_tokens, cfg.samples, cfg.batch_size) == (5, 3, 4)

@@ -19,7 +19,7 @@ from preftune.data import (
     to_json,
     write_jsonl,
 )
-from preftune.data.split import train_eval_split
+from preftune.data.split import random_split, train_eval_split
 from preftune.errors import DataError
 
 
@@ -179,3 +179,12 @@ def test_split_uses_split_field_else_seeded_fraction():
     recs[3].split = "eval"
     train, held = train_eval_split(recs, 0.25, seed=1)
     assert held == [recs[3]] and len(train) == 19
+
+
+def test_random_split_of_plain_items_is_the_untagged_split():
+    keys = [f"prompt {i}" for i in range(20)]  # strings: no split field (str.split is a method)
+    train, held = random_split(keys, 0.25, seed=1)
+    assert len(held) == 5 and sorted(train + held) == sorted(keys)
+    recs = [PromptRecord(messages=[{"role": "user", "content": k}]) for k in keys]
+    assert [r.messages[0]["content"] for r in train_eval_split(recs, 0.25, seed=1)[1]] == held
+    assert random_split(keys, 0.0, seed=1) == (keys, [])

@@ -114,7 +114,7 @@ def test_dpo_two_ranks_match_one_rank_even_with_an_idle_rank(tmp_path, tiny_mode
 
 
 def test_micro_batches_are_as_many_on_every_rank():
-    from preftune.distributed import DistInfo, micro_batches
+    from preftune.training.distributed import DistInfo, micro_batches
 
     assert micro_batches(["a", "b", "c"], per_rank=4, parts=2) == [["a", "b"], ["c"]]
     assert micro_batches(["a", "b"], per_rank=4, parts=2) == [["a", "b"], []]  # the last rank's short share
@@ -185,7 +185,8 @@ def reward_options(model, data, out, batch, **extra) -> dict:
 
 
 def test_reward_two_ranks_match_one_rank_with_double_batch(tmp_path, tiny_model_dir, preferences):
-    from preftune.reward.trainer import RewardConfig, train_reward
+    from preftune.reward.config import RewardConfig
+    from preftune.reward.trainer import train_reward
 
     launch(2, cli_args("reward", reward_options(tiny_model_dir, preferences, tmp_path / "two", 4, grad_accum=2,
                                                 save_every=3)))
@@ -209,7 +210,8 @@ def test_reward_two_ranks_match_one_rank_with_double_batch(tmp_path, tiny_model_
 
 
 def test_reward_fsdp_with_lora_matches_one_rank(tmp_path, tiny_model_dir, preferences):
-    from preftune.reward.trainer import RewardConfig, train_reward
+    from preftune.reward.config import RewardConfig
+    from preftune.reward.trainer import train_reward
 
     common = dict(lora=True, lora_r=4)
     launch(2, cli_args("reward", reward_options(tiny_model_dir, preferences, tmp_path / "fsdp", 4, fsdp=True,
@@ -258,7 +260,8 @@ def test_ppo_two_ranks_match_one_rank_with_double_batch(tmp_path, tiny_model_dir
     """Full fine-tuning (a frozen reference copy), uneven mini-batch shares (3 mini-batches of 8
     episodes), micro-batches on the 2 ranks only, reward whitening, the adaptive KL controller and
     the held-out evaluation with a gold reward."""
-    from preftune.ppo.trainer import PPOConfig, train_ppo
+    from preftune.ppo.config import PPOConfig
+    from preftune.ppo.trainer import train_ppo
 
     common = dict(lora=False, mini_batches=3, whiten_rewards=True, adaptive_kl=True, kl_horizon=64)
     launch(2, cli_args("ppo", ppo_options(tiny_model_dir, ppo_files, tmp_path / "two", 4, grad_accum=2,
@@ -285,7 +288,8 @@ def test_ppo_two_ranks_match_one_rank_with_double_batch(tmp_path, tiny_model_dir
 def test_ppo_fsdp_with_lora_matches_one_rank(tmp_path, tiny_model_dir, ppo_files):
     """FSDP2 + LoRA: sampling, the reference (adapters disabled) and the update all run through the
     sharded model; the best-gold policy and the final one are gathered to rank 0."""
-    from preftune.ppo.trainer import PPOConfig, train_ppo
+    from preftune.ppo.config import PPOConfig
+    from preftune.ppo.trainer import train_ppo
 
     common = dict(lora=True, lora_r=4)
     launch(2, cli_args("ppo", ppo_options(tiny_model_dir, ppo_files, tmp_path / "fsdp", 4, fsdp=True, save_every=2,

@@ -5,13 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from preftune.evaluation.gao import (
-    best_of_n_expectation,
-    bon_kl,
-    fit_gao,
-    overoptimisation_alert,
-    plot_overoptimisation,
-)
+from preftune.evaluation.gao import best_of_n_expectation, bon_kl, fit_gao, plot_overoptimisation
+from preftune.training.monitor import overoptimisation_alert
 
 
 def test_bon_kl_analytic_values():

@@ -3,18 +3,17 @@
 The gold reward wants the letter "e" and dislikes "!"; the proxy also wants "e" but pays ten
 times as much for the spurious "!". A tiny policy trained on the proxy with no KL leash first
 gains gold reward, then trades "e" for "!": the proxy keeps rising, the gold falls, the monitor
-fires and the report shows it. Needs the PPO trainer (``preftune.ppo``).
+fires and the report shows it.
 """
 
 import json
 from pathlib import Path
 
-import pytest
-
-from preftune.evaluation.gao import overoptimisation_alert, overoptimisation_section
+from preftune.evaluation.gao import overoptimisation_section
+from preftune.ppo.config import PPOConfig
+from preftune.ppo.trainer import train_ppo
+from preftune.training.monitor import overoptimisation_alert
 from tests.conftest import write_lines
-
-ppo = pytest.importorskip("preftune.ppo.trainer")
 
 REWARDS = '''
 def gold(prompts, responses):
@@ -31,11 +30,11 @@ def test_flawed_proxy_without_kl_is_over_optimised_and_the_monitor_fires(tiny_mo
     prompts = write_lines(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about the {t}."} for t in TOPICS])
     held = write_lines(tmp_path / "held.jsonl", [{"prompt": f"Tell me about the {t}."} for t in
                                                 ("sea", "sky", "tree", "car")])
-    cfg = ppo.PPOConfig(policy=str(tiny_model_dir), reward=f"{tmp_path}/rewards.py:flawed_proxy",
+    cfg = PPOConfig(policy=str(tiny_model_dir), reward=f"{tmp_path}/rewards.py:flawed_proxy",
                         gold=f"{tmp_path}/rewards.py:gold", prompts=str(prompts), eval_prompts=str(held),
                         out=str(tmp_path / "out"), steps=30, eval_every=3, batch_size=8, response_length=8,
                         temperature=1.0, lora=False, lr=3e-3, threads=1, kl_coef=0.0)
-    ppo.train_ppo(cfg, quiet=True)
+    train_ppo(cfg, quiet=True)
     rows = [json.loads(l) for l in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r.get("eval/gold") is not None]
     gold = [r["eval/gold"] for r in evals]

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -43,7 +48,7 @@ def test_quick_run_writes_report_and_metrics_and_ppo_reward_rises(tmp_path, monk
 
 def test_gold_accuracy_on_held_out_counts_the_gold_agreeing_with_the_labels(tmp_path):
     from preftune.pipeline.run import gold_on_held_out
-    from preftune.reward.trainer import RewardConfig
+    from preftune.reward.config import RewardConfig
 
     rows = [{"prompt": "How was the day?", "chosen": good, "rejected": bad, "split": split}
             for good, bad, split in [("A wonderful, happy day.", "A terrible, awful day.", "eval"),
@@ -83,3 +88,57 @@ def test_reward_data_holds_out_whole_prompts_and_only_their_comparisons(tmp_path
     run.cfg.reward_ratings = False
     train_path, _ = reward_data(run, 0.2, seed=3)
     assert all("chosen" in json.loads(l) for l in train_path.read_text().splitlines())
+
+
+def test_eval_and_probe_tables_take_effect(tmp_path):
+    from preftune.config import build_config
+    from preftune.errors import ConfigError
+    from preftune.pipeline.config import RunConfig
+    from preftune.pipeline.run import Run, eval_config, probe_configs
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('[run]\nmax_new_tokens = 20\nprobe_questions = 7\n'
+                    '[eval]\ntemperature = 0.3\nbootstrap = 500\n'
+                    '[probes]\nmax_new_tokens = 5\n'
+                    '[probes.adversarial]\nred_team = 2\nsamples = 3\n')
+    run = Run(build_config(RunConfig, file=toml, section="run", overrides={"out": str(tmp_path)}), str(toml))
+    ev = eval_config(run, tmp_path / "prompts.jsonl")
+    assert (ev.temperature, ev.bootstrap, ev.max_new_tokens, ev.batch_size) == (0.3, 500, 20, 32)
+    assert ev.model == str(tmp_path / "ppo") and ev.baseline == str(tmp_path / "sft")
+    hallucination, adversarial = probe_configs(run, "base-model")
+    assert (hallucination.max_new_tokens, hallucination.samples) == (5, 7)  # [probes], then [run]
+    assert (adversarial.max_new_tokens, adversarial.red_team, adversarial.samples) == (5, 2, 3)
+    assert adversarial.baseline == "base-model" and hallucination.model == str(tmp_path / "ppo")
+    toml.write_text('[probes.hallucination]\nred_team = 2\n')  # an adversarial option
+    with pytest.raises(ConfigError, match=r"run\.toml: unknown option 'red_team'"):
+        probe_configs(Run(RunConfig(out=str(tmp_path)), str(toml)), "base-model")
+
+
+def test_quick_run_from_a_wheel_in_a_fresh_venv(tmp_path):
+    """--quick needs nothing outside the installed package: build the wheel, install it alone in a
+    new virtual environment (the dependencies seen through a .pth file), run it from elsewhere."""
+    source, wheels = tmp_path / "source", tmp_path / "wheels"  # built from a copy: the checkout stays clean
+    shutil.copytree(ROOT / "preftune", source / "preftune", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheels), str(source)], check=True, capture_output=True)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    # Paths named in a .pth file are added as they are: the editable install of this checkout, which
+    # lives there as a .pth of its own, is not.
+    (Path(site) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+                    "--no-index", *map(str, wheels.glob("*.whl"))], check=True, capture_output=True)
+    where = subprocess.run([str(python), "-c", "import preftune; print(preftune.__file__)"], cwd=tmp_path,
+                           check=True, capture_output=True, text=True).stdout.strip()
+    assert where.startswith(site), where
+    proc = subprocess.run([str(venv / "bin" / "preftune"), "run", "--quick", "--out", "q"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "report: q/report.html" in proc.stdout
+    metrics = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    assert metrics["quick"] and set(metrics["seconds_per_stage"]) >= {"sft", "ppo", "eval", "probes"}

@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 
+from preftune.models.logits import token_logprobs
 from preftune.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
@@ -13,7 +14,6 @@ from preftune.ppo.core import (
     final_scores,
     gae_advantages,
     kl_penalty,
-    logprobs_from_logits,
     masked_mean,
     masked_var,
     minibatch_shares,
@@ -123,9 +123,9 @@ def test_minibatch_shares():
 
 def test_logprobs_and_entropy_use_temperature():
     logits = torch.tensor([[0.0, math.log(3.0)]])  # probs 1/4, 3/4
-    assert close(logprobs_from_logits(logits, torch.tensor([1]), 1.0), [math.log(0.75)])
+    assert close(token_logprobs(logits, torch.tensor([1]), 1.0), [math.log(0.75)])
     # logits [0, ln 9] at temperature 2 are [0, ln 3]: the same distribution
-    assert close(logprobs_from_logits(torch.tensor([[0.0, math.log(9.0)]]), torch.tensor([1]), 2.0),
+    assert close(token_logprobs(torch.tensor([[0.0, math.log(9.0)]]), torch.tensor([1]), 2.0),
                  [math.log(0.75)])
     h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))  # 0.562335
     assert close(entropy_from_logits(logits), [h])

@@ -13,10 +13,11 @@ from preftune.data.chat import encode_prompt
 from preftune.errors import DataError, PreftuneError
 from preftune.models.generation import generate, inverse_cdf_sample, row_seed
 from preftune.models.loading import load_causal_lm
+from preftune.ppo.config import PPOConfig
 from preftune.ppo.models import ValueHead, reference_mode
-from preftune.ppo.monitor import OveroptimisationMonitor
 from preftune.ppo.rollout import Rollout, policy_forward, prompt_indices
-from preftune.ppo.trainer import PPOConfig, train_ppo
+from preftune.ppo.trainer import train_ppo
+from preftune.training.monitor import OveroptimisationMonitor
 from tests.conftest import write_lines
 
 TOPICS = ["movie", "film", "day", "food", "book", "song", "city", "dog"]
@@ -205,7 +206,7 @@ def test_lora_reference_is_the_sft_model_with_adapters_disabled(tiny_model_dir, 
 
 
 def test_reference_mode_disables_adapters(tiny_model_dir):
-    from preftune.training import apply_lora
+    from preftune.training.lora import apply_lora
 
     model, _ = load_causal_lm(tiny_model_dir)
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -329,8 +330,9 @@ def test_overoptimisation_monitor():
     assert mon.update(1, proxy=0.0, gold=1.0) == (True, None)
     assert mon.update(2, proxy=1.0, gold=3.0) == (True, None)  # gain 2 over the first evaluation
     assert mon.update(3, proxy=2.0, gold=2.6)[1] is None  # lost 0.4 = 20 % of the gain: not yet
-    best, warning = mon.update(4, proxy=3.0, gold=2.4)  # lost 0.6 = 30 % while the proxy rose
-    assert not best and "step 4" in warning and "30%" in warning
+    best, alert = mon.update(4, proxy=3.0, gold=2.4)  # lost 0.6 = 30 % while the proxy rose
+    assert not best and (alert.step, alert.best_step) == (4, 2) and alert.drop == pytest.approx(0.3)
+    assert "step 4" in alert.message() and "30%" in alert.message()
     assert mon.update(5, proxy=0.5, gold=2.4)[1] is None  # proxy fell too: not over-optimisation
 
 
@@ -347,7 +349,7 @@ def test_cli_help_and_one_line_errors(tiny_model_dir, files):
         assert flag in help_text, flag
     result = runner.invoke(cli, ["ppo", "--policy", str(tiny_model_dir), "--reward", "nope", "--prompts",
                                  str(prompts), "--out", str(tmp / "o")])
-    assert result.exit_code == 2 and "unknown reward 'nope'" in result.output
+    assert result.exit_code == 2 and "unknown scorer 'nope'" in result.output
     cfg = tmp / "ppo.toml"
     cfg.write_text('[ppo]\nsteps = 1\nbatch-size = 4\nresponse-length = 4\nlora = false\n')
     result = runner.invoke(cli, ["ppo", "--config", str(cfg), "--policy", str(tiny_model_dir), "--reward",

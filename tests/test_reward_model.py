@@ -5,26 +5,27 @@ import json
 import pytest
 import torch
 
-from preftune.models.tiny import build_tiny_model, build_tiny_tokenizer
-from preftune.reward.model import (
+from preftune.models.logits import last_token_index
+from preftune.models.reward_model import (
     META_FILE,
     RewardModel,
-    last_real_token_index,
     last_real_token_mask,
     pair_token_type_ids,
     sequence_scores,
 )
+from preftune.models.tiny import build_tiny_model, build_tiny_tokenizer
 
 PROMPTS = ["What is the capital of France?", [{"role": "system", "content": "Be brief."},
                                               {"role": "user", "content": "Say hello."}], "Hi"]
 RESPONSES = ["Paris.", "Hello there, it is nice to meet you!", "Hello"]
 
 
-def test_last_real_token_index_right_and_left_padding():
-    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+def test_last_token_index_right_and_left_padding():
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
     left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
-    assert last_real_token_index(right).tolist() == [2, 4, 0]
-    assert last_real_token_index(left).tolist() == [4, 4, 4]
+    assert last_token_index(right).tolist() == [2, 4, 0, 0]  # an empty row gives 0
+    assert last_token_index(left).tolist() == [4, 4, 4]
+    assert last_token_index(right.float()).tolist() == [2, 4, 0, 0]  # PPO's float response masks
 
 
 def test_last_real_token_mask():
@@ -169,13 +170,13 @@ def test_missing_metadata_is_a_clear_error(tiny_model_dir):
         RewardModel.load(tiny_model_dir)
 
 
-def test_reward_spec_routes_to_the_reward_model(tiny_rm_dir, tmp_path):
-    from preftune.reward.spec import load_reward
-
-    from preftune.feedback.commands import resolve_gold
+def test_scorers_route_to_the_reward_model(tiny_rm_dir, tmp_path):
+    from preftune.scoring import load_scorer
 
     tiny_rm_dir.save(tmp_path / "rm2")
     expected = tiny_rm_dir.score(PROMPTS, RESPONSES)
-    for fn in (load_reward(str(tmp_path / "rm2"), device="cpu"), load_reward(f"rm:{tmp_path / 'rm2'}"),
-               resolve_gold(str(tmp_path / "rm2"), "cpu")):
-        assert torch.allclose(fn(PROMPTS, RESPONSES), expected, atol=1e-5)
+    for spec in (str(tmp_path / "rm2"), f"rm:{tmp_path / 'rm2'}", f"1 * rm:{tmp_path / 'rm2'}"):
+        assert torch.allclose(load_scorer(spec, device="cpu")(PROMPTS, RESPONSES), expected, atol=1e-5)
+    # A reward model receives the prompts as messages: its own chat template renders them.
+    half = load_scorer(f"0.5*{tmp_path / 'rm2'} + 0.5 * rm:{tmp_path / 'rm2'}")
+    assert torch.allclose(half(PROMPTS, RESPONSES), expected, atol=1e-5)

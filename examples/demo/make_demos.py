@@ -32,8 +32,9 @@ def demo_prompt_ids(rows: list[dict], count: int = DEMO_PROMPTS) -> set[str]:
 
 
 def main() -> None:
-    from preftune.feedback.candidates import SampleConfig, sample_candidates
-    from preftune.feedback.simulated import load_labeler
+    from preftune.sampling.config import SampleConfig
+    from preftune.sampling.sample import sample_candidates
+    from preftune.scoring import load_scorer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -52,7 +53,7 @@ def main() -> None:
                                        max_new_tokens=args.max_new_tokens, temperature=0.8, seed=SEED,
                                        batch_size=32))
         sets = [json.loads(l) for l in cands.read_text().splitlines()]
-    gold = load_labeler("helpful")
+    gold = load_scorer("helpful")
     out, best_scores, mean_scores = [], [], []
     for s in sets:
         scores = gold([s["prompt"]] * len(s["responses"]), s["responses"]).tolist()

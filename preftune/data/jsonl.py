@@ -3,15 +3,20 @@
 Every record is validated. The first invalid record raises ``DataError`` ("file:line: what"),
 unless ``skip_invalid`` is set: then invalid records are collected in ``ReadResult.skipped``
 and the caller reports how many were skipped and why. Nothing is dropped silently.
+
+``numbered_lines`` is the one place that turns bytes into lines (UTF-8, blank lines, a JSON array
+given where JSONL is expected); every reader of JSONL, the feedback app's import included, goes
+through it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from preftune.data.records import PARSERS, Record, RecordError, Source, to_json
 from preftune.errors import DataError
@@ -39,44 +44,63 @@ class ReadResult:
                 f"(first on line {self.skipped[0].line}): {why}")
 
 
-def _decode_lines(path: Path) -> Iterable[tuple[int, str]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(str(path), lineno,
-                                f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+def numbered_lines(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line, stripped. Bytes that are not UTF-8, or a JSON
+    array where JSONL is expected, raise ``DataError`` naming ``name`` and the line."""
+    started = False
+    for lineno, raw in enumerate(lines, start=1):
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise DataError(name, lineno,
+                            f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+        if not text:
+            continue
+        if not started and text.startswith("["):
+            raise DataError(name, lineno, "this is a JSON array; expected JSONL (one JSON object per line)")
+        started = True
+        yield lineno, text
 
 
-def read_jsonl(path: str | Path, kind: str, *, skip_invalid: bool = False,
-               check: Callable[[Any], None] | None = None) -> ReadResult:
-    """Read a JSONL file of ``kind`` (prompts, demonstrations, comparisons, rankings, ratings,
-    preferences). ``check`` may raise ``RecordError`` for extra per-record rules (e.g. a token limit)."""
-    path = Path(path)
-    parse = PARSERS[kind]
-    result = ReadResult(path=str(path))
+def decode_json(text: str) -> Any:
+    """One line's JSON value; ``RecordError`` with the column when it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def decode_object(text: str) -> dict:
+    """One line's JSON object; ``RecordError`` when it is not JSON or not an object."""
+    obj = decode_json(text)
+    if not isinstance(obj, dict):
+        raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _file_lines(path: Path) -> Iterator[tuple[int, str]]:
     if not path.exists():
         raise DataError(str(path), None, "no such file")
     if path.is_dir():
         raise DataError(str(path), None, "is a directory, expected a JSONL file")
+    with open(path, "rb") as f:
+        yield from numbered_lines(f, str(path))
+
+
+def read_jsonl(path: str | Path, kind: str, *, skip_invalid: bool = False,
+               check: Callable[[Any], None] | None = None) -> ReadResult:
+    """Read a JSONL file of ``kind`` (a key of ``preftune.data.records.PARSERS``: prompts,
+    demonstrations, comparisons, rankings, ratings, preferences, candidates, prompt_sources).
+    ``check`` may raise ``RecordError`` for extra per-record rules (e.g. a token limit)."""
+    path = Path(path)
+    parse = PARSERS[kind]
+    result = ReadResult(path=str(path))
     seen_ids: dict[str, int] = {}
     any_content = False
-    for lineno, text in _decode_lines(path):
-        stripped = text.strip()
-        if not stripped:
-            continue
-        if not any_content and stripped.startswith("["):
-            raise DataError(str(path), lineno, "this is a JSON array; expected JSONL (one JSON object per line)")
+    for lineno, text in _file_lines(path):
         any_content = True
         try:
-            try:
-                obj = json.loads(stripped)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
-            record = parse(obj)
+            record = parse(decode_object(text))
             record.source = Source(str(path), lineno)
             if record.id is not None:
                 if record.id in seen_ids:
@@ -98,6 +122,34 @@ def read_jsonl(path: str | Path, kind: str, *, skip_invalid: bool = False,
     return result
 
 
+def read_numbered_dicts(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, JSON object) of every line of a JSONL file; any bad line is a ``DataError``."""
+    path = Path(path)
+    out = []
+    for lineno, text in _file_lines(path):
+        try:
+            out.append((lineno, decode_object(text)))
+        except RecordError as e:
+            raise DataError(str(path), lineno, str(e)) from None
+    return out
+
+
+def first_object(path: str | Path) -> dict:
+    """The first line's JSON object, to tell which kind of records a file holds ({} when that line
+    is not one: the reader that follows reports it with its line)."""
+    for _, text in _file_lines(Path(path)):
+        try:
+            return decode_object(text)
+        except RecordError:
+            return {}
+    return {}
+
+
+def read_dicts(path: str | Path) -> list[dict]:
+    """Plain JSON objects of a JSONL file (for outputs of preftune itself, such as samples)."""
+    return [obj for _, obj in read_numbered_dicts(path)]
+
+
 def write_jsonl(path: str | Path, rows: Iterable[Record | dict]) -> int:
     """Write records (or plain dicts) as JSONL; returns the number of lines written."""
     path = Path(path)
@@ -111,17 +163,18 @@ def write_jsonl(path: str | Path, rows: Iterable[Record | dict]) -> int:
     return n
 
 
-def read_dicts(path: str | Path) -> list[dict]:
-    """Plain JSON objects of a JSONL file (for outputs of preftune itself, such as samples)."""
+def plain(value: Any) -> Any:
+    """A value as JSON can hold it: one-element tensors as numbers, other tensors as lists,
+    non-finite floats as null."""
+    if hasattr(value, "tolist") and hasattr(value, "numel"):  # a torch tensor, without importing torch
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write one JSON document (summaries, configs), creating the folder."""
     path = Path(path)
-    out = []
-    for lineno, text in _decode_lines(path):
-        if text.strip():
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(str(path), lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(str(path), lineno, f"expected a JSON object, got {type(obj).__name__}")
-            out.append(obj)
-    return out
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=plain) + "\n")

@@ -91,6 +91,21 @@ class Rating:
     source: Source = field(default_factory=Source, compare=False, repr=False)
 
 
+@dataclass
+class CandidateSet:
+    """Responses to one prompt for people (or simulated annotators) to judge, as ``preftune
+    sample`` writes them: ``models[i]`` wrote ``responses[i]``; ``ended[i]`` says whether it stopped
+    at EOS or a stop string (false: cut off at the length limit)."""
+
+    messages: Messages
+    responses: list[str]
+    models: list[str]
+    ended: list[bool] | None = None
+    id: str | None = None
+    split: str | None = None
+    source: Source = field(default_factory=Source, compare=False, repr=False)
+
+
 Record = PromptRecord | Demonstration | Comparison | Ranking | Rating
 
 
@@ -328,15 +343,6 @@ def parse_rating(obj: dict) -> Rating:
                   flags=list(flags), annotator=_annotator(obj), **_common(obj))
 
 
-PARSERS = {
-    "prompts": parse_prompt,
-    "demonstrations": parse_demonstration,
-    "comparisons": parse_comparison,
-    "rankings": parse_ranking,
-    "ratings": parse_rating,
-}
-
-
 def parse_preference(obj: dict) -> Comparison | Ranking | Rating:
     """Any preference record: a comparison, a ranking or a rating, told apart by its keys."""
     if "chosen" in obj or "rejected" in obj:
@@ -348,7 +354,42 @@ def parse_preference(obj: dict) -> Comparison | Ranking | Rating:
     raise RecordError('not a preference record: expected "chosen"/"rejected", "responses"/"ranking" or "rating"')
 
 
-PARSERS["preferences"] = parse_preference
+def parse_candidates(obj: dict) -> CandidateSet:
+    """One line of a candidates file (``CandidateSet``); ``models`` and ``ended`` are optional."""
+    messages = parse_prompt(obj).messages
+    responses = obj.get("responses")
+    if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
+        raise RecordError('"responses" must be a non-empty list of strings')
+    models = obj.get("models", ["unknown"] * len(responses))
+    if not isinstance(models, list) or len(models) != len(responses) or not all(isinstance(m, str) for m in models):
+        raise RecordError('"models" must be a list of strings, one per response')
+    ended = obj.get("ended")
+    if ended is not None and (not isinstance(ended, list) or len(ended) != len(responses)):
+        raise RecordError('"ended" must be a list of booleans, one per response')
+    return CandidateSet(messages, list(responses), list(models), ended, **_common(obj))
+
+
+def parse_prompt_source(obj: dict) -> PromptRecord:
+    """A prompt, or the prompt of a demonstration (its completion is ignored)."""
+    messages = obj.get("messages")
+    if "completion" in obj or (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
+                               and messages[-1].get("role") == "assistant" and "prompt" not in obj):
+        demo = parse_demonstration(obj)
+        return PromptRecord(demo.messages, demo.id, demo.split)
+    return parse_prompt(obj)
+
+
+PARSERS = {
+    "prompts": parse_prompt,
+    "demonstrations": parse_demonstration,
+    "comparisons": parse_comparison,
+    "rankings": parse_ranking,
+    "ratings": parse_rating,
+    "preferences": parse_preference,
+    "candidates": parse_candidates,
+    "prompt_sources": parse_prompt_source,
+}
+"""Every kind of record a JSONL file may hold, by the name ``read_jsonl`` takes."""
 
 
 # ---------------------------------------------------------------- writers

@@ -3,24 +3,59 @@
 from __future__ import annotations
 
 import random
-from typing import Sequence, TypeVar
+from typing import Protocol, Sequence, TypeVar
+
+from preftune.data.jsonl import read_jsonl
 
 T = TypeVar("T")
 
 
-def train_eval_split(records: Sequence[T], eval_fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """Split records by their ``split`` field when any record has one ("train" / "eval" or "test"),
-    else hold out ``eval_fraction`` of them at random (seeded). Returns (train, eval)."""
-    tagged = [getattr(r, "split", None) for r in records]
-    if any(t is not None for t in tagged):
-        train = [r for r, t in zip(records, tagged) if t in (None, "train")]
-        held = [r for r, t in zip(records, tagged) if t in ("eval", "test", "validation", "held_out")]
-        return train, held
+class Tagged(Protocol):
+    """A record that may say which split it belongs to ("train", "eval", ...; None: not tagged)."""
+
+    split: str | None
+
+
+R = TypeVar("R", bound=Tagged)
+HELD_OUT_TAGS = ("eval", "test", "validation", "held_out")
+
+
+def random_split(items: Sequence[T], eval_fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """Hold out ``eval_fraction`` of the items at random (seeded; at least one when there are two
+    or more and the fraction is positive). Returns (train, held out), each in the input order."""
     if eval_fraction <= 0:
-        return list(records), []
-    order = list(range(len(records)))
+        return list(items), []
+    order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(records) * eval_fraction)) if len(records) > 1 else 0
+    n_eval = max(1, round(len(items) * eval_fraction)) if len(items) > 1 else 0
     held_idx = set(order[:n_eval])
-    return ([r for i, r in enumerate(records) if i not in held_idx],
-            [r for i, r in enumerate(records) if i in held_idx])
+    return ([r for i, r in enumerate(items) if i not in held_idx],
+            [r for i, r in enumerate(items) if i in held_idx])
+
+
+def train_eval_split(records: Sequence[R], eval_fraction: float, seed: int) -> tuple[list[R], list[R]]:
+    """Split records by their ``split`` field when any record has one ("train", or one of
+    ``HELD_OUT_TAGS``), else ``random_split``. Returns (train, eval)."""
+    if any(r.split is not None for r in records):
+        train = [r for r in records if r.split in (None, "train")]
+        held = [r for r in records if r.split in HELD_OUT_TAGS]
+        return train, held
+    return random_split(records, eval_fraction, seed)
+
+
+def read_train_eval(data: str, eval_data: str | None, kind: str, *, eval_split: float, seed: int,
+                    skip_invalid: bool) -> tuple[list, list, list[str]]:
+    """(training records, held-out records, notes on skipped records) of a stage's ``--data`` and
+    ``--eval-data`` (or ``train_eval_split`` of ``--data`` when there is none), read and validated
+    before any model loads, so bad input fails fast."""
+    notes: list[str] = []
+    read = read_jsonl(data, kind, skip_invalid=skip_invalid)
+    if read.skipped:
+        notes.append(read.summary())
+    if not eval_data:
+        train, held = train_eval_split(read.records, eval_split, seed)
+        return train, held, notes
+    held_read = read_jsonl(eval_data, kind, skip_invalid=skip_invalid)
+    if held_read.skipped:
+        notes.append(held_read.summary())
+    return read.records, held_read.records, notes

@@ -1,12 +1,12 @@
-"""``preftune dpo``: direct preference optimisation on comparisons."""
+"""``preftune dpo``: registered on the top-level command group by ``preftune.cli``."""
 
 from __future__ import annotations
 
 import click
 
 from preftune.config import config_from_cli, config_options
-from preftune.distributed import is_main_process
-from preftune.dpo.trainer import DPOConfig
+from preftune.dpo.config import DPOConfig
+from preftune.progress import is_main_process
 
 
 def register(cli: click.Group, config_help: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+DPO_STATS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+"""The batch means ``dpo_loss`` reports, named as other libraries name them."""
 
 def sequence_logprobs(token_logprobs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Sum of per-token log-probabilities [N] (row-major over the selected response positions)

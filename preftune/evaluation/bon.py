@@ -15,45 +15,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
 
-from preftune.config import StageConfig
-from preftune.data.jsonl import read_dicts, write_jsonl
+from preftune.data.jsonl import read_dicts, write_json, write_jsonl
 from preftune.data.records import prompt_text
 from preftune.errors import PreftuneError
 from preftune.evaluation import report as R
-from preftune.evaluation.evaluate import prompt_subset, score_all
+from preftune.evaluation.config import BonConfig
+from preftune.evaluation.engine import score_all
+from preftune.evaluation.evaluate import prompt_subset
 from preftune.evaluation.gao import best_of_n_expectation, bon_kl, fit_gao, overoptimisation_section
-from preftune.evaluation.judges import is_human, score_judge
-from preftune.evaluation.sampling import SamplingOptions, sample_responses
+from preftune.evaluation.judges import is_human
 from preftune.evaluation.stats import bootstrap_mean_ci
+from preftune.models.generation import SamplingOptions, sample_responses
 from preftune.models.loading import load_causal_lm, set_threads
-from preftune.training import seed_everything, write_json
-
-
-class BonConfig(StageConfig):
-    model: str = Field(..., description="Policy to sample from (HF directory, .gguf or smollm2-135m-instruct).")
-    reward: str = Field(..., description="Proxy reward that picks the best of n (reward spec: RM dir, "
-                                         "labeler:NAME, file.py:function).")
-    gold: str | None = Field(None, description="Gold judge scoring the picked responses (reward spec).")
-    prompts: str = Field(..., description="Prompts JSONL ({prompt} or {messages}).")
-    out: str = Field(..., description="Output directory (bon.json, samples.jsonl, report.html).")
-    n: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], description="Values of n, comma-separated.")
-    samples: int = Field(0, ge=0, description="Use this many prompts, drawn with --seed (0: all).")
-    ppo_metrics: str | None = Field(None, description="A PPO run's metrics.jsonl (eval/gold, eval/proxy, "
-                                                      "eval/kl) to plot next to best-of-n.")
-    max_new_tokens: int = Field(64, ge=1, description="Longest response in tokens.")
-    temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
-    batch_size: int = Field(16, ge=1, description="Sequences per generation batch.")
-    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples (over prompts) for the intervals.")
-
-    @field_validator("n")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if not v or min(v) < 1:
-            raise ValueError("every n must be >= 1")
-        return sorted(set(v))
+from preftune.scoring import load_scorer
+from preftune.training.checkpoints import seed_everything
 
 
 def bon_curve(proxy: np.ndarray, gold: np.ndarray | None, ns: list[int], *, seed: int,
@@ -84,8 +60,8 @@ def run_bon(cfg: BonConfig, quiet: bool = False) -> dict:
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     records = prompt_subset(cfg)
-    proxy_fn = score_judge(cfg.reward, cfg.device)  # resolved before sampling: bad specs fail fast
-    gold_fn = score_judge(cfg.gold, cfg.device) if cfg.gold else None
+    proxy_fn = load_scorer(cfg.reward, cfg.device)  # resolved before sampling: bad specs fail fast
+    gold_fn = load_scorer(cfg.gold, cfg.device) if cfg.gold else None
     N = max(cfg.n)
     messages = [r.messages for r in records for _ in range(N)]
     model, tok = load_causal_lm(cfg.model, device=cfg.device, dtype=cfg.dtype)

@@ -5,19 +5,15 @@ from __future__ import annotations
 import click
 
 from preftune.config import config_from_cli, config_options
-
+from preftune.evaluation.config import AdversarialConfig, BonConfig, EvalConfig, HallucinationConfig
 
 
 def register(cli: click.Group, config_help: str) -> None:
     """Add ``eval``, ``bon`` and ``probe`` to the ``preftune`` command group."""
-    from preftune.evaluation.bon import BonConfig
-    from preftune.evaluation.evaluate import EvalConfig
-    from preftune.evaluation.probes.adversarial import AdversarialConfig
-    from preftune.evaluation.probes.hallucination import HallucinationConfig
 
     @cli.command("eval")
     @click.option("--config", type=click.Path(dir_okay=False), help=config_help)
-    @click.option("--judge", "judge", multiple=True, metavar="SPEC",
+    @click.option("--judge", "judge", multiple=True, metavar="SCORER",
                   help=EvalConfig.model_fields["judge"].description)
     @config_options(EvalConfig, skip=("judge",))
     def eval_command(judge, **kwargs) -> None:
@@ -43,7 +39,7 @@ def register(cli: click.Group, config_help: str) -> None:
     @click.option("--config", type=click.Path(dir_okay=False), help=config_help)
     @config_options(BonConfig)
     def bon_command(**kwargs) -> None:
-        """Best-of-n against a proxy reward: gold and proxy reward against the analytic KL.
+        """Best-of-n against a proxy scorer: gold and proxy reward against the analytic KL.
 
         Samples max(n) responses per prompt once and scores every n from them. Writes
         OUT/bon.json, OUT/samples.jsonl and OUT/report.html (with --ppo-metrics, PPO on the same plot)."""

@@ -14,53 +14,19 @@ import random
 import time
 from pathlib import Path
 
-import torch
-from pydantic import Field
-
-from preftune.config import StageConfig
-from preftune.data.jsonl import read_dicts, read_jsonl, write_jsonl
+from preftune.data.jsonl import read_dicts, read_jsonl, write_json, write_jsonl
 from preftune.data.records import prompt_text
 from preftune.errors import PreftuneError
 from preftune.evaluation import report as R
-from preftune.evaluation.judges import HumanJudge, is_human, score_judge
-from preftune.evaluation.sampling import SamplingOptions, response_logprobs, same_vocabulary, sample_responses
-from preftune.evaluation.stats import (
-    bootstrap_mean_ci,
-    length_controlled_win_rate,
-    length_stats,
-    mean_and_se,
-    pairwise_outcomes,
-    sequence_kl,
-    win_rate,
-)
-from preftune.models.loading import load_causal_lm, set_threads
-from preftune.progress import console, progress_bar
-from preftune.training import seed_everything, write_json
-
-
-class EvalConfig(StageConfig):
-    model: str | None = Field(None, description="Model A to evaluate: a Hugging Face directory, a .gguf file "
-                                                "or smollm2-135m-instruct (not needed with --collect).")
-    baseline: str | None = Field(None, description="Model B to compare A with (win rates and KL(A || B) "
-                                                   "need it).")
-    prompts: str | None = Field(None, description="Prompts JSONL ({prompt} or {messages}); not needed "
-                                                  "with --collect.")
-    judge: list[str] = Field(default_factory=list, description="A judge (repeatable): reward-model dir, "
-                                                               "labeler:NAME, file.py:function or "
-                                                               "human:PROJECT.")
-    out: str = Field(..., description="Output directory (eval.json, samples.jsonl, report.html).")
-    samples: int = Field(0, ge=0, description="Evaluate this many prompts, drawn with --seed (0: all).")
-    max_new_tokens: int = Field(64, ge=1, description="Longest response in tokens.")
-    temperature: float = Field(0.7, ge=0, description="Sampling temperature (KL is measured between the "
-                                                      "temperature-scaled distributions).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (keep 1.0 for an unbiased KL).")
-    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
-    tie_margin: float = Field(0.0, ge=0, description="Score differences up to this count as ties.")
-    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the score intervals.")
-    feedback_url: str | None = Field(None, description="Feedback app address for human:PROJECT judges "
-                                                       "(token from PREFTUNE_FEEDBACK_TOKEN).")
-    collect: bool = Field(False, description="Pull the human judgements of an earlier run in --out and "
-                                             "update eval.json and report.html (no sampling).")
+from preftune.evaluation.config import EvalConfig
+from preftune.evaluation.engine import mean_with_ci, sample_models, score_models, win_rate_summary
+from preftune.evaluation.judges import HumanJudge, resolve_judge
+from preftune.evaluation.stats import length_controlled_win_rate, length_stats, mean_and_se, pairwise_outcomes
+from preftune.models.generation import SamplingOptions
+from preftune.models.loading import set_threads
+from preftune.progress import console
+from preftune.scoring import Scorer
+from preftune.training.checkpoints import seed_everything
 
 
 def prompt_subset(cfg) -> list:
@@ -75,38 +41,18 @@ def prompt_subset(cfg) -> list:
     return records
 
 
-def kl_per_sequence(model_b, samples_a, temperature: float) -> list[float]:
-    """Sampled KL(A || B) of each of A's responses (``samples_a`` sampled with ``logprobs=True``)."""
-    kls = []
-    for gen in samples_a.batches:
-        logp_b = response_logprobs(model_b, gen, temperature)
-        kls += sequence_kl(gen.logprobs, logp_b, gen.response_mask).tolist()
-    return kls
-
-
-def score_all(fn, prompts, responses, batch_size: int, description: str = "scoring",
-              quiet: bool = False) -> list[float]:
-    """A reward function's scores of every response, ``batch_size`` at a time (a progress bar)."""
-    out = []
-    with progress_bar(len(responses), description, disable=quiet) as bar:
-        for i in range(0, len(responses), batch_size):
-            out += fn(prompts[i:i + batch_size], responses[i:i + batch_size]).tolist()
-            bar.advance(len(responses[i:i + batch_size]))
-    return out
-
-
 def judge_summary(judge: str, scores_a: list[float] | None, scores_b: list[float] | None,
                   outcomes: list[float] | None, length_diff: list[float] | None, kl: list[float] | None,
                   *, seed: int, resamples: int) -> dict:
     """One entry of ``eval.json``'s ``judges`` list from raw per-prompt numbers."""
     entry: dict = {"judge": judge}
     for side, scores in (("a", scores_a), ("b", scores_b)):
-        entry[f"mean_{side}"] = mean_and_se(scores)[0] if scores else None
-        entry[f"ci_{side}"] = list(bootstrap_mean_ci(scores, seed=seed, resamples=resamples)) if scores else None
-    wr = win_rate(outcomes) if outcomes else None
-    entry.update({"winrate": wr.rate if wr else None, "winrate_ci": list(wr.ci) if wr else None,
-                  "wins": wr.wins if wr else None, "ties": wr.ties if wr else None,
-                  "losses": wr.losses if wr else None,
+        summary = mean_with_ci(scores, seed=seed, resamples=resamples) if scores else {"mean": None, "ci": None}
+        entry[f"mean_{side}"], entry[f"ci_{side}"] = summary["mean"], summary["ci"]
+    wr = win_rate_summary(outcomes) if outcomes else None
+    entry.update({"winrate": wr["rate"] if wr else None, "winrate_ci": wr["ci"] if wr else None,
+                  "wins": wr["wins"] if wr else None, "ties": wr["ties"] if wr else None,
+                  "losses": wr["losses"] if wr else None,
                   "lc_winrate": (length_controlled_win_rate(outcomes, length_diff)
                                  if outcomes and length_diff and len(length_diff) == len(outcomes) else None)})
     kl_mean, kl_se = mean_and_se(kl) if kl else (None, None)
@@ -129,34 +75,25 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
     records = prompt_subset(cfg)
     messages = [r.messages for r in records]
     texts = [prompt_text(m) for m in messages]
-    options = SamplingOptions(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
-    # Resolve every judge before sampling, so a bad spec fails in seconds, not after minutes.
-    judge_fns = {spec: HumanJudge.from_spec(spec, cfg.feedback_url) if is_human(spec) else
-                 score_judge(spec, device=cfg.device) for spec in cfg.judge}
-    if any(isinstance(j, HumanJudge) for j in judge_fns.values()) and not cfg.baseline:
+    # Resolve every judge before sampling, so a bad one fails in seconds, not after minutes.
+    judges = {spec: resolve_judge(spec, cfg.feedback_url, cfg.device) for spec in cfg.judge}
+    humans = {spec: j for spec, j in judges.items() if isinstance(j, HumanJudge)}
+    if humans and not cfg.baseline:
         raise PreftuneError("human judges compare A with B: give --baseline")
 
-    model_a, tok_a = load_causal_lm(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    gen = torch.Generator(device=next(model_a.parameters()).device).manual_seed(cfg.seed)
-    samples_a = sample_responses(model_a, tok_a, messages, options, generator=gen, description="sampling A",
-                                 quiet=quiet, logprobs=True)
-    samples_b, kl, kl_note = None, None, None
-    if cfg.baseline:
-        model_b, tok_b = load_causal_lm(cfg.baseline, device=cfg.device, dtype=cfg.dtype)
-        if same_vocabulary(tok_a, tok_b):
-            kl = kl_per_sequence(model_b, samples_a, cfg.temperature)
-        else:
-            kl_note = "A and B have different tokenizers: KL(A || B) is not measured"
-            console.print(f"[yellow]{kl_note}")
-        samples_b = sample_responses(model_b, tok_b, messages, options, generator=gen, description="sampling B",
-                                     quiet=quiet)
-        del model_b
-    del model_a
+    models = {"A": cfg.model, **({"B": cfg.baseline} if cfg.baseline else {})}
+    options = SamplingOptions(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
+    answers = sample_models(models, messages, options, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
+                            kl_to={"A": "B"} if cfg.baseline else None, quiet=quiet)
+    score_models(answers, {s: j for s, j in judges.items() if isinstance(j, Scorer)}, messages, cfg.batch_size,
+                 quiet)
+    samples_a, samples_b = answers.samples["A"], answers.samples.get("B")
+    kl = answers.kl.get("A")
 
     length_diff = ([a - b for a, b in zip(samples_a.lengths, samples_b.lengths)] if samples_b else None)
-    judges, per_judge_scores = [], {}
+    entries = []
     run_id = f"{out.name or 'eval'}-{int(time.time())}"
-    for spec, judge in judge_fns.items():
+    for spec, judge in judges.items():
         if isinstance(judge, HumanJudge):
             pushed = judge.push(texts, samples_a.texts, samples_b.texts, run=run_id, seed=cfg.seed,
                                 out=out / f"human-{judge.project}.jsonl")
@@ -164,26 +101,23 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
             entry.update({"kind": "human", "pending": pushed, "n": 0})
             console.print(f"pushed {pushed} pairs to {spec}; run again with --collect once people have judged")
         else:
-            sa = score_all(judge, messages, samples_a.texts, cfg.batch_size, f"scoring A: {spec}", quiet)
-            sb = (score_all(judge, messages, samples_b.texts, cfg.batch_size, f"scoring B: {spec}", quiet)
-                  if samples_b else None)
-            per_judge_scores[spec] = (sa, sb)
+            sa, sb = answers.scores[spec]["A"], answers.scores[spec].get("B")
             outcomes = pairwise_outcomes(sa, sb, cfg.tie_margin).tolist() if sb else None
             entry = {**judge_summary(spec, sa, sb, outcomes, length_diff, kl, seed=cfg.seed,
                                      resamples=cfg.bootstrap), "kind": "score"}
-        judges.append(entry)
+        entries.append(entry)
 
     kl_mean, kl_se = mean_and_se(kl) if kl else (None, None)
     result = {"model": cfg.model, "baseline": cfg.baseline, "prompts": cfg.prompts, "n_prompts": len(records),
               "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                            "top_p": cfg.top_p, "seed": cfg.seed},
               "kl": kl_mean, "kl_se": kl_se,
-              "kl_note": kl_note,
+              "kl_note": answers.kl_notes.get("A"),
               "length_a": length_stats(samples_a.lengths),
               "length_b": length_stats(samples_b.lengths) if samples_b else None,
               "ended_a": sum(samples_a.ended) / len(records),
               "ended_b": sum(samples_b.ended) / len(records) if samples_b else None,
-              "judges": judges}
+              "judges": entries}
     rows = []
     for i, rec in enumerate(records):
         row = {"id": rec.id if rec.id is not None else str(i), "prompt": texts[i],
@@ -192,7 +126,8 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
             row.update({"response_b": samples_b.texts[i], "length_b": samples_b.lengths[i]})
         if kl:
             row["kl"] = kl[i]
-        row["scores"] = {j: [sa[i], sb[i] if sb else None] for j, (sa, sb) in per_judge_scores.items()}
+        row["scores"] = {j: [by_model["A"][i], by_model["B"][i] if "B" in by_model else None]
+                         for j, by_model in answers.scores.items()}
         rows.append(row)
     write_jsonl(out / "samples.jsonl", rows)
     write_outputs(out, result, rows)

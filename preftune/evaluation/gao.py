@@ -9,9 +9,10 @@ Both are linear in (alpha, beta), so they are fitted by ordinary least squares. 
 the gain over the initial policy: its gold reward ``R0`` is the point at ``d = 0`` when there is one
 and otherwise a fitted intercept.
 
-The monitor (``overoptimisation_alert``) fires when the gold gain has fallen a configurable
-fraction below its best while the proxy reward is still above its value at the best gold step:
-the signature of a reward model being gamed.
+The report replays the over-optimisation rule (``preftune.training.monitor``, the one PPO runs live)
+over a run's metrics: it fires when the gold gain has fallen a configurable fraction below its best
+while the proxy reward is still above its value at the best gold step, the signature of a reward
+model being gamed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
+
+from preftune.training.monitor import overoptimisation_alert
 
 Curve = Literal["rl", "bon"]
 
@@ -105,48 +108,6 @@ def best_of_n_expectation(proxy: Sequence[float], values: Sequence[float], n: in
     order = np.argsort(p, kind="stable")
     weights = np.array([math.comb(i, n - 1) for i in range(N)], dtype=np.float64) / math.comb(N, n)
     return float((weights * v[order]).sum())
-
-
-# ---------------------------------------------------------------- monitor
-
-
-@dataclass
-class OveroptimisationAlert:
-    step: int  # the step at which the alert fired
-    best_step: int  # the step with the best gold reward so far (keep that checkpoint)
-    best_gold: float
-    gold: float
-    proxy: float
-    proxy_at_best: float
-    drop: float  # fraction of the best gold gain lost
-
-    def message(self) -> str:
-        return (f"over-optimisation: gold reward {self.gold:.4g} at step {self.step} is {self.drop:.0%} "
-                f"below its best gain ({self.best_gold:.4g} at step {self.best_step}) while proxy reward "
-                f"rose {self.proxy_at_best:.4g} -> {self.proxy:.4g}; best checkpoint by gold: step {self.best_step}")
-
-
-def overoptimisation_alert(rows: Sequence[dict], drop_fraction: float = 0.1, gold_key: str = "eval/gold",
-                           proxy_key: str = "eval/proxy") -> OveroptimisationAlert | None:
-    """The first point at which the gold gain over the first evaluation has fallen more than
-    ``drop_fraction`` below its best so far while proxy reward is above its value at that best.
-
-    ``rows`` are metrics rows (``{"step", gold_key, proxy_key, ...}``) in step order; rows without
-    a gold value are skipped. Returns None when nothing fired."""
-    points = [r for r in rows if r.get(gold_key) is not None and r.get(proxy_key) is not None]
-    if len(points) < 2:
-        return None
-    start = points[0][gold_key]
-    best = points[0]
-    for row in points[1:]:
-        gain, best_gain = row[gold_key] - start, best[gold_key] - start
-        if best_gain > 0 and row[proxy_key] > best[proxy_key] and gain < (1 - drop_fraction) * best_gain:
-            return OveroptimisationAlert(step=row["step"], best_step=best["step"], best_gold=best[gold_key],
-                                         gold=row[gold_key], proxy=row[proxy_key],
-                                         proxy_at_best=best[proxy_key], drop=(best_gain - gain) / best_gain)
-        if row[gold_key] > best[gold_key]:
-            best = row
-    return None
 
 
 # ---------------------------------------------------------------- plot

@@ -1,8 +1,8 @@
 """Judges: who decides whether A's response is better than B's.
 
-* Any reward specification (``preftune.reward.spec``): a reward-model directory, ``labeler:NAME``
-  (a simulated labeler), ``file.py:function`` / ``python:module:function``. These score each
-  response; A beats B on a prompt when its score is higher.
+* Any scorer (``preftune.scoring``): a reward-model directory, a built-in such as ``helpful``,
+  ``file.py:function`` / ``python:module:function``, weighted sums. These score each response; A
+  beats B on a prompt when its score is higher.
 * ``human:PROJECT``: A-vs-B pairs go to the feedback app's project (``push``); a later
   ``preftune eval --collect`` pulls the people's judgements (``collect``) and the project's
   agreement statistics. The app's JSON API (admin bearer token from ``PREFTUNE_FEEDBACK_TOKEN``):
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from preftune.errors import PreftuneError
+from preftune.scoring import Scorer, load_scorer
 
 HUMAN_PREFIX = "human:"
 TOKEN_ENV = "PREFTUNE_FEEDBACK_TOKEN"
@@ -38,11 +39,11 @@ def is_human(spec: str) -> bool:
     return spec.startswith(HUMAN_PREFIX)
 
 
-def score_judge(spec: str, device: str | None = None):
-    """A reward function ``fn(prompts, responses) -> tensor`` for a non-human judge spec."""
-    from preftune.reward.spec import load_reward
-
-    return load_reward(spec, device=device)
+def resolve_judge(spec: str, feedback_url: str | None = None, device: str | None = None) -> "HumanJudge | Scorer":
+    """The judge a ``--judge`` value names: ``human:PROJECT`` or a scorer."""
+    if is_human(spec):
+        return HumanJudge.from_spec(spec, feedback_url)
+    return load_scorer(spec, device=device)
 
 
 # ---------------------------------------------------------------- human judges

@@ -1,2 +1,2 @@
-"""Human feedback: the annotation app (``preftune.feedback.app``) and simulated annotators
-(``preftune.feedback.simulated``) that stand in for people in dry runs, tests and research."""
+"""Human feedback: the annotation web app (``preftune.feedback.app``) and its command line
+(``preftune annotate``)."""

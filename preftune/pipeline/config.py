@@ -1,8 +1,11 @@
 """Configuration of the main job (``preftune run``): the whole loop on one model.
 
 The same TOML file configures every stage: the ``[run]`` table holds the fields below, and the
-``[sft]``, ``[sample]``, ``[label]``, ``[reward]``, ``[ppo]`` and ``[eval]`` tables hold any option of that
-stage's own command (see ``preftune sft --help`` etc.). Paths between stages are set by the run.
+``[sft]``, ``[sample]``, ``[label]``, ``[reward]``, ``[ppo]``, ``[eval]`` and ``[probes]`` tables
+(``[probes.hallucination]``, ``[probes.adversarial]`` for what one probe alone takes) hold any
+option of that stage's own command (see ``preftune sft --help`` etc.). Paths between stages are set
+by the run; where the run also chooses a value (``max_new_tokens``, ``batch_size``, the probes'
+``samples``), the stage's table overrides it.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ class RunConfig(StageConfig):
     out: str = Field("runs/demo", description="Run directory (report.html, metrics.json, models, data).")
     prompts: str = Field("examples/demo/prompts.jsonl", description="Prompts JSONL with split train/eval.")
     demos: str = Field("examples/demo/demos.jsonl", description="Demonstrations JSONL for SFT.")
-    gold: str = Field("helpful", description="The simulated annotators' gold preference (a labeler, see "
-                                             "docs/reward.md).")
+    gold: str = Field("helpful", description="The simulated annotators' gold preference, a scorer "
+                                             "(docs/scoring.md); also PPO's and the evaluation's gold.")
     reward_backbone: str = Field("minilm", description="Reward-model backbone: minilm (all-MiniLM-L6-v2), "
                                                        "sft (the SFT model), base, or a model directory.")
     comparison_prompts: int = Field(128, ge=2, description="Training prompts answered by the base and SFT "

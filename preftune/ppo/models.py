@@ -85,7 +85,3 @@ def reference_mode(policy, reference):
     else:
         with policy.disable_adapter():
             yield policy
-
-
-def same_tokenizer(a, b) -> bool:
-    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id

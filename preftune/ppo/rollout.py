@@ -12,12 +12,13 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from preftune.data.batching import epoch_order
 from preftune.data.chat import encode_prompt
 from preftune.data.jsonl import read_jsonl
 from preftune.data.records import Messages
 from preftune.errors import DataError, PreftuneError
-from preftune.models.logits import head_logits, selected_hidden
-from preftune.ppo.core import entropy_from_logits, logprobs_from_logits
+from preftune.models.logits import head_logits, selected_hidden, token_logprobs
+from preftune.ppo.core import entropy_from_logits
 
 
 @dataclass
@@ -61,8 +62,6 @@ def prompt_indices(step: int, batch_size: int, n: int, seed: int, rank: int = 0,
     The prompts form one endless stream of reshuffled epochs (the order of epoch e is fixed by
     (seed, e)), so the data position is just the step number, a resumed run continues exactly where
     the interrupted one stopped, and ranks take disjoint consecutive slices of each step's prompts."""
-    from preftune.sft.trainer import epoch_order
-
     first = (step * world + rank) * batch_size
     orders: dict[int, list[int]] = {}
     picked = []
@@ -144,7 +143,7 @@ def policy_forward(policy, episodes: Rollout, temperature: float, value_head=Non
     logits = head_logits(policy, hidden, temperature)  # [N, V], already divided by the temperature
     tokens = episodes.response_ids[episodes.response_mask.bool()]
     mask = episodes.response_mask
-    logprobs = unflatten(logprobs_from_logits(logits, tokens), mask)
+    logprobs = unflatten(token_logprobs(logits, tokens), mask)
     entropy = unflatten(entropy_from_logits(logits.detach()), mask) if with_entropy else None
     values = unflatten(value_head(hidden), mask) if value_head is not None else None
     return PolicyOutputs(logprobs, entropy, values)

@@ -23,35 +23,22 @@ floating-point rounding.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
-from pydantic import Field, model_validator
 
-from preftune.config import TrainConfig
-from preftune.distributed import (
-    DistInfo,
-    all_gather_lists,
-    all_gather_tensor,
-    all_ranks_done,
-    all_reduce_sum,
-    barrier,
-    check_same_config,
-    device_for,
-    gather_checksums,
-    init_distributed,
-    summing,
-)
+from preftune.data.batching import collate, count_targets, encode_demonstrations, epoch_order
+from preftune.data.jsonl import read_jsonl, write_json
 from preftune.errors import PreftuneError
 from preftune.models.generation import generate, row_seed
-from preftune.models.loading import load_causal_lm, set_threads
-from preftune.models.logits import ResponseLogits, _unwrap
+from preftune.models.loading import load_causal_lm, load_tokenizer, same_vocabulary
+from preftune.models.logits import ResponseLogits, unwrap
+from preftune.models.saving import save_final_model, save_model_copy
+from preftune.ppo.config import PPOConfig
 from preftune.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
@@ -65,107 +52,24 @@ from preftune.ppo.core import (
     value_loss,
     whiten,
 )
-from preftune.ppo.models import ValueHead, load_value_model, reference_mode, same_tokenizer
-from preftune.ppo.monitor import OveroptimisationMonitor
-from preftune.ppo.rollout import (
-    Prompt,
-    Rollout,
-    load_prompts,
-    policy_forward,
-    prompt_indices,
-    value_forward,
-)
-from preftune.progress import console, progress_bar
-from preftune.reward.spec import checked, load_reward
-from preftune.training import (
-    MetricsLogger,
-    apply_lora,
-    clip_gradients,
+from preftune.ppo.models import ValueHead, load_value_model, reference_mode
+from preftune.ppo.rollout import Prompt, Rollout, load_prompts, policy_forward, prompt_indices, value_forward
+from preftune.scoring import load_scorer, scorer_from_function, single_reward_model
+from preftune.training.distributed import (
+    DistInfo,
+    all_gather_lists,
+    all_gather_tensor,
+    all_ranks_done,
+    all_reduce_sum,
     distribute,
     gradient_sync,
-    latest_checkpoint,
-    load_checkpoint,
-    make_optimizer,
-    make_scheduler,
-    save_checkpoint,
-    save_final_model,
-    seed_everything,
-    write_json,
+    summing,
 )
-
-
-class PPOConfig(TrainConfig):
-    policy: str = Field(..., description="SFT model to tune (and the KL reference): a Hugging Face directory, a "
-                                         ".gguf file, or smollm2-135m-instruct.")
-    reward: str = Field(..., description="Reward: a reward-model directory, labeler:NAME, python:module:function "
-                                         "or file.py:function; weighted sums like '0.5*A + B'.")
-    prompts: str = Field(..., description="Prompts JSONL ({prompt} or {messages}).")
-    out: str = Field(..., description="Output directory (final policy at its top level).")
-    eval_prompts: str | None = Field(None, description="Held-out prompts JSONL, sampled and scored every "
-                                                       "--eval-every steps.")
-    gold: str | None = Field(None, description="Gold reward spec, scored on the eval samples next to the proxy "
-                                               "(over-optimisation monitoring; best policy kept in OUT/best).")
-    resume: bool = Field(False, description="Continue from the newest checkpoint in OUT/checkpoints.")
-
-    steps: int = Field(0, ge=0, description="Rollout+update steps (0: --epochs passes over the prompts).")
-    epochs: float = Field(1.0, gt=0, description="Passes over the prompts when --steps is 0.")
-    max_steps: int = Field(0, ge=0, description="Stop after this many rollout steps (0: no limit).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per mini-batch (saves memory, same gradient).")
-    log_every: int = Field(1, ge=1, description="Write metrics every N rollout steps.")
-    eval_every: int = Field(0, ge=0, description="Sample --eval-prompts (or log training samples) every N steps "
-                                                 "(0: only at the end).")
-    batch_size: int = Field(16, ge=1, description="Prompts (episodes) per rollout step on each process.")
-    mini_batches: int = Field(2, ge=1, description="Mini-batches (optimiser steps) per PPO epoch.")
-    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
-    response_length: int = Field(64, ge=1, description="Most new tokens per response.")
-    temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probabilities are always taken "
-                                                      "under logits / temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (shapes sampling only, not the PPO ratio).")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
-    stop: list[str] = Field(default_factory=list, description="Stop strings ending a response (besides EOS).")
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate (full fine-tuning wants ~1e-5).")
-    schedule: Literal["cosine", "linear", "constant"] = Field("constant", description="Learning-rate schedule "
-                                                                                      "over rollout steps.")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming up linearly.")
-    lora: bool = Field(True, description="Train LoRA adapters; the reference is the same weights with adapters "
-                                         "disabled (one copy in memory).")
-
-    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient beta (initial value if adaptive).")
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimate: k1 = log pi/pi_ref, k3 = "
-                                                                "(r - 1) - log r (non-negative, lower variance).")
-    adaptive_kl: bool = Field(False, description="Adapt beta towards --kl-target (Ziegler et al. 2019).")
-    kl_target: float = Field(6.0, gt=0, description="Target KL per episode in nats for --adaptive-kl.")
-    kl_horizon: int = Field(10_000, ge=1, description="Horizon of the adaptive controller in episodes.")
-    kl_warn: float = Field(30.0, ge=0, description="Warn when objective/kl exceeds this many nats (0: never).")
-    kl_stop: float = Field(0.0, ge=0, description="Stop training when objective/kl exceeds this (0: never).")
-    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
-    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    clip_ratio: float = Field(0.2, gt=0, description="PPO policy ratio clip.")
-    clip_value: float = Field(0.2, gt=0, description="Value clip around the rollout's values.")
-    vf_coef: float = Field(0.1, ge=0, description="Value loss coefficient.")
-    whiten_rewards: bool = Field(False, description="Whiten per-token rewards (shortens outputs; off by default).")
-    missing_eos_penalty: float | None = Field(None, description="Score for a response that hits --response-length "
-                                                                "without EOS or a stop string (unset: the reward's "
-                                                                "own score; -1 suits normalised reward models).")
-    value_model: str = Field("head", description="Value function: head (on the policy trunk), policy (separate, "
-                                                 "from the SFT model), reward (separate, from the reward model) "
-                                                 "or a model directory.")
-    ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of an LM loss on --ptx-data.")
-    ptx_data: str | None = Field(None, description="Demonstrations JSONL for the PPO-ptx loss.")
-    overopt_drop: float = Field(0.1, gt=0, le=1, description="Warn when the gold reward has lost this share of "
-                                                             "its gain while the proxy still rises.")
-    samples: int = Field(4, ge=0, description="Rows per evaluation written to OUT/samples.jsonl (all eval prompts "
-                                              "when --eval-prompts is given).")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.response_length >= self.max_length:
-            raise ValueError(f"--response-length {self.response_length} leaves no room for the prompt within "
-                             f"--max-length {self.max_length}")
-        if self.ptx_coef > 0 and not self.ptx_data:
-            raise ValueError("--ptx-coef needs --ptx-data")
-        return self
-
+from preftune.training.lm_loss import lm_loss_sum
+from preftune.training.lora import apply_lora
+from preftune.training.monitor import OveroptimisationMonitor
+from preftune.training.optim import clip_gradients
+from preftune.training.scaffold import TrainingRun, keep_rows_up_to, timed
 
 # ---------------------------------------------------------------- set-up
 
@@ -173,20 +77,17 @@ class PPOConfig(TrainConfig):
 def build_value_function(cfg: PPOConfig, policy, tokenizer, device, dtype):
     """(value_head, value_model): exactly one is not None (see ``preftune.ppo.models``)."""
     if cfg.value_model == "head":
-        return ValueHead(_unwrap(policy).config.hidden_size).to(device=device, dtype=dtype), None
+        return ValueHead(unwrap(policy).config.hidden_size).to(device=device, dtype=dtype), None
     if cfg.value_model == "policy":
         path = cfg.policy
     elif cfg.value_model == "reward":
-        spec = cfg.reward.strip()
-        path = spec[3:] if spec.startswith("rm:") else spec
-        if not Path(path).is_dir():
+        path = single_reward_model(cfg.reward)
+        if path is None:
             raise PreftuneError(f"--value-model reward needs --reward to be one reward-model directory, "
                                 f"not {cfg.reward!r}")
     else:
         path = cfg.value_model
-    from preftune.models.loading import load_tokenizer
-
-    if not same_tokenizer(load_tokenizer(path), tokenizer):
+    if not same_vocabulary(load_tokenizer(path), tokenizer):
         raise PreftuneError(f"value model {path}: its tokenizer differs from the policy's; a value model reads the "
                             f"policy's tokens (use --value-model head or policy)")
     return None, load_value_model(path, device, dtype)
@@ -202,9 +103,6 @@ class PtxStream:
     and advances the same position)."""
 
     def __init__(self, cfg: PPOConfig, tokenizer) -> None:
-        from preftune.data.jsonl import read_jsonl
-        from preftune.sft.data import encode_demonstrations
-
         demos = read_jsonl(cfg.ptx_data, "demonstrations", skip_invalid=cfg.skip_invalid).records
         self.examples, _ = encode_demonstrations(demos, tokenizer, cfg.max_length, cfg.truncate, cfg.skip_invalid)
         if not self.examples:
@@ -213,21 +111,12 @@ class PtxStream:
 
     def take(self, n: int) -> list:
         """The next ``n`` demonstrations (``Example``s)."""
-        from preftune.sft.trainer import epoch_order
-
         picked = []
         for k in range(self.position, self.position + n):
             epoch, pos = divmod(k, len(self.examples))
             picked.append(self.examples[epoch_order(len(self.examples), self.seed, epoch)[pos]])
         self.position += n
         return picked
-
-
-@contextmanager
-def timed(times: dict[str, float], phase: str):
-    t = time.perf_counter()
-    yield
-    times[f"time/{phase}"] = times.get(f"time/{phase}", 0.0) + time.perf_counter() - t
 
 
 # ---------------------------------------------------------------- the models and how they run
@@ -301,8 +190,6 @@ class PPOModels:
         return self.net(self._update_pass, part, temperature, with_entropy, ptx_batch)
 
     def _update_pass(self, part, temperature, with_entropy, ptx_batch):
-        from preftune.sft.trainer import lm_loss_sum
-
         out = policy_forward(self.policy, part, temperature, self.value_head, with_entropy=with_entropy)
         values = out.values if self.value_head is not None else value_forward(self.value_model, part)
         lm_sum = None
@@ -348,9 +235,6 @@ def ppo_update(models: PPOModels, optimizer, episodes: Rollout, cfg: PPOConfig, 
     ``core.minibatch_shares``). Every mean is over the mini-batch's global token count and DDP/FSDP
     average gradients over ranks, hence the factor world size: the gradient is the single-process
     mini-batch gradient."""
-    from preftune.sft.data import collate
-    from preftune.sft.trainer import count_targets
-
     per_rank = len(episodes)
     n = per_rank * info.world
     lengths = all_gather_tensor(episodes.response_mask.sum(1).double().cpu(), info)  # every episode's tokens
@@ -451,18 +335,12 @@ def evaluate(models: PPOModels, tokenizer, prompts: list[Prompt], reward, gold, 
 def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Callable | None = None,
               stop_after: int | None = None, quiet: bool = False) -> dict:
     """Run PPO (one process, or one rank under torchrun); returns the final summary.
-    ``reward_fn``/``gold_fn`` (``(prompts, responses) -> floats``) replace the specs in ``cfg``;
+    ``reward_fn``/``gold_fn`` (``(prompts, responses) -> floats``) replace the scorers in ``cfg``;
     ``stop_after`` ends the run after that step's checkpoint, as an interruption would (used by the
     resume tests)."""
-    info = init_distributed(cfg.device)
-    check_same_config(cfg.model_dump(), info)
-    quiet = quiet or not info.is_main
-    say = console.print if info.is_main else (lambda *_a, **_k: None)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    set_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    policy, tokenizer = load_causal_lm(cfg.policy, device=device_for(info, cfg.device), dtype=cfg.dtype)
+    run = TrainingRun(cfg, "ppo", quiet=quiet, stop_after=stop_after)
+    info = run.info
+    policy, tokenizer = load_causal_lm(cfg.policy, device=run.device, dtype=cfg.dtype)
     device, dtype = next(policy.parameters()).device, next(policy.parameters()).dtype
 
     notes: list[str] = []
@@ -471,10 +349,11 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
     eval_prompts = (load_prompts(cfg.eval_prompts, tokenizer, max_prompt, cfg.truncate, cfg.skip_invalid, notes)
                     if cfg.eval_prompts else [])
     for note in notes:
-        say(f"[yellow]{note}")
-    reward = checked(getattr(reward_fn, "__name__", "reward_fn"), reward_fn) if reward_fn else load_reward(cfg.reward)
-    gold = (checked(getattr(gold_fn, "__name__", "gold_fn"), gold_fn) if gold_fn
-            else load_reward(cfg.gold) if cfg.gold else None)
+        run.warn(note)
+    reward = (scorer_from_function(getattr(reward_fn, "__name__", "reward_fn"), reward_fn) if reward_fn
+              else load_scorer(cfg.reward))
+    gold = (scorer_from_function(getattr(gold_fn, "__name__", "gold_fn"), gold_fn) if gold_fn
+            else load_scorer(cfg.gold) if cfg.gold else None)
 
     # Reference: LoRA adapters disabled (one copy of the weights) or a frozen second copy.
     reference = None
@@ -486,47 +365,29 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
     value_head, value_model = build_value_function(cfg, policy, tokenizer, device, dtype)
     value_module = value_head if value_head is not None else value_model
     models = PPOModels(policy, reference, value_head, value_model, info, cfg.fsdp)
-    optimizer = make_optimizer(list(policy.parameters()) + list(value_module.parameters()), cfg.lr,
-                               cfg.weight_decay)
-    global_batch = cfg.batch_size * info.world
+    global_batch = run.global_batch
     total_steps = total_rollout_steps(cfg, len(prompts), info.world)
-    scheduler = make_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.schedule)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     monitor = OveroptimisationMonitor(cfg.overopt_drop)
     ptx = PtxStream(cfg, tokenizer) if cfg.ptx_coef > 0 else None
-    modules = {"policy": policy, "value": value_module}
     reduce = summing(info)
 
-    start = 0
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        say(f"[yellow]--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, modules, optimizer, scheduler)
-        start = state["step"]
+    optimizer, scheduler, state = run.optimiser({"policy": policy, "value": value_module}, total_steps)
+    if state:
         kl_ctl.load_state_dict(state["kl_controller"])
         monitor.load_state_dict(state["monitor"])
         if ptx is not None:
             ptx.position = state["ptx_position"]
-        if state.get("global_batch", global_batch) != global_batch:
-            say(f"[yellow]resuming with global batch {global_batch} (world {info.world} x {cfg.batch_size}); "
-                f"the checkpoint was written with {state['global_batch']}")
-        say(f"resuming from {ckpt} (step {start})")
-    logger = None
-    samples_path = out / "samples.jsonl"
-    if info.is_main:
-        write_json(out / "run_config.json", {"stage": "ppo", "world_size": info.world, **cfg.model_dump()})
-        logger = MetricsLogger(out, cfg.tensorboard, resume_step=start if ckpt is not None else None)
-        _truncate_samples(samples_path, start if ckpt is not None else None)
+    samples_path = run.out / "samples.jsonl"
+    if run.is_main:
+        keep_rows_up_to(samples_path, run.start_step if state else None)
 
     eos_ids = torch.tensor([tokenizer.eos_token_id], device=device)
     summary: dict = {"steps": total_steps, "prompts": len(prompts), "world_size": info.world}
     last: dict = {}
-    t_start = time.perf_counter()
-    with progress_bar(total_steps, "ppo", disable=quiet) as bar:
-        bar.set(start)
-        for step in range(start, total_steps):
+    with run.progress(total_steps) as bar:
+        for step in range(run.start_step, total_steps):
             done = step + 1
             times: dict[str, float] = {}
             t0 = time.perf_counter()
@@ -575,74 +436,53 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
             metrics["eps"] = global_batch / times["time/step"]
             metrics.update(times)
 
-            stop_reason = check_kl(mean_kl, done, cfg, say)
-            evaluating = (cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps or stop_reason
-            if evaluating:
+            stop_reason = check_kl(mean_kl, done, cfg, run.say)
+            if run.eval_due(done) or stop_reason:
                 if eval_prompts:
                     eval_metrics, rows = evaluate(models, tokenizer, eval_prompts, reward, gold, cfg, info)
                     metrics.update(eval_metrics)
                     if "eval/gold" in eval_metrics:
-                        best, warning = monitor.update(done, eval_metrics["eval/proxy"], eval_metrics["eval/gold"])
-                        if warning:
-                            say(f"[yellow]{warning}")
+                        best, alert = monitor.update(done, eval_metrics["eval/proxy"], eval_metrics["eval/gold"])
+                        if alert is not None:
+                            run.warn(alert.message())
                         if best:
-                            save_best(policy, tokenizer, out / "best", cfg, models.fsdp, info,
+                            save_best(policy, tokenizer, run.out / "best", cfg, models.fsdp, info,
                                       {"step": done, **eval_metrics})
                 else:  # the first --samples episodes of the step's global batch
                     mine = [{"prompt": p.messages[-1]["content"], "response": t, "score": s}
                             for p, t, s in zip(batch, texts, raw_scores.tolist())][:cfg.samples]
                     rows = all_gather_lists(mine, info)[:cfg.samples]
-                if info.is_main:
+                if run.is_main:
                     with open(samples_path, "a", encoding="utf-8") as f:
                         for row in rows:
                             f.write(json.dumps({"step": done, **row}) + "\n")
-            if logger and (done % cfg.log_every == 0 or done == total_steps or stop_reason):
-                logger.log(done, metrics)
+            run.log(done, metrics, force=bool(stop_reason))
             last = metrics
             bar.advance(1, score=metrics["objective/scores"], kl=mean_kl, eps=metrics["eps"])
             if stop_reason:
                 summary["stopped"] = stop_reason
-                say(f"[red]{stop_reason}")
+                run.say(f"[red]{stop_reason}")
                 break
-            if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
-                save_checkpoint(out, done, modules, optimizer, scheduler,
-                                {"kl_controller": kl_ctl.state_dict(), "monitor": monitor.state_dict(),
-                                 "ptx_position": ptx.position if ptx is not None else 0,
-                                 "global_batch": global_batch},
-                                cfg.keep_checkpoints, is_main=info.is_main)
-            if stop_after is not None and done >= stop_after:
-                barrier(info)
-                if logger:
-                    logger.close()
-                return {"stopped_at": done}
-    if logger:
-        logger.close()
-    if info.enabled and not cfg.fsdp:  # evidence that DDP kept every rank's weights identical
-        summary["rank_param_checksums"] = gather_checksums(models.inner, info)
-    save_final_model(policy, tokenizer, out, keep_adapter=cfg.keep_adapter, sharded=models.fsdp,
-                     is_main=info.is_main)
+            run.save_if_due(done, {"kl_controller": kl_ctl.state_dict(), "monitor": monitor.state_dict(),
+                                   "ptx_position": ptx.position if ptx is not None else 0})
+            if run.stopping(done):
+                return run.stop(done)
     summary.update({k: last.get(k) for k in ("objective/scores", "objective/kl", "eval/proxy", "eval/gold")
                     if k in last})
-    summary["seconds"] = time.perf_counter() - t_start
     if monitor.best_step is not None:
         summary["best_gold_step"] = monitor.best_step
-    if info.is_main:
-        write_json(out / "metrics.json", summary)
-    barrier(info)
-    return summary
+    return run.finish(summary, models.inner, save=lambda: save_final_model(
+        policy, tokenizer, run.out, keep_adapter=cfg.keep_adapter, sharded=models.fsdp, is_main=run.is_main))
 
 
 def save_best(policy, tokenizer, out: Path, cfg: PPOConfig, sharded: bool, info: DistInfo, record: dict) -> None:
     """Keep the policy with the best gold reward so far in ``out`` (every rank calls this)."""
-    if sharded:  # gathered into a plain copy: the training model is left as it is
-        save_final_model(policy, tokenizer, out, cfg.keep_adapter, sharded=True, is_main=info.is_main)
-    elif info.is_main:  # merging LoRA changes the model it is called on: save a copy
-        save_final_model(copy.deepcopy(policy), tokenizer, out, cfg.keep_adapter)
+    save_model_copy(policy, tokenizer, out, cfg.keep_adapter, sharded=sharded, is_main=info.is_main)
     if info.is_main:
         write_json(out / "preftune_best.json", record)
 
 
-def check_kl(mean_kl: float, step: int, cfg: PPOConfig, say: Callable = console.print) -> str | None:
+def check_kl(mean_kl: float, step: int, cfg: PPOConfig, say: Callable[[str], None]) -> str | None:
     """Warn when the KL runs away; a reason to stop when it passes --kl-stop or is not finite (the
     KL is global, so every rank reaches the same decision)."""
     if not math.isfinite(mean_kl):
@@ -651,14 +491,5 @@ def check_kl(mean_kl: float, step: int, cfg: PPOConfig, say: Callable = console.
         return f"step {step}: objective/kl {mean_kl:.4g} nats passed --kl-stop {cfg.kl_stop}; stopping"
     if cfg.kl_warn and mean_kl > cfg.kl_warn:
         say(f"[yellow]step {step}: objective/kl {mean_kl:.4g} nats is above --kl-warn {cfg.kl_warn} "
-                      f"(the policy is drifting far from the reference)")
+            f"(the policy is drifting far from the reference)")
     return None
-
-
-def _truncate_samples(path: Path, resume_step: int | None) -> None:
-    """Like the metrics file: start empty, or on resume keep only rows up to the checkpoint."""
-    if resume_step is None or not path.exists():
-        path.write_text("")
-        return
-    kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
-    path.write_text("".join(l + "\n" for l in kept))

@@ -1,12 +1,12 @@
-"""``preftune reward``: train a reward model from comparisons, rankings and ratings."""
+"""``preftune reward``: registered on the top-level command group by ``preftune.cli``."""
 
 from __future__ import annotations
 
 import click
 
 from preftune.config import config_from_cli, config_options
-from preftune.distributed import is_main_process
-from preftune.reward.trainer import RewardConfig
+from preftune.progress import is_main_process
+from preftune.reward.config import RewardConfig
 
 
 def register(cli: click.Group, config_help: str) -> None:
@@ -24,7 +24,8 @@ def register(cli: click.Group, config_help: str) -> None:
         Writes OUT as a Hugging Face directory that AutoModelForSequenceClassification loads
         (num_labels=1), plus reward_model.json (normalisation: reference responses score mean 0,
         std 1), metrics.jsonl, metrics.json (eval_accuracy, eval_loss, eval_ece, ...) and
-        checkpoints. Use it from Python with preftune.reward.model.RewardModel.load(OUT).score."""
+        checkpoints. Use it as a scorer (--reward OUT, --judge OUT) or from Python with
+        preftune.models.reward_model.RewardModel.load(OUT).score."""
         from preftune.reward.trainer import train_reward
 
         cfg = config_from_cli(RewardConfig, kwargs, "reward")

@@ -1,12 +1,12 @@
-"""``preftune sft``: supervised fine-tuning on demonstrations."""
+"""``preftune sft``: registered on the top-level command group by ``preftune.cli``."""
 
 from __future__ import annotations
 
 import click
 
 from preftune.config import config_from_cli, config_options
-from preftune.distributed import is_main_process
-from preftune.sft.trainer import SFTConfig
+from preftune.progress import is_main_process
+from preftune.sft.config import SFTConfig
 
 
 def register(cli: click.Group, config_help: str) -> None:

@@ -33,23 +33,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from pydantic import Field
 
-from preftune.data.jsonl import write_jsonl
+from preftune.data.jsonl import write_json, write_jsonl
 from preftune.evaluation import report as R
-from preftune.evaluation.probes.common import (
-    ProbeConfig,
-    before_after_table,
-    bundled,
-    read_items,
-    replies,
-    required_string,
-    subset,
-)
-from preftune.evaluation.sampling import SamplingOptions, sample_responses
+from preftune.evaluation.config import AdversarialConfig
+from preftune.evaluation.probes.common import before_after_table, bundled, read_items, replies, required_string, subset
 from preftune.evaluation.stats import distinct_ngrams, rate_with_ci
+from preftune.models.generation import SamplingOptions, sample_responses
 from preftune.models.loading import load_causal_lm, set_threads
-from preftune.training import seed_everything, write_json
+from preftune.training.checkpoints import seed_everything
 
 BENIGN = "benign"
 LABELS = ("unsafe", "refusal", "safe")
@@ -147,16 +139,6 @@ def precision_recall(predicted: list[str], gold: list[str], positive: str) -> tu
 
 
 # ---------------------------------------------------------------- probe
-
-
-class AdversarialConfig(ProbeConfig):
-    prompts: str | None = Field(None, description="Prompt JSONL ({id, prompt, category, canary?}; category "
-                                                  "'benign' for controls); default: the bundled set.")
-    max_new_tokens: int = Field(64, ge=1, description="Longest reply in tokens.")
-    red_team: int = Field(0, ge=0, description="Automated red teaming: generate this many new attack prompts "
-                                               "from few-shot examples of successful attacks (0: off).")
-    red_team_model: str | None = Field(None, description="Model that writes the attacks (default: --model).")
-    shots: int = Field(4, ge=1, description="Few-shot examples per red-team generation.")
 
 
 def parse_prompt_item(obj: dict) -> dict:

@@ -9,25 +9,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from pydantic import Field
 
-from preftune.config import StageConfig
 from preftune.data.records import Messages
 from preftune.errors import DataError
 from preftune.evaluation import report as R
-from preftune.evaluation.sampling import SamplingOptions, sample_responses
+from preftune.evaluation.config import ProbeConfig
+from preftune.models.generation import SamplingOptions, sample_responses
 from preftune.models.loading import load_causal_lm
-
-
-class ProbeConfig(StageConfig):
-    model: str = Field(..., description="Model to probe (HF directory, .gguf or smollm2-135m-instruct).")
-    baseline: str | None = Field(None, description="The model before tuning, probed the same way for a "
-                                                   "before/after table.")
-    out: str = Field(..., description="Output directory (probe.json, answers.jsonl, report.html).")
-    samples: int = Field(0, ge=0, description="Probe this many items, drawn with --seed (0: all).")
-    max_new_tokens: int = Field(48, ge=1, description="Longest reply in tokens.")
-    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0: greedy, reproducible).")
-    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
 
 
 def bundled(name: str) -> Path:

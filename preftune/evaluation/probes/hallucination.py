@@ -21,27 +21,15 @@ import unicodedata
 from collections import defaultdict
 from pathlib import Path
 
-from pydantic import Field
-
-from preftune.data.jsonl import write_jsonl
+from preftune.data.jsonl import write_json, write_jsonl
 from preftune.evaluation import report as R
-from preftune.evaluation.probes.common import (
-    ProbeConfig,
-    before_after_table,
-    bundled,
-    read_items,
-    replies,
-    required_string,
-    subset,
-)
+from preftune.evaluation.config import HallucinationConfig
+from preftune.evaluation.probes.common import before_after_table, bundled, read_items, replies, required_string, subset
 from preftune.evaluation.stats import rate_with_ci
 from preftune.models.loading import set_threads
-from preftune.training import seed_everything, write_json
+from preftune.training.checkpoints import seed_everything
 
 OUTCOMES = ("correct", "wrong", "abstained")
-DEFAULT_INSTRUCTION = ("Answer the question in a few words. If you do not know the answer, say "
-                       "\"I don't know\".\n\nQuestion: {question}")
-
 ABSTAIN_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
     r"\bi (?:do not|don't|dont) know\b",
     r"\bi(?:'m| am) (?:not sure|unsure|not certain|uncertain)\b",
@@ -52,13 +40,6 @@ ABSTAIN_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
     r"\bunknown to me\b",
     r"\bi (?:do not|don't) recall\b",
 )]
-
-
-class HallucinationConfig(ProbeConfig):
-    questions: str | None = Field(None, description="Question JSONL ({id, question, answers, category?, "
-                                                    "case_sensitive?}); default: the bundled 258 questions.")
-    instruction: str = Field(DEFAULT_INSTRUCTION, description="User message template; {question} is "
-                                                              "replaced by the question.")
 
 
 def normalise(text: str, case_sensitive: bool = False) -> str:

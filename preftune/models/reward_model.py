@@ -27,18 +27,13 @@ from typing import Sequence
 
 import torch
 
+from preftune.data.batching import fit_length
 from preftune.data.chat import EncodedPair, encode_pair, has_chat_template, render_prompt
 from preftune.data.records import Messages, RecordError
 from preftune.errors import PreftuneError
-from preftune.models.loading import (
-    disable_dropout,
-    ensure_pad_token,
-    resolve_device,
-    resolve_dtype,
-    resolve_model_path,
-)
-from preftune.models.logits import _unwrap, selected_hidden
-from preftune.sft.data import fit_length
+from preftune.models.loading import disable_dropout, ensure_pad_token, resolve_device, resolve_dtype, resolve_model_path
+from preftune.models.logits import last_token_index, selected_hidden, unwrap
+from preftune.models.saving import save_final_model
 
 META_FILE = "reward_model.json"
 
@@ -46,22 +41,16 @@ META_FILE = "reward_model.json"
 # ---------------------------------------------------------------- pooling
 
 
-def last_real_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index [B] of the rightmost attended position of each row (left or right padding)."""
-    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    return (positions * attention_mask.long()).argmax(-1)
-
-
 def last_real_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Boolean [B, T], true at each row's last real token: where a causal LM's reward is read."""
     select = torch.zeros_like(attention_mask, dtype=torch.bool)
-    select[torch.arange(len(select), device=select.device), last_real_token_index(attention_mask)] = True
+    select[torch.arange(len(select), device=select.device), last_token_index(attention_mask)] = True
     return select
 
 
 def is_decoder(model) -> bool:
     """Causal LMs read the last token; encoders (BERT-style) read the first."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     return hasattr(inner, "score") and not getattr(inner.config, "is_encoder_decoder", False) \
         and inner.config.model_type not in ENCODER_TYPES
 
@@ -74,7 +63,7 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     position_ids: torch.Tensor | None = None, sep_id: int | None = None) -> torch.Tensor:
     """Raw scalar reward [B] of each sequence (see module docstring for where it is read;
     ``sep_id``: an encoder's [SEP], from which its segment ids are set, see ``pair_token_type_ids``)."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     if not is_decoder(model):
         segments = {} if sep_id is None else {"token_type_ids": pair_token_type_ids(input_ids, attention_mask, sep_id)}
         return model(input_ids=input_ids, attention_mask=attention_mask, **segments).logits[:, 0]
@@ -226,8 +215,6 @@ class RewardModel:
     def save(self, out: str | Path, sharded: bool = False, is_main: bool = True) -> None:
         """Plain Hugging Face directory (+ ``reward_model.json``); LoRA adapters are merged. Under
         torchrun every rank calls this and rank 0 writes (``sharded``: FSDP, gathered first)."""
-        from preftune.training import save_final_model
-
         out = Path(out)
         save_final_model(self.model, self.tokenizer, out, sharded=sharded, is_main=is_main)
         if is_main:

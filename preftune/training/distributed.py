@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Sequence, TypeVar
@@ -95,8 +96,8 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def summing(info: DistInfo) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``all_reduce_sum`` as the ``reduce`` argument of ``preftune.ppo.core``'s statistics (None
-    in one process)."""
+    """``all_reduce_sum`` as the ``reduce`` argument of the RL core's statistics (None in one
+    process)."""
     return (lambda t: all_reduce_sum(t, info)) if info.enabled else None
 
 
@@ -179,6 +180,64 @@ def gather_checksums(model: torch.nn.Module, info: DistInfo) -> list[float]:
     return sums  # type: ignore[return-value]
 
 
-def is_main_process() -> bool:
-    """Rank 0 under torchrun (or the only process): the one that prints."""
-    return os.environ.get("RANK", "0") == "0"
+# ---------------------------------------------------------------- wrapping the trained module
+
+
+def distribute(net: torch.nn.Module, model: torch.nn.Module, info: DistInfo, fsdp: bool) -> torch.nn.Module:
+    """Wrap the training module for data parallelism: DDP, or with ``fsdp`` FSDP2 (each transformer
+    block of every model inside ``net`` sharded, then ``net`` as the root). A no-op in a single
+    process. ``model`` is the main model (its device, and its name in errors)."""
+    if not info.enabled:
+        return net
+    device = next(model.parameters()).device
+    if not fsdp:
+        return torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    layers = transformer_blocks(net)
+    if not layers:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        raise PreftuneError(f"--fsdp: cannot find the decoder layers of {type(inner).__name__}")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(net)
+    return net
+
+
+def transformer_blocks(root: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks FSDP shards one by one: the classes Hugging Face models name in
+    ``_no_split_modules`` (decoder layers), or for models that name none (BERT) the members of
+    their layer lists."""
+    names: set[str] = set()
+    for m in root.modules():
+        names |= set(getattr(m, "_no_split_modules", None) or [])
+    blocks = [m for m in root.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in root.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1
+             and len({type(x) for x in m}) == 1 and any(p.numel() for p in m.parameters())]
+    return [block for blocks_list in lists for block in blocks_list]
+
+
+def gradient_sync(net: torch.nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on accumulation micro-batches that are not the last."""
+    if enabled:
+        return nullcontext()
+    if hasattr(net, "no_sync"):  # DDP
+        return net.no_sync()
+    if hasattr(net, "set_requires_gradient_sync"):  # FSDP2
+        net.set_requires_gradient_sync(False)
+        return _ReenableSync(net)
+    return nullcontext()
+
+
+class _ReenableSync:
+    def __init__(self, net) -> None:
+        self.net = net
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.net.set_requires_gradient_sync(True)

@@ -10,103 +10,25 @@ One or more models answer the same prompts, ``n`` samples each, in batches with 
 
 ``models[i]`` names the model that wrote ``responses[i]``; ``ended[i]`` says whether it stopped at
 EOS or a stop string (false: cut off at ``max_new_tokens``). ``preftune label`` and the annotation
-app read this file; ``read_candidates`` validates it with file:line errors.
+app read this file (``read_jsonl(path, "candidates")`` gives ``CandidateSet`` records, with
+file:line errors).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import Field
 
-from preftune.config import StageConfig
 from preftune.data.chat import encode_prompt
-from preftune.data.jsonl import ReadResult, read_jsonl, write_jsonl
-from preftune.data.records import (
-    PARSERS,
-    Messages,
-    PromptRecord,
-    RecordError,
-    Source,
-    parse_demonstration,
-    parse_prompt,
-    to_json,
-)
+from preftune.data.jsonl import read_jsonl, write_jsonl
+from preftune.data.records import PromptRecord, to_json
 from preftune.errors import DataError, PreftuneError
 from preftune.models.generation import generate
 from preftune.models.loading import load_causal_lm, set_threads
 from preftune.progress import console, progress_bar
-
-
-@dataclass
-class CandidateSet:
-    messages: Messages
-    responses: list[str]
-    models: list[str]
-    ended: list[bool] | None = None
-    id: str | None = None
-    split: str | None = None
-    source: Source = field(default_factory=Source, compare=False, repr=False)
-
-
-def parse_candidates(obj: dict) -> CandidateSet:
-    """One line of a candidates file (see module docstring); ``models`` and ``ended`` optional."""
-    messages = parse_prompt(obj).messages
-    responses = obj.get("responses")
-    if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
-        raise RecordError('"responses" must be a non-empty list of strings')
-    models = obj.get("models", ["unknown"] * len(responses))
-    if not isinstance(models, list) or len(models) != len(responses) or not all(isinstance(m, str) for m in models):
-        raise RecordError('"models" must be a list of strings, one per response')
-    ended = obj.get("ended")
-    if ended is not None and (not isinstance(ended, list) or len(ended) != len(responses)):
-        raise RecordError('"ended" must be a list of booleans, one per response')
-    ident = obj.get("id")
-    return CandidateSet(messages, list(responses), list(models), ended, None if ident is None else str(ident),
-                        obj.get("split"))
-
-
-def parse_prompt_source(obj: dict) -> PromptRecord:
-    """A prompt, or the prompt of a demonstration (its completion is ignored)."""
-    messages = obj.get("messages")
-    if "completion" in obj or (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
-                               and messages[-1].get("role") == "assistant" and "prompt" not in obj):
-        demo = parse_demonstration(obj)
-        return PromptRecord(demo.messages, demo.id, demo.split)
-    return parse_prompt(obj)
-
-
-PARSERS.setdefault("candidates", parse_candidates)
-PARSERS.setdefault("prompt_sources", parse_prompt_source)
-
-
-def read_candidates(path: str | Path, skip_invalid: bool = False) -> ReadResult:
-    return read_jsonl(path, "candidates", skip_invalid=skip_invalid)
-
-
-# ---------------------------------------------------------------- sampling
-
-
-class SampleConfig(StageConfig):
-    model: list[str] = Field(..., description="Model(s) to sample from: Hugging Face directories, .gguf files "
-                                              "or smollm2-135m-instruct; repeat --model (or separate with "
-                                              "commas) to compare models side by side.")
-    prompts: str = Field(..., description="Prompts JSONL ({prompt} or {messages}); a demonstrations file works "
-                                          "too (its completions are ignored).")
-    out: str = Field(..., description="Output candidates JSONL (one line per prompt).")
-    n: int = Field(2, ge=1, description="Samples per prompt from each model.")
-    max_new_tokens: int = Field(64, ge=1, description="Longest response in tokens.")
-    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0: greedy).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens "
-                                                      "with this much probability.")
-    top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens (0: off).")
-    stop: list[str] = Field(default_factory=list, description="Stop strings (besides EOS), comma-separated.")
-    batch_size: int = Field(16, ge=1, description="Sequences generated together.")
-    max_prompt_length: int = Field(512, ge=1, description="Longest prompt in tokens; longer prompts are an "
-                                                          "error (or skipped with --skip-invalid).")
+from preftune.sampling.config import SampleConfig
 
 
 def model_labels(names: list[str]) -> list[str]:

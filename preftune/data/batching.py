@@ -1,4 +1,10 @@
-"""SFT examples: tokenised demonstrations, length limits, padding and packing."""
+"""Token-level batches every trainer shares: examples with labels, length limits, padding,
+packing, and the seeded order in which a stage visits its data.
+
+An ``Example`` is one tokenised (prompt, response) with labels -100 on the prompt, what SFT, DPO
+and PPO-ptx train on. ``step_indices`` gives the examples of one optimiser step of the global
+batch (every rank draws from the same order, then takes its slice), fixed by (seed, epoch), so a
+resumed run sees exactly the batches of an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -70,6 +76,11 @@ class PackedExample(Example):
     position_ids: list[int]
 
 
+def count_targets(examples: list[Example]) -> int:
+    """Response tokens that a causal LM predicts (labels other than -100 after the first position)."""
+    return sum(sum(1 for t in e.labels[1:] if t != -100) for e in examples)
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch. Packed rows get position ids and no attention mask (block-diagonal mask
     from the position ids); unpacked rows get an attention mask."""
@@ -93,3 +104,20 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         batch["position_ids"] = positions
         batch["attention_mask"] = None
     return batch
+
+
+# ---------------------------------------------------------------- data order
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a permutation fixed by (seed, epoch), so a resumed run
+    sees exactly the batches an uninterrupted run would."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def step_indices(n: int, step: int, steps_per_epoch: int, global_batch: int, seed: int) -> list[int]:
+    """Indices of the examples of optimiser step ``step`` (0-based): a slice of its epoch's order
+    (the last batch of an epoch may be short)."""
+    epoch, position = divmod(step, steps_per_epoch)
+    return epoch_order(n, seed, epoch)[position * global_batch:(position + 1) * global_batch]

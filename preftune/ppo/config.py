@@ -1,0 +1,84 @@
+"""Options of ``preftune ppo`` (torch-free, so ``--help`` is fast)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from preftune.config import TrainConfig
+
+
+class PPOConfig(TrainConfig):
+    policy: str = Field(..., description="SFT model to tune (and the KL reference): a Hugging Face directory, a "
+                                         ".gguf file, or smollm2-135m-instruct.")
+    reward: str = Field(..., description="The reward, a scorer (docs/scoring.md): a reward-model directory, a "
+                                         "built-in (sentiment, helpful, ...), module:function or "
+                                         "file.py:function, or a weighted sum like '0.8*runs/rm + 0.2*ends'.")
+    prompts: str = Field(..., description="Prompts JSONL ({prompt} or {messages}).")
+    out: str = Field(..., description="Output directory (final policy at its top level).")
+    eval_prompts: str | None = Field(None, description="Held-out prompts JSONL, sampled and scored every "
+                                                       "--eval-every steps.")
+    gold: str | None = Field(None, description="Gold scorer (docs/scoring.md), scored on the eval samples next to "
+                                               "the proxy (over-optimisation monitoring; best policy kept in "
+                                               "OUT/best).")
+    resume: bool = Field(False, description="Continue from the newest checkpoint in OUT/checkpoints.")
+
+    steps: int = Field(0, ge=0, description="Rollout+update steps (0: --epochs passes over the prompts).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the prompts when --steps is 0.")
+    max_steps: int = Field(0, ge=0, description="Stop after this many rollout steps (0: no limit).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per mini-batch (saves memory, same gradient).")
+    log_every: int = Field(1, ge=1, description="Write metrics every N rollout steps.")
+    eval_every: int = Field(0, ge=0, description="Sample --eval-prompts (or log training samples) every N steps "
+                                                 "(0: only at the end).")
+    batch_size: int = Field(16, ge=1, description="Prompts (episodes) per rollout step on each process.")
+    mini_batches: int = Field(2, ge=1, description="Mini-batches (optimiser steps) per PPO epoch.")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
+    response_length: int = Field(64, ge=1, description="Most new tokens per response.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probabilities are always taken "
+                                                      "under logits / temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (shapes sampling only, not the PPO ratio).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    stop: list[str] = Field(default_factory=list, description="Stop strings ending a response (besides EOS).")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (full fine-tuning wants ~1e-5).")
+    schedule: Literal["cosine", "linear", "constant"] = Field("constant", description="Learning-rate schedule "
+                                                                                      "over rollout steps.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming up linearly.")
+    lora: bool = Field(True, description="Train LoRA adapters; the reference is the same weights with adapters "
+                                         "disabled (one copy in memory).")
+
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient beta (initial value if adaptive).")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimate: k1 = log pi/pi_ref, k3 = "
+                                                                "(r - 1) - log r (non-negative, lower variance).")
+    adaptive_kl: bool = Field(False, description="Adapt beta towards --kl-target (Ziegler et al. 2019).")
+    kl_target: float = Field(6.0, gt=0, description="Target KL per episode in nats for --adaptive-kl.")
+    kl_horizon: int = Field(10_000, ge=1, description="Horizon of the adaptive controller in episodes.")
+    kl_warn: float = Field(30.0, ge=0, description="Warn when objective/kl exceeds this many nats (0: never).")
+    kl_stop: float = Field(0.0, ge=0, description="Stop training when objective/kl exceeds this (0: never).")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    clip_ratio: float = Field(0.2, gt=0, description="PPO policy ratio clip.")
+    clip_value: float = Field(0.2, gt=0, description="Value clip around the rollout's values.")
+    vf_coef: float = Field(0.1, ge=0, description="Value loss coefficient.")
+    whiten_rewards: bool = Field(False, description="Whiten per-token rewards (shortens outputs; off by default).")
+    missing_eos_penalty: float | None = Field(None, description="Score for a response that hits --response-length "
+                                                                "without EOS or a stop string (unset: the reward's "
+                                                                "own score; -1 suits normalised reward models).")
+    value_model: str = Field("head", description="Value function: head (on the policy trunk), policy (separate, "
+                                                 "from the SFT model), reward (separate, from the reward model) "
+                                                 "or a model directory.")
+    ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of an LM loss on --ptx-data.")
+    ptx_data: str | None = Field(None, description="Demonstrations JSONL for the PPO-ptx loss.")
+    overopt_drop: float = Field(0.1, gt=0, le=1, description="Warn when the gold reward has lost this share of "
+                                                             "its gain while the proxy still rises.")
+    samples: int = Field(4, ge=0, description="Rows per evaluation written to OUT/samples.jsonl (all eval prompts "
+                                              "when --eval-prompts is given).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.response_length >= self.max_length:
+            raise ValueError(f"--response-length {self.response_length} leaves no room for the prompt within "
+                             f"--max-length {self.max_length}")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ValueError("--ptx-coef needs --ptx-data")
+        return self

@@ -1,0 +1,1 @@
+"""Reward models from comparisons, rankings and ratings (``preftune reward``)."""

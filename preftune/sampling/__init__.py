@@ -1,0 +1,1 @@
+"""Candidate responses for people or simulated annotators to judge (``preftune sample``)."""

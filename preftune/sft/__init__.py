@@ -1,0 +1,1 @@
+"""Supervised fine-tuning on demonstrations (``preftune sft``): loss on response tokens only."""
