@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from importlib import resources
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from preftune.data.jsonl import read_numbered_dicts
 from preftune.data.records import Messages
 from preftune.errors import DataError
 from preftune.evaluation import report as R
@@ -25,20 +25,10 @@ def bundled(name: str) -> Path:
 def read_items(path: str | Path, parse: Callable[[dict], dict]) -> list[dict]:
     """JSONL items checked by ``parse`` (which raises ValueError with a message); errors name
     file and line; duplicate ids are an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), None, "no such file")
     items, seen = [], {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, obj in read_numbered_dicts(path):
         try:
-            obj = json.loads(line)
-            if not isinstance(obj, dict):
-                raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
             item = parse(obj)
-        except json.JSONDecodeError as e:
-            raise DataError(str(path), lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
         except ValueError as e:
             raise DataError(str(path), lineno, str(e)) from None
         item.setdefault("id", str(lineno))
