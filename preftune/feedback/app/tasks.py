@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from preftune.data.jsonl import decode_json, numbered_lines
 from preftune.data.records import RecordError, parse_comparison, parse_prompt
 from preftune.errors import DataError
 
@@ -50,19 +51,11 @@ class TaskSpec:
 def numbered_json_lines(lines: Iterable[bytes], name: str) -> list[tuple[int, Any]]:
     """(line number, decoded JSON) for each non-blank line; ``DataError`` names file and line."""
     out = []
-    for lineno, raw in enumerate(lines, start=1):
+    for lineno, text in numbered_lines(lines, name):
         try:
-            text = raw.decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            raise DataError(name, lineno, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
-        if not text:
-            continue
-        if not out and text.startswith("["):
-            raise DataError(name, lineno, "this is a JSON array; expected JSONL (one JSON object per line)")
-        try:
-            out.append((lineno, json.loads(text)))
-        except json.JSONDecodeError as e:
-            raise DataError(name, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            out.append((lineno, decode_json(text)))
+        except RecordError as e:
+            raise DataError(name, lineno, str(e)) from None
     if not out:
         raise DataError(name, None, "file is empty (no records)")
     return out
