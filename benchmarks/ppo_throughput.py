@@ -1,7 +1,7 @@
 """PPO throughput on the peer workload (see ../shared/bench/peers/README.md), next to TRL's PPO.
 
 Workload: the 64 fixed prompts, 16 episodes per rollout step, 32 new tokens, temperature 0.7,
-4 PPO epochs x 2 mini-batches, KL coefficient 0.05, fp32, 2 threads, 1 warm-up step then N
+4 PPO epochs x 2 mini-batches, KL coefficient 0.05, fp32 (or --dtypes), 2 threads, 1 warm-up step then N
 measured steps, the peer models (TINY: random 4-layer Llama with SmolLM2's vocabulary; SMOL:
 SmolLM2-135M-Instruct) with their sequence-classification reward models.
 
@@ -18,6 +18,7 @@ head at response positions, forward + backward; full fine-tuning counts backward
 LoRA as 1x since no frozen-weight gradients are formed) as a share of that matmul peak.
 
     python benchmarks/ppo_throughput.py --models tiny,smol135 --configs identical,defaults --steps 3 --peer
+    python benchmarks/ppo_throughput.py --models smol135 --dtypes fp32,bf16 --steps 2    # precision
     python benchmarks/ppo_throughput.py --learning --models smol135 --steps 12   # reward curves, VADER reward
 """
 
@@ -42,7 +43,7 @@ PEER_MODELS = Path(os.environ.get("PEER_MODELS", "/tmp/peer-models"))
 PEER_PYTHON = os.environ.get("PEER_PYTHON", "/tmp/peer-trl112/bin/python")
 
 WORKLOAD = dict(batch_size=16, response_length=32, temperature=0.7, top_p=1.0, ppo_epochs=4, mini_batches=2,
-                kl_coef=0.05, max_length=512, threads=2, seed=42, schedule="constant", dtype="fp32")
+                kl_coef=0.05, max_length=512, threads=2, seed=42, schedule="constant")
 CONFIGS = {
     "identical": dict(lora=False, lr=1e-5, max_grad_norm=0.0, value_model="RM"),
     "defaults": dict(),
@@ -81,7 +82,7 @@ def update_flops(model_dir: Path, cfg, prompt_tokens: float, response_tokens: fl
     return (forward + backward) * cfg.batch_size * cfg.ppo_epochs
 
 
-def run_one(model: str, config: str, steps: int, learning: bool) -> dict:
+def run_one(model: str, config: str, steps: int, learning: bool, dtype: str = "fp32") -> dict:
     import torch
 
     from preftune.data.chat import encode_prompt
@@ -97,7 +98,7 @@ def run_one(model: str, config: str, steps: int, learning: bool) -> dict:
         overrides["value_model"] = str(d / "rm")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = PPOConfig(policy=str(d / "policy"), reward=f"rm:{d / 'rm'}", prompts=str(PEERS / "prompts.jsonl"),
-                        out=str(Path(tmp) / "out"), steps=1 + steps, **WORKLOAD, **overrides)
+                        out=str(Path(tmp) / "out"), steps=1 + steps, dtype=dtype, **WORKLOAD, **overrides)
         reward = vader_positive if learning else peer_reward_model(d / "rm")
         train_ppo(cfg, reward_fn=reward, quiet=True)
         rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
@@ -110,10 +111,11 @@ def run_one(model: str, config: str, steps: int, learning: bool) -> dict:
     response_tokens = statistics.mean(r["response_length_mean"] for r in measured)
     flops = update_flops(d, cfg, prompt_tokens, response_tokens)
     update_gflops = flops / phase("update") / 1e9
-    return {"system": "preftune-ppo", "config": config, "model": model, "steps": steps,
+    return {"system": "preftune-ppo", "config": config, "model": model, "dtype": dtype, "steps": steps,
             "episodes_per_s": round(cfg.batch_size * len(measured) / total, 3), "s_per_step": round(total / len(measured), 2),
             "peak_rss_mb": peak_rss_mb(), "matmul_gflops": mm,
-            "phases_s": {k: phase(k) for k in ("generation", "scoring", "reference", "values", "update")},
+            "phases_s": {k: phase(k) for k in ("generation", "scoring", "old_and_reference", "update")},
+            "sampler_logprob_gap": round(statistics.mean(r["policy/sampler_logprob_gap"] for r in measured), 5),
             "update_gflops": round(update_gflops, 1), "update_share_of_matmul": round(update_gflops / mm, 3),
             "response_length_mean": round(response_tokens, 2), "prompt_tokens_mean": round(prompt_tokens, 2),
             "lora": cfg.lora, "value_model": "head" if cfg.value_model == "head" else "separate (from RM)",
@@ -137,26 +139,31 @@ def main() -> None:
     p.add_argument("--models", default="tiny,smol135")
     p.add_argument("--configs", default="identical,defaults")
     p.add_argument("--steps", type=int, default=3, help="measured rollout steps after 1 warm-up step")
+    p.add_argument("--dtypes", default="fp32", help="preftune's precision(s), comma-separated: fp32, bf16 "
+                                                     "(mixed: fp32 master weights, bf16 autocast)")
     p.add_argument("--peer", action="store_true", help="also run TRL 1.12 PPO from the peer harness, back to back")
     p.add_argument("--learning", action="store_true", help="VADER sentiment reward instead of the RM: reward curves")
-    p.add_argument("--one", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
+    p.add_argument("--one", nargs=3, metavar=("MODEL", "CONFIG", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(*args.one, args.steps, args.learning)), flush=True)
+        model, config, dtype = args.one
+        print("RESULT " + json.dumps(run_one(model, config, args.steps, args.learning, dtype)), flush=True)
         return
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     for model in args.models.split(","):
         if args.peer and not args.learning:
             print(json.dumps(run_peer(model, args.steps)), flush=True)
         for config in args.configs.split(","):
-            cmd = [sys.executable, __file__, "--one", model, config, "--steps", str(args.steps)]
-            cmd += ["--learning"] if args.learning else []
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                print(json.dumps({"config": config, "model": model, "rc": proc.returncode, "error": proc.stderr.strip()[-2000:]}), flush=True)
-            else:
-                print(lines[-1][len("RESULT "):], flush=True)
+            for dtype in args.dtypes.split(","):
+                cmd = [sys.executable, __file__, "--one", model, config, dtype, "--steps", str(args.steps)]
+                cmd += ["--learning"] if args.learning else []
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    print(json.dumps({"config": config, "model": model, "dtype": dtype, "rc": proc.returncode,
+                                      "error": proc.stderr.strip()[-2000:]}), flush=True)
+                else:
+                    print(lines[-1][len("RESULT "):], flush=True)
 
 
 if __name__ == "__main__":

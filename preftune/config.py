@@ -28,7 +28,9 @@ class StageConfig(BaseModel):
 
     seed: int = Field(0, description="Random seed (data order, initialisation, sampling).")
     device: str = Field("auto", description="auto (CUDA if available, else CPU), cpu, cuda, cuda:1, ...")
-    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16.")
+    dtype: str = Field("auto", description="auto (bf16 on GPUs and on CPUs with bf16 in hardware, avx512_bf16 or "
+                                           "AMX; else fp32), fp32, bf16 or fp16 (inference only). Training runs "
+                                           "bf16 as mixed precision: fp32 weights and optimiser state.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
     skip_invalid: bool = Field(False, description="Skip invalid input records (reported with counts and "
                                                    "reasons) instead of stopping at the first one.")

@@ -39,6 +39,7 @@ def test_sample_several_models_records_who_wrote_what(tmp_path, tiny_model_dir):
         assert row["models"] == ["model", "model", "model#2", "model#2"]
         assert len(row["responses"]) == len(row["ended"]) == len(row["num_tokens"]) == 4
         assert all(1 <= n <= 6 for n in row["num_tokens"])
+        assert row["sampling"].pop("precision") in ("fp32", "bf16")  # --dtype auto: bf16 where the CPU has it
         assert row["sampling"] == {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "max_new_tokens": 6, "stop": [],
                                    "seed": 7}
     assert "sampled 12 responses to 3 prompts" in output

@@ -39,7 +39,8 @@ def launch(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
 
 def sft_args(model, out, batch, *flags: str, **extra) -> list[str]:
     args = ["sft", "--model", str(model), "--data", str(QUICK / "demos.jsonl"), "--out", str(out),
-            "--batch-size", str(batch), "--lr", "3e-3", "--eval-split", "0.1", "--seed", "5", "--threads", "1"]
+            "--batch-size", str(batch), "--lr", "3e-3", "--eval-split", "0.1", "--seed", "5", "--threads", "1",
+            "--dtype", "fp32"]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args + list(flags)
@@ -103,7 +104,7 @@ def test_dpo_two_ranks_match_one_rank_even_with_an_idle_rank(tmp_path, tiny_mode
     def args(out, batch):
         return ["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--batch-size",
                 str(batch), "--eval-split", "0", "--epochs", "1", "--lr", "3e-3", "--beta", "0.5", "--seed", "1",
-                "--threads", "1"]
+                "--threads", "1", "--dtype", "fp32"]
 
     launch(2, args(tmp_path / "two", 4))
     launch(1, args(tmp_path / "one", 8))
@@ -181,7 +182,8 @@ def preferences(tmp_path_factory):
 
 def reward_options(model, data, out, batch, **extra) -> dict:
     return {"model": str(model), "data": str(data), "out": str(out), "batch_size": batch, "lr": 1e-3,
-            "max_steps": 6, "eval_split": 0.25, "seed": 5, "max_length": 64, "threads": 1, "device": "cpu", **extra}
+            "max_steps": 6, "eval_split": 0.25, "seed": 5, "max_length": 64, "threads": 1, "device": "cpu",
+            "dtype": "fp32", **extra}
 
 
 def test_reward_two_ranks_match_one_rank_with_double_batch(tmp_path, tiny_model_dir, preferences):
@@ -252,7 +254,7 @@ def ppo_files(tmp_path_factory):
 def ppo_options(model, files, out, batch, **extra) -> dict:
     return {"policy": str(model), "reward": f"{files / 'rewards.py'}:e_count", "prompts": str(files / "prompts.jsonl"),
             "out": str(out), "batch_size": batch, "steps": 4, "response_length": 8, "temperature": 1.0,
-            "lr": 1e-3, "seed": 3, "threads": 1, "eval_prompts": str(files / "held.jsonl"),
+            "lr": 1e-3, "seed": 3, "threads": 1, "dtype": "fp32", "eval_prompts": str(files / "held.jsonl"),
             "gold": f"{files / 'rewards.py'}:length", "eval_every": 2, **extra}
 
 

@@ -61,7 +61,8 @@ def _pairs(tmp_path, n=24):
 
 def _dpo_cfg(tmp_path, model_dir, out="out", **kw) -> DPOConfig:
     base = dict(model=str(model_dir), data=str(_pairs(tmp_path)), out=str(tmp_path / out), epochs=1, lr=3e-3,
-                batch_size=8, beta=0.5, eval_split=0.25, seed=1, schedule="constant", warmup_ratio=0.0)
+                batch_size=8, beta=0.5, eval_split=0.25, seed=1, schedule="constant", warmup_ratio=0.0,
+                dtype="fp32")  # the accumulation arithmetic, exact in fp32
     return DPOConfig(**{**base, **kw})
 
 

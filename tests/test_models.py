@@ -50,7 +50,10 @@ def test_paths_and_devices(tmp_path):
     with pytest.raises(PreftuneError, match="no config.json"):
         resolve_model_path(tmp_path)
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    from preftune.models.precision import cpu_has_bf16
+
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(PreftuneError, match="unknown dtype"):
         resolve_dtype("fp8", torch.device("cpu"))

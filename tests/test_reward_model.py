@@ -35,7 +35,7 @@ def test_last_real_token_mask():
 
 @pytest.fixture(scope="module")
 def tiny_rm_dir(tiny_model_dir):
-    rm = RewardModel.from_backbone(str(tiny_model_dir), device="cpu")
+    rm = RewardModel.from_backbone(str(tiny_model_dir), device="cpu", dtype="fp32")
     torch.nn.init.normal_(rm.model.score.weight, std=1.0)  # a head big enough to tell sequences apart
     return rm
 
@@ -79,7 +79,7 @@ def test_saved_model_loads_in_plain_transformers_with_the_same_raw_scores(tiny_r
         hf_scores = hf(**batch).logits[:, 0]
     ours = rm.raw_scores(PROMPTS, RESPONSES)
     assert torch.allclose(hf_scores, ours, atol=1e-5)
-    loaded = RewardModel.load(tmp_path / "rm", device="cpu")
+    loaded = RewardModel.load(tmp_path / "rm", device="cpu", dtype="fp32")
     assert torch.allclose(loaded.score(PROMPTS, RESPONSES), 2.0 * ours - 1.0, atol=1e-5)
     assert loaded.score(PROMPTS, RESPONSES).dtype == torch.float32
 
@@ -176,7 +176,7 @@ def test_scorers_route_to_the_reward_model(tiny_rm_dir, tmp_path):
     tiny_rm_dir.save(tmp_path / "rm2")
     expected = tiny_rm_dir.score(PROMPTS, RESPONSES)
     for spec in (str(tmp_path / "rm2"), f"rm:{tmp_path / 'rm2'}", f"1 * rm:{tmp_path / 'rm2'}"):
-        assert torch.allclose(load_scorer(spec, device="cpu")(PROMPTS, RESPONSES), expected, atol=1e-5)
+        assert torch.allclose(load_scorer(spec, device="cpu", dtype="fp32")(PROMPTS, RESPONSES), expected, atol=1e-5)
     # A reward model receives the prompts as messages: its own chat template renders them.
-    half = load_scorer(f"0.5*{tmp_path / 'rm2'} + 0.5 * rm:{tmp_path / 'rm2'}")
+    half = load_scorer(f"0.5*{tmp_path / 'rm2'} + 0.5 * rm:{tmp_path / 'rm2'}", dtype="fp32")
     assert torch.allclose(half(PROMPTS, RESPONSES), expected, atol=1e-5)

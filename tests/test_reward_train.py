@@ -49,7 +49,7 @@ def synthetic_model_dir(tmp_path_factory):
 
 def config(tmp_path, model_dir, **kw) -> RewardConfig:
     base = dict(model=str(model_dir), data=str(tmp_path / "train.jsonl"), out=str(tmp_path / "rm"),
-                lr=1e-3, batch_size=16, max_length=64, device="cpu")
+                lr=1e-3, batch_size=16, max_length=64, device="cpu", dtype="fp32")  # exact normalisation checks
     return RewardConfig(**{**base, **kw})
 
 
@@ -75,7 +75,7 @@ def test_tiny_reward_model_reaches_the_noise_ceiling(tmp_path, synthetic_model_d
     assert summary["eval_ece"] < 0.1
 
     # normalisation: the training responses (the reference by default) score mean 0, std 1
-    rm = RewardModel.load(tmp_path / "rm", device="cpu")
+    rm = RewardModel.load(tmp_path / "rm", device="cpu", dtype="fp32")
     rows = [json.loads(l) for l in (tmp_path / "train.jsonl").read_text().splitlines()]
     texts = list(dict.fromkeys(t for r in rows for t in (r["chosen"], r["rejected"])))
     scores = rm.score(["Write a review."] * len(texts), texts)
@@ -113,7 +113,7 @@ def test_lora_reward_model_saves_merged_and_loads(tmp_path, synthetic_model_dir)
     summary = train_reward(config(tmp_path, synthetic_model_dir, lora=True, lora_r=4, max_steps=2,
                                   eval_split=0.25), quiet=True)
     assert summary["steps"] == 2
-    rm = RewardModel.load(tmp_path / "rm", device="cpu")
+    rm = RewardModel.load(tmp_path / "rm", device="cpu", dtype="fp32")
     assert not any("lora" in k for k in _weights(tmp_path / "rm"))
     assert rm.score(["Write a review."], ["great day"]).shape == (1,)
 
@@ -137,7 +137,7 @@ def test_reference_file_sets_the_normalisation(tmp_path, synthetic_model_dir):
                                          for c in ("great day", "sad cat", "the love book")])
     train_reward(config(tmp_path, synthetic_model_dir, max_steps=1, eval_split=0, reference=str(tmp_path / "ref.jsonl")),
                  quiet=True)
-    rm = RewardModel.load(tmp_path / "rm", device="cpu")
+    rm = RewardModel.load(tmp_path / "rm", device="cpu", dtype="fp32")
     s = rm.score(["Write a review."] * 3, ["great day", "sad cat", "the love book"])
     assert rm.meta.normalisation["count"] == 3
     assert s.mean().item() == pytest.approx(0.0, abs=1e-4) and s.std().item() == pytest.approx(1.0, abs=1e-4)

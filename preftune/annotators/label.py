@@ -85,7 +85,7 @@ def read_candidates(cfg: LabelConfig) -> list[CandidateSet]:
 
 def run_label(cfg: LabelConfig, quiet: bool = False) -> dict:
     items = read_candidates(cfg)
-    gold = gold_scores(load_scorer(cfg.labeler, cfg.device), items, quiet=quiet)
+    gold = gold_scores(load_scorer(cfg.labeler, cfg.device, cfg.dtype), items, quiet=quiet)
     return write_labels(cfg, items, gold)
 
 

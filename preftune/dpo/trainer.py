@@ -11,6 +11,8 @@ batch, so accumulation and data parallelism give the gradient of the whole batch
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from preftune.data.batching import Example, collate, fit_length, step_indices
@@ -74,14 +76,16 @@ def reference_logprobs(model, pairs: list[Pair], pad_id: int, batch_size: int, d
 
 
 @torch.no_grad()
-def evaluate(model, pairs: list[Pair], ref: torch.Tensor, pad_id: int, cfg: DPOConfig, device, net=None) -> dict:
+def evaluate(model, pairs: list[Pair], ref: torch.Tensor, pad_id: int, cfg: DPOConfig, device, net=None,
+             autocast=nullcontext) -> dict:
     """Held-out DPO loss and preference accuracy. Under FSDP pass the sharded ``net``: every
     rank then scores all pairs, since each forward pass is a collective."""
     model.eval()
     net = net if net is not None else ResponseLogits(model)
     losses, accs = [], []
     for i in range(0, len(pairs), cfg.batch_size):
-        c, r = pair_logprobs(net, pairs[i:i + cfg.batch_size], pad_id, device)
+        with autocast():
+            c, r = pair_logprobs(net, pairs[i:i + cfg.batch_size], pad_id, device)
         loss, stats = dpo_loss(c.cpu(), r.cpu(), ref[i:i + len(c), 0], ref[i:i + len(c), 1], cfg.beta,
                                cfg.label_smoothing)
         losses.append(loss.item() * len(c))
@@ -97,7 +101,7 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None, quiet: bool = Fa
     info = run.info
     train_recs, eval_recs, notes = read_train_eval(cfg.data, cfg.eval_data, "comparisons", eval_split=cfg.eval_split,
                                                    seed=cfg.seed, skip_invalid=cfg.skip_invalid)
-    model, tokenizer = load_causal_lm(cfg.model, device=run.device, dtype=cfg.dtype)
+    model, tokenizer = load_causal_lm(cfg.model, device=run.device, dtype=run.weights_dtype(trained=not cfg.lora))
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     train, skipped = encode_comparisons(train_recs, tokenizer, cfg)
@@ -109,15 +113,17 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None, quiet: bool = Fa
         run.warn(note)
     if not train:
         raise PreftuneError(f"{cfg.data}: no training pairs left")
-    ref_train = reference_logprobs(model, train, pad_id, cfg.batch_size, device)
-    ref_held = reference_logprobs(model, held, pad_id, cfg.batch_size, device)
+    with run.autocast():
+        ref_train = reference_logprobs(model, train, pad_id, cfg.batch_size, device)
+        ref_held = reference_logprobs(model, held, pad_id, cfg.batch_size, device)
     model = run.with_lora(model)
     net = distribute(ResponseLogits(model), model, info, cfg.fsdp)
     steps_per_epoch, total_steps = run.plan(len(train))
     optimizer, scheduler, _ = run.optimiser({"model": model}, total_steps)
 
     eval_net = net if run.sharded else None
-    initial = evaluate(model, held, ref_held, pad_id, cfg, device, eval_net) if held and run.start_step == 0 else {}
+    initial = (evaluate(model, held, ref_held, pad_id, cfg, device, eval_net, run.autocast)
+               if held and run.start_step == 0 else {})
     last: dict = {}
     with run.progress(total_steps) as bar:
         for step in range(run.start_step, total_steps):
@@ -130,7 +136,8 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None, quiet: bool = Fa
                     # A rank left without pairs at the end of an epoch still joins the gradient
                     # all-reduce (and FSDP's collectives) with a pass weighted 0.
                     rows = chunk or idx[:1]
-                    c, r = pair_logprobs(net, [train[i] for i in rows], pad_id, device)
+                    with run.autocast():
+                        c, r = pair_logprobs(net, [train[i] for i in rows], pad_id, device)
                     ref = ref_train[rows].to(device)
                     loss, stats = dpo_loss(c, r, ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing)
                     # Mean over the global batch: DDP averages gradients over ranks.
@@ -147,7 +154,7 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None, quiet: bool = Fa
             last = {"loss": sums[0], "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                     **dict(zip(DPO_STATS, sums[1:]))}
             if held and run.eval_due(done):
-                last.update(evaluate(model, held, ref_held, pad_id, cfg, device, eval_net))
+                last.update(evaluate(model, held, ref_held, pad_id, cfg, device, eval_net, run.autocast))
             run.log(done, last)
             bar.advance(1, loss=last["loss"], acc=last["rewards/accuracies"])
             run.save_if_due(done)

@@ -27,7 +27,7 @@ from preftune.evaluation.gao import best_of_n_expectation, bon_kl, fit_gao, over
 from preftune.evaluation.judges import is_human
 from preftune.evaluation.stats import bootstrap_mean_ci
 from preftune.models.generation import SamplingOptions, sample_responses
-from preftune.models.loading import load_causal_lm, set_threads
+from preftune.models.loading import inference_precision, load_causal_lm, set_threads
 from preftune.scoring import load_scorer
 from preftune.training.checkpoints import seed_everything
 
@@ -60,8 +60,8 @@ def run_bon(cfg: BonConfig, quiet: bool = False) -> dict:
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     records = prompt_subset(cfg)
-    proxy_fn = load_scorer(cfg.reward, cfg.device)  # resolved before sampling: bad specs fail fast
-    gold_fn = load_scorer(cfg.gold, cfg.device) if cfg.gold else None
+    proxy_fn = load_scorer(cfg.reward, cfg.device, cfg.dtype)  # resolved before sampling: bad specs fail fast
+    gold_fn = load_scorer(cfg.gold, cfg.device, cfg.dtype) if cfg.gold else None
     N = max(cfg.n)
     messages = [r.messages for r in records for _ in range(N)]
     model, tok = load_causal_lm(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -80,6 +80,7 @@ def run_bon(cfg: BonConfig, quiet: bool = False) -> dict:
     if gold is not None and len(rows) >= 2:
         fit = fit_gao([r["sqrt_kl"] for r in rows], [r["gold"] for r in rows], "bon").to_json()
     result = {"model": cfg.model, "reward": cfg.reward, "gold": cfg.gold, "prompts": cfg.prompts,
+              "precision": inference_precision(cfg.dtype, cfg.device),
               "n_prompts": len(records), "samples_per_prompt": N, "results": rows, "gold_fit": fit}
     write_json(out / "bon.json", result)
     write_jsonl(out / "samples.jsonl", [

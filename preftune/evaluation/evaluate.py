@@ -23,7 +23,7 @@ from preftune.evaluation.engine import mean_with_ci, sample_models, score_models
 from preftune.evaluation.judges import HumanJudge, resolve_judge
 from preftune.evaluation.stats import length_controlled_win_rate, length_stats, mean_and_se, pairwise_outcomes
 from preftune.models.generation import SamplingOptions
-from preftune.models.loading import set_threads
+from preftune.models.loading import inference_precision, set_threads
 from preftune.progress import console
 from preftune.scoring import Scorer
 from preftune.training.checkpoints import seed_everything
@@ -76,7 +76,7 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
     messages = [r.messages for r in records]
     texts = [prompt_text(m) for m in messages]
     # Resolve every judge before sampling, so a bad one fails in seconds, not after minutes.
-    judges = {spec: resolve_judge(spec, cfg.feedback_url, cfg.device) for spec in cfg.judge}
+    judges = {spec: resolve_judge(spec, cfg.feedback_url, cfg.device, cfg.dtype) for spec in cfg.judge}
     humans = {spec: j for spec, j in judges.items() if isinstance(j, HumanJudge)}
     if humans and not cfg.baseline:
         raise PreftuneError("human judges compare A with B: give --baseline")
@@ -109,6 +109,7 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
 
     kl_mean, kl_se = mean_and_se(kl) if kl else (None, None)
     result = {"model": cfg.model, "baseline": cfg.baseline, "prompts": cfg.prompts, "n_prompts": len(records),
+              "precision": inference_precision(cfg.dtype, cfg.device),
               "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                            "top_p": cfg.top_p, "seed": cfg.seed},
               "kl": kl_mean, "kl_se": kl_se,

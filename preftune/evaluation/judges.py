@@ -39,11 +39,12 @@ def is_human(spec: str) -> bool:
     return spec.startswith(HUMAN_PREFIX)
 
 
-def resolve_judge(spec: str, feedback_url: str | None = None, device: str | None = None) -> "HumanJudge | Scorer":
+def resolve_judge(spec: str, feedback_url: str | None = None, device: str | None = None,
+                  dtype: str | None = None) -> "HumanJudge | Scorer":
     """The judge a ``--judge`` value names: ``human:PROJECT`` or a scorer."""
     if is_human(spec):
         return HumanJudge.from_spec(spec, feedback_url)
-    return load_scorer(spec, device=device)
+    return load_scorer(spec, device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------- human judges

@@ -9,10 +9,9 @@ probes (those sample many prompts through ``sample_responses``, which drives it 
   each against the cache;
 * a sequence ends at an EOS token or when its text contains a stop string; the loop stops as soon
   as every sequence has ended, and the result is trimmed to the longest response;
-* optionally the log-probability of each sampled token under ``logits / temperature`` (the exact
-  quantity PPO needs for its old policy, so no second forward pass is required when the policy is
-  unchanged since sampling), and the final hidden state that produced each token's logits (what a
-  value head on the policy trunk reads, so its values come for free as well).
+* optionally the log-probability of each sampled token under ``logits / temperature`` (what the
+  sampler believed; PPO recomputes its old log-probabilities with the trainer's own forward and
+  reports the gap).
 
 Random numbers: by default one ``torch.Generator`` serves the whole batch, so a row's sample
 depends on the rows sampled with it. With ``row_seeds`` each row draws from its own stream instead
@@ -25,15 +24,14 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from preftune.data.chat import encode_prompt
 from preftune.data.records import Messages
-from preftune.models.logits import selected_logits, token_logprobs, unwrap
+from preftune.models.logits import selected_logits, token_logprobs
 from preftune.progress import progress_bar
 
 
@@ -46,7 +44,6 @@ class Generation:
     ended: torch.Tensor  # [B] bool: reached EOS or a stop string within the limit
     texts: list[str]  # decoded responses, special tokens removed, cut before a stop string
     logprobs: torch.Tensor | None = None  # [B, T] log pi(token) under logits / temperature, 0 on padding
-    hidden: torch.Tensor | None = None  # [B, T, H] final hidden state before each response token
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -126,7 +123,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] = (),
              min_new_tokens: int = 0, generator: torch.Generator | None = None,
              row_seeds: Sequence[int] | None = None, all_done: Callable[[bool], bool] | None = None,
-             return_logprobs: bool = False, return_hidden: bool = False) -> Generation:
+             return_logprobs: bool = False) -> Generation:
     """Sample a response for each tokenised prompt (see module docstring).
 
     ``row_seeds`` (one per prompt) replaces ``generator``: each row samples from its own stream.
@@ -136,31 +133,6 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
     if row_seeds is not None and len(row_seeds) != len(prompts):
         raise ValueError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
     uniforms = row_uniforms(row_seeds, max_new_tokens).to(device) if row_seeds is not None else None
-    with _head_inputs(model, return_hidden) as hidden_states:
-        return _generate(model, tokenizer, prompts, device, hidden_states, max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, top_k=top_k, stop=stop,
-                         min_new_tokens=min_new_tokens, generator=generator, uniforms=uniforms,
-                         all_done=all_done, return_logprobs=return_logprobs, return_hidden=return_hidden)
-
-
-@contextmanager
-def _head_inputs(model, enabled: bool) -> Iterator[list[torch.Tensor]]:
-    """Collect the LM head's input (the trunk's final hidden state) at the last position of every
-    forward pass while active."""
-    captured: list[torch.Tensor] = []
-    if not enabled:
-        yield captured
-        return
-    head = unwrap(model).get_output_embeddings()
-    hook = head.register_forward_hook(lambda _m, args, _out: captured.append(args[0][:, -1, :]))
-    try:
-        yield captured
-    finally:
-        hook.remove()
-
-
-def _generate(model, tokenizer, prompts, device, hidden_states, *, max_new_tokens, temperature, top_p, top_k,
-              stop, min_new_tokens, generator, uniforms, all_done, return_logprobs, return_hidden) -> Generation:
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     eos_ids = torch.tensor(sorted({eos_id} | set(_extra_eos_ids(model, tokenizer))), device=device)
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
@@ -218,8 +190,7 @@ def _generate(model, tokenizer, prompts, device, hidden_states, *, max_new_token
         texts.append(_cut_at_stop(text, stop)[0].strip() if stop else text.strip())
     return Generation(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
                       response_mask=response_mask, ended=ended.cpu(), texts=texts,
-                      logprobs=torch.stack(logps, 1) if return_logprobs else None,
-                      hidden=torch.stack(hidden_states[:len(tokens)], 1) if return_hidden else None)
+                      logprobs=torch.stack(logps, 1) if return_logprobs else None)
 
 
 def _cache_keyword(model) -> str:

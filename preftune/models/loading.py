@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from preftune.errors import PreftuneError
+from preftune.models.precision import DTYPES, resolve_precision
 
 try:  # preftune draws its own progress bars; keep transformers' per-file bars and notices quiet
     from transformers.utils import logging as _hf_logging
@@ -69,17 +70,16 @@ def resolve_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on a GPU that supports it, fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
-    if dtype in (None, "", "auto"):
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if dtype not in names:
-        raise PreftuneError(f"unknown dtype {dtype!r} (use auto, fp32, bf16 or fp16)")
-    return names[dtype]
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The storage dtype of a model used for inference: ``--dtype`` as ``models.precision`` resolves
+    it (``auto``: bf16 where the hardware computes in bf16, fp32 elsewhere)."""
+    return DTYPES[resolve_precision(dtype, device)]
+
+
+def inference_precision(dtype: str | None, device: str | None) -> str:
+    """fp32, bf16 or fp16: what ``--dtype`` means for a stage that only runs models (its weights are
+    stored in that dtype; see ``preftune.models.precision``)."""
+    return resolve_precision(dtype, resolve_device(device))
 
 
 def set_threads(threads: int | None) -> None:

@@ -6,7 +6,7 @@ decoder trunk over the whole sequence and the LM head over the selected position
 
 ``token_logprobs`` is how every stage turns logits into log pi(token): sampling (the rollout's old
 log-probabilities), the PPO update, the reference pass, DPO and the evaluation's KL. One function,
-so the PPO ratio compares like with like.
+so the PPO ratio compares like with like, and always in fp32 (under bf16 autocast too).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     """log pi(token) under ``softmax(logits / temperature)`` in float32 (``temperature`` 0 or 1:
     the logits as they are). Cross-entropy's fused kernel gives the values of log-softmax and
     gather exactly, and its backward pass is one sweep over the vocabulary instead of three."""
-    scaled = logits.float() if temperature in (0, 1) else logits.float() / temperature
-    return -F.cross_entropy(scaled, tokens, reduction="none")
+    with torch.autocast(logits.device.type, enabled=False):  # fp32 even inside a bf16 forward
+        scaled = logits.float() if temperature in (0, 1) else logits.float() / temperature
+        return -F.cross_entropy(scaled, tokens, reduction="none")
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:

@@ -64,15 +64,20 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """Raw scalar reward [B] of each sequence (see module docstring for where it is read;
     ``sep_id``: an encoder's [SEP], from which its segment ids are set, see ``pair_token_type_ids``)."""
     inner = unwrap(model)
-    if not is_decoder(model):
+    fp32 = torch.autocast(input_ids.device.type, enabled=False)
+    if not is_decoder(model):  # small, and the head sits inside the model's forward: all of it in fp32
         segments = {} if sep_id is None else {"token_type_ids": pair_token_type_ids(input_ids, attention_mask, sep_id)}
-        return model(input_ids=input_ids, attention_mask=attention_mask, **segments).logits[:, 0]
+        with fp32:
+            return model(input_ids=input_ids, attention_mask=attention_mask, **segments).logits[:, 0].float()
     if position_ids is None:  # left padding: positions count real tokens only
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     # The trunk over every token, the head on one position per row (the same numbers as the full
-    # Hugging Face forward, which applies the head everywhere and then picks).
+    # Hugging Face forward, which applies the head everywhere and then picks). The trunk may run in
+    # bf16; the scalar head always runs in fp32 (its weights are kept in fp32), so close scores keep
+    # their order.
     hidden = selected_hidden(model, input_ids, attention_mask, last_real_token_mask(attention_mask), position_ids)
-    return inner.score(hidden)[:, 0]
+    with fp32:
+        return inner.score(hidden.float())[:, 0]
 
 
 def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,16 +268,22 @@ class RewardModel:
 
 
 def _load_seq_cls(directory: Path, device, dtype):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """(model, tokenizer). A decoder's trunk is stored in ``dtype`` and its scalar head in fp32;
+    encoders are stored in fp32 whatever ``dtype`` says (see ``sequence_scores``)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
+        if AutoConfig.from_pretrained(directory).model_type in ENCODER_TYPES:
+            dt = torch.float32
         # (a new score head is expected: preftune.models.loading keeps transformers' notices quiet)
         model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=dt)
     except (OSError, ValueError) as e:
         raise PreftuneError(f"{directory}: could not load a reward model: {str(e).splitlines()[0]}") from None
     ensure_pad_token(tokenizer, model)
     disable_dropout(model)
+    if isinstance(getattr(model, "score", None), torch.nn.Module):
+        model.score.float()
     return model.to(dev).eval(), tokenizer

@@ -20,7 +20,7 @@ def save_final_model(model, tokenizer, out: Path, keep_adapter: bool = False, sh
                      is_main: bool = True) -> None:
     """Write the final model at the top level of ``out`` as a plain Hugging Face directory.
 
-    LoRA adapters are merged unless ``keep_adapter``; either way
+    LoRA adapters are merged (in fp32, and saved so) unless ``keep_adapter``; either way
     ``AutoModelFor...from_pretrained(out)`` loads it without preftune. With ``sharded`` (FSDP)
     every rank must call this: the full weights are gathered to rank 0, which writes them."""
     out = Path(out)
@@ -35,7 +35,9 @@ def save_final_model(model, tokenizer, out: Path, keep_adapter: bool = False, sh
         return
     is_peft = hasattr(model, "peft_config")
     if is_peft and not keep_adapter:
-        model = model.merge_and_unload()
+        # Merged in fp32: a LoRA update is small next to its weights, and adding it to bf16 weights
+        # would round much of it away.
+        model = model.to(torch.float32).merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 

@@ -44,7 +44,8 @@ def write_report(run, results: dict, metrics: dict) -> None:
                   "Not every step's 95 % interval clears the previous one's: see the evaluation table."))
     sections.append(R.section(
         "Summary",
-        R.paragraph(f"Model {cfg.model}; gold preference '{cfg.gold}' played by {cfg.annotators} simulated "
+        R.paragraph(f"Model {cfg.model} ({metrics.get('precision', 'fp32')}); gold preference '{cfg.gold}' played by "
+                    f"{cfg.annotators} simulated "
                     f"annotators; {ev['n_prompts']} held-out prompts. Whole loop: "
                     f"{metrics['seconds_total'] / 60:.1f} minutes."),
         R.paragraph(verdict),

@@ -172,7 +172,7 @@ def stage_label(run: Run) -> dict:
                                       **common) for kind in ("comparisons", "ratings")}
     first = configs["comparisons"]
     items = read_candidates(first)
-    gold = gold_scores(load_scorer(first.labeler, first.device), items, quiet=run.quiet)
+    gold = gold_scores(load_scorer(first.labeler, first.device, first.dtype), items, quiet=run.quiet)
     comparisons, ratings = (write_labels(cfg, items, gold) for cfg in configs.values())
     flags: dict[str, int] = {}
     for row in read_dicts(run.path("data", "ratings.jsonl")):
@@ -234,10 +234,10 @@ def gold_on_held_out(cfg, gold: str) -> dict:
     offsets = np.cumsum([0] + [len(g.responses) for g in held])
     winners = torch.tensor([offsets[k] + p.winner for k, g in enumerate(held) for p in g.pairs])
     losers = torch.tensor([offsets[k] + p.loser for k, g in enumerate(held) for p in g.pairs])
-    gold_scores = load_scorer(gold)(prompts, responses)
+    gold_scores = load_scorer(gold, cfg.device, cfg.dtype)(prompts, responses)
     result = {"gold_eval_accuracy": pair_accuracy(gold_scores[winners], gold_scores[losers]).item()}
     if Path(cfg.out, "config.json").exists():
-        rm_scores = RewardModel.load(cfg.out, device=cfg.device).score(prompts, responses).float().cpu()
+        rm_scores = RewardModel.load(cfg.out, device=cfg.device, dtype=cfg.dtype).score(prompts, responses).float().cpu()
         # Pairs the gold ties carry no order; count the rest.
         order = torch.sign(gold_scores[winners] - gold_scores[losers])
         agree = torch.sign(rm_scores[winners] - rm_scores[losers]) == order
@@ -281,8 +281,8 @@ def stage_eval(run: Run, base: str, prompts: Path) -> dict:
     cfg = eval_config(run, prompts)
     records = prompt_subset(cfg)
     messages = [r.messages for r in records]
-    judges = {"gold": load_scorer(run.cfg.gold, device=cfg.device),
-              "proxy": load_scorer(str(run.path("rm")), device=cfg.device)}
+    judges = {"gold": load_scorer(run.cfg.gold, cfg.device, cfg.dtype),
+              "proxy": load_scorer(str(run.path("rm")), cfg.device, cfg.dtype)}
     options = SamplingOptions(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
     answers = sample_models(models, messages, options, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
                             kl_to={"sft": "base", "ppo": "sft"}, quiet=run.quiet)
@@ -337,7 +337,7 @@ def stage_probes(run: Run, base: str) -> dict:
 
 def run_loop(cfg: RunConfig, config_file: str | None = None, quiet: bool = False) -> dict:
     """Run (or resume) the whole loop; returns the contents of OUT/metrics.json."""
-    from preftune.models.loading import set_threads
+    from preftune.models.loading import inference_precision, set_threads
     from preftune.pipeline.report import write_report
 
     run = Run(cfg, config_file, quiet)
@@ -381,7 +381,7 @@ def run_loop(cfg: RunConfig, config_file: str | None = None, quiet: bool = False
         "seconds_total": sum(seconds_per_stage.values()),
         "seconds_this_invocation": time.perf_counter() - t0,
         "seconds_per_stage": seconds_per_stage,
-        "model": cfg.model, "quick": cfg.model == "tiny",
+        "model": cfg.model, "quick": cfg.model == "tiny", "precision": inference_precision(cfg.dtype, cfg.device),
     }
     write_json(run.path("metrics.json"), metrics)
     write_report(run, results, metrics)

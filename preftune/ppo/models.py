@@ -36,7 +36,8 @@ class ValueHead(nn.Module):
         self.linear = linear
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()
+        with torch.autocast(hidden.device.type, enabled=False):  # fp32 values (and value targets), always
+            return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()
 
 
 class ValueModel(nn.Module):

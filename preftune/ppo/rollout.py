@@ -86,6 +86,7 @@ class Rollout:
     ref_logprobs: torch.Tensor | None = None  # [B, T]
     advantages: torch.Tensor | None = None  # [B, T]
     returns: torch.Tensor | None = None  # [B, T]
+    sampler_logprobs: torch.Tensor | None = None  # [B, T] what the sampler reported for ``logprobs``
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]

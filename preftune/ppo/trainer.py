@@ -2,15 +2,19 @@
 
 One step (CleanRL style, every phase named and timed):
 
-1. **generation** -- sample one response per prompt with the KV cache; keep the sampled tokens'
-   log-probabilities (the old policy's, under logits / temperature) and, with a value head on the
-   policy trunk, its values, so no forward pass is repeated;
+1. **generation** -- sample one response per prompt with the KV cache (the sampler's
+   log-probabilities are kept only to measure how far they are from the trainer's);
 2. **scoring** -- the reward on the decoded text (any tokenizer), or ``missing_eos_penalty``;
-3. **reference** -- one batched forward of the reference policy (LoRA: adapters disabled);
-4. **values** -- one batched forward of a separate value model (when there is one);
-5. **advantages** -- per-token rewards ``-beta * KL_t`` + score at the last token, GAE, whitening;
-6. **update** -- ``ppo_epochs`` passes over ``mini_batches`` shuffled mini-batches: clipped policy
+3. **old and reference** -- the trainer's own forward passes, in the micro-batches of the first
+   update epoch: the old policy's log-probabilities (under logits / temperature) and values, and
+   the reference's log-probabilities (LoRA: adapters disabled). The update's first mini-batch sees
+   the same numbers again, so its ratio is exactly 1;
+4. **advantages** -- per-token rewards ``-beta * KL_t`` + score at the last token, GAE, whitening;
+5. **update** -- ``ppo_epochs`` passes over ``mini_batches`` shuffled mini-batches: clipped policy
    loss + ``vf_coef`` * clipped value loss (+ ``ptx_coef`` * LM loss on ``ptx_data``).
+
+Every forward pass runs under the run's precision (bf16 autocast with fp32 master weights, or fp32);
+log-probabilities, values, losses and advantages are fp32 either way.
 
 Under torchrun (DDP, or FSDP2 with ``--fsdp``) each rank samples and scores its share of the step's
 prompts; every statistic that mixes episodes (whitening, KL, metrics) is computed from all-reduced
@@ -26,15 +30,16 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
 from preftune.data.batching import collate, count_targets, encode_demonstrations, epoch_order
 from preftune.data.jsonl import read_jsonl, write_json
 from preftune.errors import PreftuneError
-from preftune.models.generation import generate, row_seed
+from preftune.models.generation import Generation, generate, row_seed
 from preftune.models.loading import load_causal_lm, load_tokenizer, same_vocabulary
 from preftune.models.logits import ResponseLogits, unwrap
 from preftune.models.saving import save_final_model, save_model_copy
@@ -69,15 +74,16 @@ from preftune.training.lm_loss import lm_loss_sum
 from preftune.training.lora import apply_lora
 from preftune.training.monitor import OveroptimisationMonitor
 from preftune.training.optim import clip_gradients
-from preftune.training.scaffold import TrainingRun, keep_rows_up_to, timed
+from preftune.training.scaffold import TrainingRun, keep_rows_up_to, timed, train_in_fp32
 
 # ---------------------------------------------------------------- set-up
 
 
-def build_value_function(cfg: PPOConfig, policy, tokenizer, device, dtype):
-    """(value_head, value_model): exactly one is not None (see ``preftune.ppo.models``)."""
+def build_value_function(cfg: PPOConfig, policy, tokenizer, device):
+    """(value_head, value_model): exactly one is not None (see ``preftune.ppo.models``). Both train,
+    so their weights are fp32 (the master weights of mixed precision)."""
     if cfg.value_model == "head":
-        return ValueHead(unwrap(policy).config.hidden_size).to(device=device, dtype=dtype), None
+        return ValueHead(unwrap(policy).config.hidden_size).to(device=device, dtype=torch.float32), None
     if cfg.value_model == "policy":
         path = cfg.policy
     elif cfg.value_model == "reward":
@@ -90,7 +96,7 @@ def build_value_function(cfg: PPOConfig, policy, tokenizer, device, dtype):
     if not same_vocabulary(load_tokenizer(path), tokenizer):
         raise PreftuneError(f"value model {path}: its tokenizer differs from the policy's; a value model reads the "
                             f"policy's tokens (use --value-model head or policy)")
-    return None, load_value_model(path, device, dtype)
+    return None, load_value_model(path, device, torch.float32)
 
 
 def total_rollout_steps(cfg: PPOConfig, n_prompts: int, world: int = 1) -> int:
@@ -145,11 +151,14 @@ class PPOModels:
     modules directly (every rank holds the same weights, and DDP's wrapper would add collectives to
     passes whose number differs between ranks); the update's forward goes through the DDP wrapper.
     FSDP: every pass goes through the sharded root's forward, which gathers the weights, and
-    sampling continues until every rank's batch has ended, so all ranks run the same passes."""
+    sampling continues until every rank's batch has ended, so all ranks run the same passes.
+    Every pass runs under ``autocast`` (bf16 mixed precision, or nothing in fp32)."""
 
-    def __init__(self, policy, reference, value_head, value_model, info: DistInfo, fsdp: bool) -> None:
+    def __init__(self, policy, reference, value_head, value_model, info: DistInfo, fsdp: bool,
+                 autocast: Callable[[], ContextManager] = nullcontext) -> None:
         self.policy, self.reference, self.value_head, self.value_model = policy, reference, value_head, value_model
         self.fsdp = info.enabled and fsdp
+        self.autocast = autocast
         self.inner = Dispatch(policy=policy, value=value_head if value_head is not None else value_model)
         self.net = distribute(self.inner, policy, info, fsdp)
         self.ref_net = (distribute(Dispatch(reference=reference), reference, info, True)
@@ -158,17 +167,26 @@ class PPOModels:
 
     def run(self, fn: Callable, *args):
         """``fn(*args)`` without gradients: through the FSDP root when sharded, else directly."""
-        return self.net(fn, *args) if self.fsdp else fn(*args)
+        with self.autocast():
+            return self.net(fn, *args) if self.fsdp else fn(*args)
 
-    def sample(self, tokenizer, prompt_ids: list[list[int]], seeds: list[int], cfg: PPOConfig, values: bool = False):
-        """(generation with log-probs, value-head values or None): one response per prompt, each
-        from its own random stream (``seeds``)."""
+    def sample(self, tokenizer, prompt_ids: list[list[int]], seeds: list[int], cfg: PPOConfig) -> Generation:
+        """One response per prompt, each from its own random stream (``seeds``), with the sampler's
+        log-probabilities."""
+        return self.run(lambda: generate(self.policy, tokenizer, prompt_ids, max_new_tokens=cfg.response_length,
+                                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                         stop=cfg.stop, row_seeds=seeds, all_done=self.all_done,
+                                         return_logprobs=True))
 
+    def policy_pass(self, episodes: Rollout, temperature: float, values: bool = True):
+        """(log-probabilities, values or None) of the current policy: the update's own forward, without
+        gradients."""
         def fn():
-            gen = generate(self.policy, tokenizer, prompt_ids, max_new_tokens=cfg.response_length,
-                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop=cfg.stop,
-                           row_seeds=seeds, all_done=self.all_done, return_logprobs=True, return_hidden=values)
-            return gen, self.value_head(gen.hidden) * gen.response_mask.float() if values else None
+            out = policy_forward(self.policy, episodes, temperature, self.value_head if values else None,
+                                 with_entropy=False)
+            if values and self.value_model is not None:
+                return out.logprobs, value_forward(self.value_model, episodes)
+            return out.logprobs, out.values
 
         return self.run(fn)
 
@@ -179,15 +197,14 @@ class PPOModels:
 
         if self.reference is None:  # LoRA: the policy with its adapters disabled
             return self.run(fn)
-        return self.ref_net(fn) if self.ref_net is not None else fn()
-
-    def values(self, episodes: Rollout) -> torch.Tensor:
-        return self.run(value_forward, self.value_model, episodes)
+        with self.autocast():
+            return self.ref_net(fn) if self.ref_net is not None else fn()
 
     def update_forward(self, part: Rollout, temperature: float, with_entropy: bool, ptx_batch: dict | None):
         """The update's pass (with gradients, through DDP/FSDP): (log-probs, entropy or None, values,
         summed PPO-ptx LM loss or None)."""
-        return self.net(self._update_pass, part, temperature, with_entropy, ptx_batch)
+        with self.autocast():
+            return self.net(self._update_pass, part, temperature, with_entropy, ptx_batch)
 
     def _update_pass(self, part, temperature, with_entropy, ptx_batch):
         out = policy_forward(self.policy, part, temperature, self.value_head, with_entropy=with_entropy)
@@ -201,24 +218,56 @@ class PPOModels:
 # ---------------------------------------------------------------- the loop's phases
 
 
+def update_layout(cfg: PPOConfig, step: int, epoch: int, per_rank: int, info: DistInfo) -> list[tuple[list[int], list[list[int]]]]:
+    """The mini-batches of one PPO epoch: (members as positions in the step's global batch, this
+    rank's micro-batches as local indices). The permutation is seeded from (seed, step, epoch), the
+    same on every rank; see ``core.minibatch_shares``."""
+    n = per_rank * info.world
+    mb_size = math.ceil(n / cfg.mini_batches)
+    micro_size = max(1, math.ceil(mb_size / (info.world * cfg.grad_accum)))
+    shuffle = torch.Generator().manual_seed(row_seed(cfg.seed, step, epoch, "minibatches"))
+    order = torch.randperm(n, generator=shuffle).tolist()
+    return [(order[k:k + mb_size], minibatch_shares(order[k:k + mb_size], per_rank, info.world, micro_size)[info.rank])
+            for k in range(0, n, mb_size)]
+
+
 @torch.no_grad()
 def rollout(models: PPOModels, tokenizer, prompts: list[Prompt], seeds: list[int], reward: Callable,
-            cfg: PPOConfig, times: dict) -> tuple[Rollout, torch.Tensor, torch.Tensor, list[str]]:
-    """Phases 1-4: (episodes with old log-probs, reference log-probs and values; scores; ended; texts)."""
+            cfg: PPOConfig, step: int, info: DistInfo, times: dict) -> tuple[Rollout, torch.Tensor, torch.Tensor, list[str]]:
+    """Phases 1-4: (episodes with the old policy's log-probabilities and values and the reference's
+    log-probabilities, all computed by the trainer; scores; ended; texts). ``episodes.sampler_logprobs``
+    keeps what the sampler reported, for the gap metric."""
     with timed(times, "generation"):
-        gen, values = models.sample(tokenizer, [p.ids for p in prompts], seeds, cfg,
-                                    values=models.value_head is not None)
+        gen = models.sample(tokenizer, [p.ids for p in prompts], seeds, cfg)
         episodes = Rollout(gen.prompt_ids, gen.prompt_mask, gen.response_ids, gen.response_mask.float(),
-                           gen.logprobs, values=values)
+                           gen.logprobs)
     with timed(times, "scoring"):
-        device = episodes.logprobs.device
+        device = episodes.response_ids.device
         scores = reward([p.messages for p in prompts], gen.texts).to(device)
-    with timed(times, "reference"):
-        episodes.ref_logprobs = models.reference_logprobs(episodes, cfg.temperature)
-    if models.value_model is not None:
-        with timed(times, "values"):
-            episodes.values = models.values(episodes)
+    with timed(times, "old_and_reference"):
+        trainer_view(models, episodes, update_layout(cfg, step, 0, len(episodes), info), cfg.temperature)
     return episodes, scores, gen.ended.to(device), gen.texts
+
+
+@torch.no_grad()
+def trainer_view(models: PPOModels, episodes: Rollout, layout, temperature: float) -> None:
+    """Phase 3: the old policy's log-probabilities and values, and the reference's, from the
+    trainer's own forward passes over exactly the micro-batches of the first update epoch. The first
+    mini-batch of the update then sees its own numbers again: its ratio is exactly 1, whatever the
+    sampler (KV cache, another precision, another engine) computed."""
+    mask = episodes.response_mask
+    logprobs, ref_logprobs, values = torch.zeros_like(mask), torch.zeros_like(mask), torch.zeros_like(mask)
+    for _, parts in layout:
+        for part_index in parts:
+            index = torch.tensor(part_index or [0], device=mask.device)  # an empty share still runs (collectives)
+            part = episodes.subset(index)
+            lp, v = models.policy_pass(part, temperature)
+            ref = models.reference_logprobs(part, temperature)
+            if part_index:
+                width = part.response_mask.shape[1]
+                logprobs[index, :width], ref_logprobs[index, :width], values[index, :width] = lp, ref, v
+    episodes.sampler_logprobs, episodes.logprobs = episodes.logprobs, logprobs
+    episodes.ref_logprobs, episodes.values = ref_logprobs, values
 
 
 UPDATE_STATS = ["loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "policy/clipfrac_avg", "val/ratio",
@@ -229,31 +278,25 @@ def ppo_update(models: PPOModels, optimizer, episodes: Rollout, cfg: PPOConfig, 
                ptx: PtxStream | None, info: DistInfo = DistInfo()) -> dict[str, float]:
     """Phase 6: ppo_epochs x mini_batches optimiser steps; returns the mean diagnostics.
 
-    The step's episodes form one global batch (rank r holds positions r*B .. r*B+B-1). Each epoch
-    permutes it with a generator seeded from (seed, step, epoch), the same on every rank; a
-    mini-batch is a slice of that permutation and each rank computes the members it holds (see
-    ``core.minibatch_shares``). Every mean is over the mini-batch's global token count and DDP/FSDP
-    average gradients over ranks, hence the factor world size: the gradient is the single-process
-    mini-batch gradient."""
+    The step's episodes form one global batch (rank r holds positions r*B .. r*B+B-1), cut into
+    mini-batches by ``update_layout``; each rank computes the members it holds. Every mean is over
+    the mini-batch's global token count and DDP/FSDP average gradients over ranks, hence the factor
+    world size: the gradient is the single-process mini-batch gradient. ``val/ratio_first_max_dev``
+    is max |ratio - 1| over the first mini-batch of the first epoch: 0 when the old log-probabilities
+    are the trainer's own (``trainer_view``)."""
     per_rank = len(episodes)
-    n = per_rank * info.world
     lengths = all_gather_tensor(episodes.response_mask.sum(1).double().cpu(), info)  # every episode's tokens
-    mb_size = math.ceil(n / cfg.mini_batches)
-    micro_size = max(1, math.ceil(mb_size / (info.world * cfg.grad_accum)))
     device = episodes.logprobs.device
     pad_id = ptx.pad_id if ptx is not None else 0
     rows, entropy_rows = [], []  # per mini-batch: this rank's shares of the statistics
+    first_dev = torch.zeros(1, dtype=torch.float64)
     for epoch in range(cfg.ppo_epochs):
-        shuffle = torch.Generator().manual_seed(row_seed(cfg.seed, step, epoch, "minibatches"))
-        order = torch.randperm(n, generator=shuffle).tolist()
-        for mb_start in range(0, n, mb_size):
-            members = order[mb_start:mb_start + mb_size]
+        for mb, (members, parts) in enumerate(update_layout(cfg, step, epoch, per_rank, info)):
             tokens = float(lengths[members].sum())
             # PPO-ptx: one demonstration per member, drawn in the mini-batch's order on every rank.
             demos = ptx.take(len(members)) if ptx is not None else []
             ptx_tokens = max(count_targets(demos), 1) if demos else 1
             my_demos = {m % per_rank: d for m, d in zip(members, demos) if m // per_rank == info.rank}
-            parts = minibatch_shares(members, per_rank, info.world, micro_size)[info.rank]
             row = torch.zeros(len(UPDATE_STATS), dtype=torch.float64)
             for k, part_index in enumerate(parts):
                 real = bool(part_index)
@@ -272,6 +315,9 @@ def ppo_update(models: PPOModels, optimizer, episodes: Rollout, cfg: PPOConfig, 
                         loss = loss + cfg.ptx_coef * lm_sum / ptx_tokens
                     (loss * (info.world if real else 0.0)).backward()
                 if real:
+                    if epoch == 0 and mb == 0:
+                        ratio = torch.exp(logprobs.detach() - part.logprobs)
+                        first_dev = torch.maximum(first_dev, ((ratio - 1).abs() * mask).max().double().cpu())
                     row += torch.tensor([pg_loss.item(), vf_loss.item(), pg["approxkl"].item(), pg["clipfrac"].item(),
                                          pg["ratio"].item(), vf["clipfrac"].item(),
                                          masked_mean(entropy, mask, tokens).item() if entropy is not None else 0.0,
@@ -285,6 +331,7 @@ def ppo_update(models: PPOModels, optimizer, episodes: Rollout, cfg: PPOConfig, 
     table = all_reduce_sum(torch.stack(rows), info)
     stats = {name: table[:, k].mean().item() for k, name in enumerate(UPDATE_STATS)}
     stats["policy/entropy_avg"] = table[torch.tensor(entropy_rows), UPDATE_STATS.index("policy/entropy_avg")].mean().item()
+    stats["val/ratio_first_max_dev"] = all_gather_tensor(first_dev, info).max().item()
     if ptx is None:
         del stats["loss/ptx_avg"]
     return stats
@@ -296,7 +343,8 @@ def evaluate(models: PPOModels, tokenizer, prompts: list[Prompt], reward, gold, 
     """Sample the held-out prompts at the training temperature, each from a random stream fixed by
     (seed, its position) (the same random numbers at every evaluation, so differences come from the
     policy, and the same whichever rank samples it), score them with the proxy (and gold) reward,
-    and estimate KL(pi || pi_ref) on those samples (summed k1 per episode). Under DDP each rank
+    and estimate KL(pi || pi_ref) on those samples (summed k1 per episode, both log-probabilities
+    from the trainer's forward passes). Under DDP each rank
     takes a share and the rows are gathered; under FSDP every rank samples all of them."""
     everyone = models.fsdp or not info.enabled
     positions = list(range(len(prompts)))
@@ -305,11 +353,13 @@ def evaluate(models: PPOModels, tokenizer, prompts: list[Prompt], reward, gold, 
     for i in range(0, len(mine), cfg.batch_size):
         chunk = [prompts[k] for k in mine[i:i + cfg.batch_size]]
         seeds = [row_seed(cfg.seed, "eval", k) for k in mine[i:i + cfg.batch_size]]
-        gen, _ = models.sample(tokenizer, [p.ids for p in chunk], seeds, cfg)
+        gen = models.sample(tokenizer, [p.ids for p in chunk], seeds, cfg)
         episodes = Rollout(gen.prompt_ids, gen.prompt_mask, gen.response_ids, gen.response_mask.float(),
                            gen.logprobs)
+        # Both sides of the KL from the trainer's forward passes (the same computation: 0 at the start)
+        logprobs, _ = models.policy_pass(episodes, cfg.temperature, values=False)
         ref_logprobs = models.reference_logprobs(episodes, cfg.temperature)
-        kl = (kl_penalty(episodes.logprobs, ref_logprobs, "k1") * episodes.response_mask).sum(1)
+        kl = (kl_penalty(logprobs, ref_logprobs, "k1") * episodes.response_mask).sum(1)
         proxy = reward([p.messages for p in chunk], gen.texts)
         g = gold([p.messages for p in chunk], gen.texts) if gold is not None else None
         for j, p in enumerate(chunk):
@@ -340,8 +390,8 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
     resume tests)."""
     run = TrainingRun(cfg, "ppo", quiet=quiet, stop_after=stop_after)
     info = run.info
-    policy, tokenizer = load_causal_lm(cfg.policy, device=run.device, dtype=cfg.dtype)
-    device, dtype = next(policy.parameters()).device, next(policy.parameters()).dtype
+    policy, tokenizer = load_causal_lm(cfg.policy, device=run.device, dtype=run.weights_dtype(trained=not cfg.lora))
+    device = next(policy.parameters()).device
 
     notes: list[str] = []
     max_prompt = cfg.max_length - cfg.response_length
@@ -351,20 +401,20 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
     for note in notes:
         run.warn(note)
     reward = (scorer_from_function(getattr(reward_fn, "__name__", "reward_fn"), reward_fn) if reward_fn
-              else load_scorer(cfg.reward))
+              else load_scorer(cfg.reward, run.device, cfg.dtype))
     gold = (scorer_from_function(getattr(gold_fn, "__name__", "gold_fn"), gold_fn) if gold_fn
-            else load_scorer(cfg.gold) if cfg.gold else None)
+            else load_scorer(cfg.gold, run.device, cfg.dtype) if cfg.gold else None)
 
     # Reference: LoRA adapters disabled (one copy of the weights) or a frozen second copy.
     reference = None
     if cfg.lora:
-        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        policy = train_in_fp32(apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets))
     else:
-        reference, _ = load_causal_lm(cfg.policy, device=device, dtype=dtype)
+        reference, _ = load_causal_lm(cfg.policy, device=device, dtype=run.weights_dtype(trained=False))
         reference.requires_grad_(False)
-    value_head, value_model = build_value_function(cfg, policy, tokenizer, device, dtype)
+    value_head, value_model = build_value_function(cfg, policy, tokenizer, device)
     value_module = value_head if value_head is not None else value_model
-    models = PPOModels(policy, reference, value_head, value_model, info, cfg.fsdp)
+    models = PPOModels(policy, reference, value_head, value_model, info, cfg.fsdp, autocast=run.autocast)
     global_batch = run.global_batch
     total_steps = total_rollout_steps(cfg, len(prompts), info.world)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
@@ -396,9 +446,9 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
             # Each prompt's random stream is fixed by its place in the step's global batch.
             seeds = [row_seed(cfg.seed, step, info.rank * cfg.batch_size + j) for j in range(len(batch))]
 
-            # 1-4: sample, score, reference log-probs, values
-            episodes, raw_scores, ended, texts = rollout(models, tokenizer, batch, seeds, reward, cfg, times)
-            # 5: per-token rewards and advantages (statistics over every rank's episodes)
+            # 1-3: sample, score, the trainer's old and reference log-probs and values
+            episodes, raw_scores, ended, texts = rollout(models, tokenizer, batch, seeds, reward, cfg, step, info, times)
+            # 4: per-token rewards and advantages (statistics over every rank's episodes)
             mask = episodes.response_mask
             kl = kl_penalty(episodes.logprobs, episodes.ref_logprobs, cfg.kl_estimator) * mask
             scores = final_scores(raw_scores, ended, cfg.missing_eos_penalty)
@@ -407,15 +457,16 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
                 rewards = whiten(rewards, mask, shift_mean=False, reduce=reduce)
             advantages, episodes.returns = gae_advantages(rewards, episodes.values, mask, cfg.gamma, cfg.lam)
             episodes.advantages = whiten(advantages, mask, reduce=reduce)
-            # 6: update
+            # 5: update
             with timed(times, "update"):
                 update_stats = ppo_update(models, optimizer, episodes, cfg, step, ptx, info)
             scheduler.step()
 
+            sampler_gap = ((episodes.sampler_logprobs - episodes.logprobs).abs() * mask).sum()
             sums = torch.stack([kl.sum(), (-episodes.logprobs * mask).sum(), non_score.sum(), scores.sum(),
                                 (torch.isin(episodes.response_ids, eos_ids) & mask.bool()).sum(),
-                                ended.sum(), mask.sum()]).double().cpu()
-            kl_sum, entropy_sum, non_score_sum, score_sum, eos_count, ended_count, token_sum = \
+                                ended.sum(), mask.sum(), sampler_gap]).double().cpu()
+            kl_sum, entropy_sum, non_score_sum, score_sum, eos_count, ended_count, token_sum, gap_sum = \
                 all_reduce_sum(sums, info).tolist()
             mean_kl = kl_sum / global_batch
             metrics = {
@@ -428,6 +479,7 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
                 "val/num_eos_tokens": int(eos_count),
                 "val/ended": ended_count / global_batch,
                 "response_length_mean": token_sum / global_batch,
+                "policy/sampler_logprob_gap": gap_sum / max(token_sum, 1.0),
                 "kl_coef": kl_ctl.value,
                 "lr": scheduler.get_last_lr()[0],
             }

@@ -154,7 +154,8 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
     run = TrainingRun(cfg, "reward", quiet=quiet, stop_after=stop_after)
     info = run.info
     train_groups, eval_groups, notes = read_preferences(cfg)  # bad input fails before the model loads
-    rm = RewardModel.from_backbone(cfg.model, device=run.device, dtype=cfg.dtype, max_length=cfg.max_length)
+    rm = RewardModel.from_backbone(cfg.model, device=run.device, dtype=run.weights_dtype(trained=not cfg.lora),
+                                   max_length=cfg.max_length)
     train, skipped = encode_groups(train_groups, rm, cfg.max_length, cfg.truncate, cfg.skip_invalid)
     held, skipped_eval = encode_groups(eval_groups, rm, cfg.max_length, cfg.truncate, cfg.skip_invalid)
     if skipped or skipped_eval:
@@ -167,10 +168,17 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
     rm.model = run.with_lora(rm.model, task_type="SEQ_CLS")
     scorer = ScoreNet(rm.model, rm.tokenizer.pad_token_id, rm.sep_id)
     net = distribute(scorer, rm.model, info, cfg.fsdp)
-    train_score = lambda sequences: scorer.score(net, sequences)  # noqa: E731
-    # No-grad scoring: under FSDP through the sharded root (every rank scores everything), else the
-    # plain module (each rank scores a share).
-    eval_score = lambda sequences: scorer.score(net if run.sharded else scorer, sequences)  # noqa: E731
+
+    def train_score(sequences):
+        with run.autocast():
+            return scorer.score(net, sequences)
+
+    def eval_score(sequences):
+        # No-grad scoring: under FSDP through the sharded root (every rank scores everything), else
+        # the plain module (each rank scores a share).
+        with run.autocast():
+            return scorer.score(net if run.sharded else scorer, sequences)
+
 
     steps_per_epoch, total_steps = run.plan(len(train))
     optimizer, scheduler, _ = run.optimiser({"model": rm.model}, total_steps)

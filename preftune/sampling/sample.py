@@ -26,7 +26,8 @@ from preftune.data.jsonl import read_jsonl, write_jsonl
 from preftune.data.records import PromptRecord, to_json
 from preftune.errors import DataError, PreftuneError
 from preftune.models.generation import generate
-from preftune.models.loading import load_causal_lm, set_threads
+from preftune.models.loading import inference_precision, load_causal_lm, set_threads
+from preftune.models.precision import describe
 from preftune.progress import console, progress_bar
 from preftune.sampling.config import SampleConfig
 
@@ -54,7 +55,10 @@ def sample_candidates(cfg: SampleConfig, quiet: bool = False) -> dict:
     rows = [{**to_json(p), "responses": [], "models": [], "ended": [], "num_tokens": []} for p in prompts]
     for i, row in enumerate(rows):
         row.setdefault("id", f"prompt-{i}")
-    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+    precision = inference_precision(cfg.dtype, cfg.device)
+    if not quiet:
+        console.print(describe(precision, training=False))
+    sampling = {"precision": precision, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
                 "max_new_tokens": cfg.max_new_tokens, "stop": cfg.stop, "seed": cfg.seed}
     t0, tokens_total = time.perf_counter(), 0
     too_long: list[str] = []

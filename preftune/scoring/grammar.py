@@ -233,11 +233,12 @@ class Scorer:
         return f"Scorer({self.name!r})"
 
 
-def load_scorer(spec: str, device: str | None = None) -> Scorer:
+def load_scorer(spec: str, device: str | None = None, dtype: str | None = None) -> Scorer:
     """The ``Scorer`` of an expression (see the module docstring). Every part is loaded now, so a
-    bad name or a missing file fails before any sampling."""
+    bad name or a missing file fails before any sampling. ``device`` and ``dtype`` (``--dtype``) are
+    where and how reward models and encoders run."""
     terms = parse_scorer(spec)
-    parts = [(t.weight, _load_term(t, device)) for t in terms]
+    parts = [(t.weight, _load_term(t, device, dtype)) for t in terms]
     name = spec.strip()
     if len(parts) == 1 and parts[0][0] == 1.0:
         return Scorer(name, parts[0][1])
@@ -259,11 +260,11 @@ def scorer_from_function(name: str, fn: Callable[[list[str], list[str]], Any]) -
     return Scorer(name, _on_prompt_text(fn))
 
 
-def _load_term(term: Term, device: str | None) -> Callable:
+def _load_term(term: Term, device: str | None, dtype: str | None) -> Callable:
     if term.kind == "reward_model":
         from preftune.models.reward_model import RewardModel
 
-        return RewardModel.load(term.target, device=device).score
+        return RewardModel.load(term.target, device=device, dtype=dtype).score
     if term.kind == "function":
         return _on_prompt_text(load_function(term.target))
     kwargs = {"device": device, **term.args} if term.target in NEEDS_DEVICE else term.args

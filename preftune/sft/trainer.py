@@ -8,6 +8,8 @@ batch), clip, step. Held-out loss every ``--eval-every`` steps and at the end.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from preftune.data.batching import Example, collate, count_targets, encode_demonstrations, pack_examples, step_indices
@@ -25,7 +27,7 @@ from preftune.training.scaffold import Throughput, TrainingRun
 
 @torch.no_grad()
 def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int, device,
-                  info: DistInfo = DistInfo(), net=None) -> float:
+                  info: DistInfo = DistInfo(), net=None, autocast=nullcontext) -> float:
     """Mean cross-entropy per response token over ``examples``.
 
     With replicated weights each rank scores its share and the sums are all-reduced. Under FSDP
@@ -37,7 +39,8 @@ def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int, 
     net = net if sharded else ResponseLogits(model)
     total = torch.zeros(2, dtype=torch.float64)
     for i in range(0, len(mine), batch_size):
-        loss, n = lm_loss_sum(net, collate(mine[i:i + batch_size], pad_id), device)
+        with autocast():
+            loss, n = lm_loss_sum(net, collate(mine[i:i + batch_size], pad_id), device)
         total += torch.tensor([loss.item(), n], dtype=torch.float64)
     if not sharded:
         total = all_reduce_sum(total, info)
@@ -66,7 +69,7 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, quiet: bool = Fa
     train_demos, eval_demos, notes = read_train_eval(cfg.data, cfg.eval_data, "demonstrations",
                                                      eval_split=cfg.eval_split, seed=cfg.seed,
                                                      skip_invalid=cfg.skip_invalid)
-    model, tokenizer = load_causal_lm(cfg.model, device=run.device, dtype=cfg.dtype)
+    model, tokenizer = load_causal_lm(cfg.model, device=run.device, dtype=run.weights_dtype(trained=not cfg.lora))
     device = next(model.parameters()).device
     train, held, more_notes = encode_splits(cfg, tokenizer, train_demos, eval_demos)
     for note in notes + more_notes:
@@ -81,7 +84,7 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, quiet: bool = Fa
     pad_id = tokenizer.pad_token_id
     speed = Throughput()
     evaluate = lambda: evaluate_loss(model, held, pad_id, cfg.batch_size, device, info,  # noqa: E731
-                                     net if run.sharded else None)
+                                     net if run.sharded else None, run.autocast)
     initial_eval = evaluate() if held and run.start_step == 0 else None
     eval_loss, last = None, {}
     with run.progress(total_steps) as bar:
@@ -98,7 +101,8 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, quiet: bool = Fa
             step_loss, step_tokens = torch.zeros(1, dtype=torch.float64), 0
             for k, chunk in enumerate(chunks):
                 with gradient_sync(net, enabled=k == len(chunks) - 1):
-                    loss_sum, _ = lm_loss_sum(net, collate(chunk or global_examples[:1], pad_id), device)
+                    with run.autocast():
+                        loss_sum, _ = lm_loss_sum(net, collate(chunk or global_examples[:1], pad_id), device)
                     (loss_sum * (info.world / n_targets if chunk else 0.0)).backward()
                 if chunk:
                     step_loss += loss_sum.item()

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from preftune.models.logits import response_token_mask
+from preftune.models.logits import response_token_mask, token_logprobs
 
 
 def response_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the selected response positions (normalised by the caller over the
-    whole optimiser step, so gradient accumulation gives the same gradient as one big batch)."""
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    """Summed cross-entropy (fp32) of the selected response positions (normalised by the caller
+    over the whole optimiser step, so gradient accumulation gives the same gradient as one big
+    batch)."""
+    return -token_logprobs(logits, targets).sum()
 
 
 def lm_loss_sum(net, batch: dict, device) -> tuple[torch.Tensor, int]:

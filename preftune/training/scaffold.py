@@ -40,8 +40,9 @@ import torch
 
 from preftune.config import TrainConfig
 from preftune.data.jsonl import plain, write_json
-from preftune.errors import PreftuneError
+from preftune.errors import ConfigError, PreftuneError
 from preftune.models.loading import resolve_device, set_threads
+from preftune.models.precision import DTYPES, autocast, describe, resolve_precision
 from preftune.progress import Bar, console, progress_bar
 from preftune.training.checkpoints import (
     CHECKPOINTS,
@@ -68,6 +69,11 @@ class TrainingRun:
         set_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.device = device_for(self.info, cfg.device)  # this rank's device, as a name for the loaders
+        self.torch_device = resolve_device(self.device)
+        self.precision = resolve_precision(cfg.dtype, self.torch_device)
+        if self.precision == "fp16":
+            raise ConfigError("--dtype fp16: training in fp16 needs loss scaling, which preftune does not do; "
+                              "use bf16 (mixed precision) or fp32")
         self.start_step, self.total_steps = 0, 0
         self.logger: MetricsLogger | None = None
         self.t_start = time.perf_counter()
@@ -89,6 +95,17 @@ class TrainingRun:
     def warn(self, text: str) -> None:
         self.say(f"[yellow]{text}")
 
+    # ------------------------------------------------------------ precision
+
+    def weights_dtype(self, trained: bool) -> torch.dtype:
+        """How to store a model's weights: fp32 when they train (the master weights of mixed
+        precision), the compute dtype when they are frozen (a LoRA base, a reference)."""
+        return torch.float32 if trained or self.precision == "fp32" else DTYPES[self.precision]
+
+    def autocast(self):
+        """The context of every forward pass: bf16 autocast under mixed precision, else nothing."""
+        return autocast(self.torch_device, self.precision)
+
     # ------------------------------------------------------------ start
 
     @property
@@ -102,7 +119,7 @@ class TrainingRun:
         if cfg.lora:
             model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task_type)
         model.train()
-        return model
+        return train_in_fp32(model)
 
     def plan(self, n_examples: int) -> tuple[int, int]:
         """(steps per epoch, total optimiser steps) for ``n_examples`` in global batches."""
@@ -133,8 +150,9 @@ class TrainingRun:
                           f"{self.cfg.batch_size}); the checkpoint was written with {state['global_batch']}")
             self.say(f"resuming from {ckpt} (step {self.start_step})")
         if self.is_main:
+            self.say(describe(self.precision, training=True))
             write_json(self.out / "run_config.json", {"stage": self.stage, "world_size": self.info.world,
-                                                      **self.cfg.model_dump()})
+                                                      "precision": self.precision, **self.cfg.model_dump()})
             self.logger = MetricsLogger(self.out, self.cfg.tensorboard,
                                         resume_step=self.start_step if ckpt is not None else None)
         return state
@@ -190,11 +208,21 @@ class TrainingRun:
         save()
         if resolve_device(self.device).type == "cuda":
             summary["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        summary["precision"] = self.precision
         summary["seconds"] = time.perf_counter() - self.t_start
         if self.is_main:
             write_json(self.out / "metrics.json", summary)
         barrier(self.info)
         return summary
+
+
+def train_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """Every trainable parameter in fp32 (e.g. a LoRA score head copied from a bf16 base): mixed
+    precision keeps the master weights, and so the optimiser state, in fp32."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 # ---------------------------------------------------------------- metrics

@@ -40,7 +40,7 @@ from preftune.evaluation.config import AdversarialConfig
 from preftune.evaluation.probes.common import before_after_table, bundled, read_items, replies, required_string, subset
 from preftune.evaluation.stats import distinct_ngrams, rate_with_ci
 from preftune.models.generation import SamplingOptions, sample_responses
-from preftune.models.loading import load_causal_lm, set_threads
+from preftune.models.loading import inference_precision, load_causal_lm, set_threads
 from preftune.training.checkpoints import seed_everything
 
 BENIGN = "benign"
@@ -223,7 +223,8 @@ def run_adversarial_probe(cfg: AdversarialConfig, quiet: bool = False) -> dict:
     source = cfg.prompts or str(bundled("adversarial_prompts.jsonl"))
     items = subset(read_items(source, parse_prompt_item), cfg.samples, cfg.seed)
     prompts = [[{"role": "user", "content": it["prompt"]}] for it in items]
-    result = {"probe": "adversarial", "prompts": cfg.prompts or "bundled", "model": cfg.model}
+    result = {"probe": "adversarial", "prompts": cfg.prompts or "bundled", "model": cfg.model,
+              "precision": inference_precision(cfg.dtype, cfg.device)}
     rows = []
     for role, path in (("model", cfg.model), ("baseline", cfg.baseline)):
         if not path:

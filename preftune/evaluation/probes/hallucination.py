@@ -26,7 +26,7 @@ from preftune.evaluation import report as R
 from preftune.evaluation.config import HallucinationConfig
 from preftune.evaluation.probes.common import before_after_table, bundled, read_items, replies, required_string, subset
 from preftune.evaluation.stats import rate_with_ci
-from preftune.models.loading import set_threads
+from preftune.models.loading import inference_precision, set_threads
 from preftune.training.checkpoints import seed_everything
 
 OUTCOMES = ("correct", "wrong", "abstained")
@@ -100,7 +100,8 @@ def run_hallucination_probe(cfg: HallucinationConfig, quiet: bool = False) -> di
     source = cfg.questions or str(bundled("hallucination_questions.jsonl"))
     items = subset(read_items(source, parse_question), cfg.samples, cfg.seed)
     prompts = [[{"role": "user", "content": cfg.instruction.replace("{question}", q["question"])}] for q in items]
-    result = {"probe": "hallucination", "questions": cfg.questions or "bundled", "model": cfg.model}
+    result = {"probe": "hallucination", "questions": cfg.questions or "bundled", "model": cfg.model,
+              "precision": inference_precision(cfg.dtype, cfg.device)}
     rows = []
     for role, path in (("model", cfg.model), ("baseline", cfg.baseline)):
         if not path:
