@@ -161,9 +161,10 @@ def test_ppo_ratio_is_exactly_one_at_the_first_minibatch_and_lora_kl_starts_at_z
     assert [r["val/ratio_first_max_dev"] for r in rows] == [0.0, 0.0, 0.0]
     # LoRA starts as the identity: policy and reference give the same numbers, KL exactly 0
     assert rows[0]["objective/kl"] == 0.0
-    # the sampler (KV cache, bf16 when asked) is close to the trainer, not equal
+    # the sampler (KV cache, bf16 when asked) is close to the trainer (equal when the kernels happen to
+    # compute the cached and the full pass alike)
     gap = rows[0]["policy/sampler_logprob_gap"]
-    assert 0 < gap < (0.2 if dtype == "bf16" else 1e-3), gap
+    assert 0 <= gap < (0.2 if dtype == "bf16" else 1e-3), gap
 
 
 def test_ppo_in_bf16_learns_as_in_fp32(tmp_path, tiny_model_dir):

@@ -101,7 +101,8 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None, quiet: bool = Fa
     info = run.info
     train_recs, eval_recs, notes = read_train_eval(cfg.data, cfg.eval_data, "comparisons", eval_split=cfg.eval_split,
                                                    seed=cfg.seed, skip_invalid=cfg.skip_invalid)
-    model, tokenizer = load_causal_lm(cfg.model, device=run.device, dtype=run.weights_dtype(trained=not cfg.lora))
+    model, tokenizer = load_causal_lm(cfg.model, device=run.device, dtype=run.weights_dtype(trained=not cfg.lora),
+                                      compute=run.precision)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     train, skipped = encode_comparisons(train_recs, tokenizer, cfg)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from preftune.errors import PreftuneError
-from preftune.models.precision import DTYPES, resolve_precision
+from preftune.models.precision import DTYPES, fit_attention, resolve_precision
 
 try:  # preftune draws its own progress bars; keep transformers' per-file bars and notices quiet
     from transformers.utils import logging as _hf_logging
@@ -214,8 +214,10 @@ def same_vocabulary(tokenizer_a, tokenizer_b) -> bool:
 
 
 def load_causal_lm(path: str | os.PathLike, *, device: str | torch.device | None = None,
-                   dtype: str | torch.dtype | None = None):
-    """Load (model, tokenizer) for causal-LM training or sampling, dropout off, in eval mode."""
+                   dtype: str | torch.dtype | None = None, compute: str | None = None):
+    """Load (model, tokenizer) for causal-LM training or sampling, dropout off, in eval mode. The
+    weights are stored in ``dtype``; ``compute`` is the precision its passes will run in (default:
+    ``dtype``'s; a trainer under bf16 autocast stores fp32 and computes bf16)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = resolve_model_path(path)
@@ -226,6 +228,7 @@ def load_causal_lm(path: str | os.PathLike, *, device: str | torch.device | None
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dt)
     except (OSError, ValueError) as e:
         raise PreftuneError(f"{directory}: could not load model: {str(e).splitlines()[0]}") from None
+    fit_attention(model, dev, compute or resolve_precision(dt, dev))
     ensure_pad_token(tokenizer, model)
     disable_dropout(model)
     return model.to(dev).eval(), tokenizer

@@ -64,6 +64,19 @@ def full_precision(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
+def fit_attention(model, device: torch.device, precision: str) -> None:
+    """Attention as plain matrix products ("eager": bf16 matmuls, fp32 softmax) where a CPU computes
+    in bf16. Measured on SmolLM2-135M with LoRA, 8 x 90 tokens: torch's bf16 flash-attention
+    backward took 2.7x fp32's time, and eager attention made the bf16 training step 16 % faster
+    than SDPA (the sequences preftune trains on are short); sampling is as fast either way. GPUs
+    and fp32 keep the model's default (SDPA)."""
+    if device.type == "cpu" and precision != "fp32" and hasattr(model, "set_attn_implementation"):
+        try:
+            model.set_attn_implementation("eager")
+        except (ValueError, AttributeError, NotImplementedError):  # an architecture without the choice
+            pass
+
+
 def describe(precision: str, training: bool) -> str:
     """One line for the log: what runs in which precision."""
     if precision == "fp32":

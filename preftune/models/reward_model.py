@@ -33,6 +33,7 @@ from preftune.data.records import Messages, RecordError
 from preftune.errors import PreftuneError
 from preftune.models.loading import disable_dropout, ensure_pad_token, resolve_device, resolve_dtype, resolve_model_path
 from preftune.models.logits import last_token_index, selected_hidden, unwrap
+from preftune.models.precision import fit_attention, resolve_precision
 from preftune.models.saving import save_final_model
 
 META_FILE = "reward_model.json"
@@ -193,10 +194,12 @@ class RewardModel:
 
     @classmethod
     def from_backbone(cls, path: str, *, device: str | torch.device | None = None,
-                      dtype: str | torch.dtype | None = None, max_length: int = 512) -> "RewardModel":
+                      dtype: str | torch.dtype | None = None, max_length: int = 512,
+                      compute: str | None = None) -> "RewardModel":
         """A fresh reward model on top of a causal-LM or encoder directory (score head newly
-        initialised by transformers, small random values)."""
-        model, tokenizer = _load_seq_cls(resolve_model_path(path), device, dtype)
+        initialised by transformers, small random values); ``dtype`` and ``compute`` as in
+        ``load_causal_lm``."""
+        model, tokenizer = _load_seq_cls(resolve_model_path(path), device, dtype, compute)
         rm = cls(model, tokenizer)
         rm.meta.max_length, rm.meta.backbone = max_length, str(path)
         return rm
@@ -267,21 +270,25 @@ class RewardModel:
         return self.meta.gain * self.raw_scores(prompts, responses) + self.meta.bias
 
 
-def _load_seq_cls(directory: Path, device, dtype):
-    """(model, tokenizer). A decoder's trunk is stored in ``dtype`` and its scalar head in fp32;
-    encoders are stored in fp32 whatever ``dtype`` says (see ``sequence_scores``)."""
+def _load_seq_cls(directory: Path, device, dtype, compute: str | None = None):
+    """(model, tokenizer). A decoder's trunk is stored in ``dtype`` (computing in ``compute``, default
+    ``dtype``'s precision) and its scalar head in fp32; encoders are stored in fp32 whatever ``dtype``
+    says (see ``sequence_scores``)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        if AutoConfig.from_pretrained(directory).model_type in ENCODER_TYPES:
+        encoder = AutoConfig.from_pretrained(directory).model_type in ENCODER_TYPES
+        if encoder:
             dt = torch.float32
         # (a new score head is expected: preftune.models.loading keeps transformers' notices quiet)
         model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=dt)
     except (OSError, ValueError) as e:
         raise PreftuneError(f"{directory}: could not load a reward model: {str(e).splitlines()[0]}") from None
+    if not encoder:
+        fit_attention(model, dev, compute or resolve_precision(dt, dev))
     ensure_pad_token(tokenizer, model)
     disable_dropout(model)
     if isinstance(getattr(model, "score", None), torch.nn.Module):

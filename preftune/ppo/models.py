@@ -21,6 +21,7 @@ from torch import nn
 
 from preftune.errors import PreftuneError
 from preftune.models.loading import disable_dropout, resolve_model_path
+from preftune.models.precision import fit_attention
 
 
 class ValueHead(nn.Module):
@@ -53,9 +54,10 @@ class ValueModel(nn.Module):
         return self.head(hidden[select])
 
 
-def load_value_model(path: str | Path, device, dtype) -> ValueModel:
+def load_value_model(path: str | Path, device, dtype, compute: str = "fp32") -> ValueModel:
     """A value model from a directory: a sequence-classification model (a reward model) keeps its
-    trunk and score head; a causal LM keeps its trunk and gets a zero-initialised head."""
+    trunk and score head; a causal LM keeps its trunk and gets a zero-initialised head. Its weights
+    train, so ``dtype`` is fp32 under mixed precision; ``compute`` is the precision of its passes."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     directory = resolve_model_path(path)
@@ -74,6 +76,7 @@ def load_value_model(path: str | Path, device, dtype) -> ValueModel:
     except (OSError, ValueError) as e:
         raise PreftuneError(f"{directory}: could not load a value model: {str(e).splitlines()[0]}") from None
     disable_dropout(model.trunk)
+    fit_attention(model.trunk, torch.device(device) if isinstance(device, str) else device, compute)
     return model.to(device).eval()
 
 

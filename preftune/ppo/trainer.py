@@ -79,7 +79,7 @@ from preftune.training.scaffold import TrainingRun, keep_rows_up_to, timed, trai
 # ---------------------------------------------------------------- set-up
 
 
-def build_value_function(cfg: PPOConfig, policy, tokenizer, device):
+def build_value_function(cfg: PPOConfig, policy, tokenizer, device, compute: str = "fp32"):
     """(value_head, value_model): exactly one is not None (see ``preftune.ppo.models``). Both train,
     so their weights are fp32 (the master weights of mixed precision)."""
     if cfg.value_model == "head":
@@ -96,7 +96,7 @@ def build_value_function(cfg: PPOConfig, policy, tokenizer, device):
     if not same_vocabulary(load_tokenizer(path), tokenizer):
         raise PreftuneError(f"value model {path}: its tokenizer differs from the policy's; a value model reads the "
                             f"policy's tokens (use --value-model head or policy)")
-    return None, load_value_model(path, device, torch.float32)
+    return None, load_value_model(path, device, torch.float32, compute)
 
 
 def total_rollout_steps(cfg: PPOConfig, n_prompts: int, world: int = 1) -> int:
@@ -390,7 +390,8 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
     resume tests)."""
     run = TrainingRun(cfg, "ppo", quiet=quiet, stop_after=stop_after)
     info = run.info
-    policy, tokenizer = load_causal_lm(cfg.policy, device=run.device, dtype=run.weights_dtype(trained=not cfg.lora))
+    policy, tokenizer = load_causal_lm(cfg.policy, device=run.device, dtype=run.weights_dtype(trained=not cfg.lora),
+                                       compute=run.precision)
     device = next(policy.parameters()).device
 
     notes: list[str] = []
@@ -410,9 +411,10 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
     if cfg.lora:
         policy = train_in_fp32(apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets))
     else:
-        reference, _ = load_causal_lm(cfg.policy, device=device, dtype=run.weights_dtype(trained=False))
+        reference, _ = load_causal_lm(cfg.policy, device=device, dtype=run.weights_dtype(trained=False),
+                                      compute=run.precision)
         reference.requires_grad_(False)
-    value_head, value_model = build_value_function(cfg, policy, tokenizer, device)
+    value_head, value_model = build_value_function(cfg, policy, tokenizer, device, run.precision)
     value_module = value_head if value_head is not None else value_model
     models = PPOModels(policy, reference, value_head, value_model, info, cfg.fsdp, autocast=run.autocast)
     global_batch = run.global_batch

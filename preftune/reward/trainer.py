@@ -155,7 +155,7 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
     info = run.info
     train_groups, eval_groups, notes = read_preferences(cfg)  # bad input fails before the model loads
     rm = RewardModel.from_backbone(cfg.model, device=run.device, dtype=run.weights_dtype(trained=not cfg.lora),
-                                   max_length=cfg.max_length)
+                                   max_length=cfg.max_length, compute=run.precision)
     train, skipped = encode_groups(train_groups, rm, cfg.max_length, cfg.truncate, cfg.skip_invalid)
     held, skipped_eval = encode_groups(eval_groups, rm, cfg.max_length, cfg.truncate, cfg.skip_invalid)
     if skipped or skipped_eval:

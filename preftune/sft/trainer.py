@@ -69,7 +69,8 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, quiet: bool = Fa
     train_demos, eval_demos, notes = read_train_eval(cfg.data, cfg.eval_data, "demonstrations",
                                                      eval_split=cfg.eval_split, seed=cfg.seed,
                                                      skip_invalid=cfg.skip_invalid)
-    model, tokenizer = load_causal_lm(cfg.model, device=run.device, dtype=run.weights_dtype(trained=not cfg.lora))
+    model, tokenizer = load_causal_lm(cfg.model, device=run.device, dtype=run.weights_dtype(trained=not cfg.lora),
+                                      compute=run.precision)
     device = next(model.parameters()).device
     train, held, more_notes = encode_splits(cfg, tokenizer, train_demos, eval_demos)
     for note in notes + more_notes:
