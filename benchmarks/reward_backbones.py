@@ -48,7 +48,7 @@ def minilm_dir() -> str:
 
 
 def train_one(name: str, data: str, out: str, epochs: float | None, batch_size: int, threads: int,
-              max_steps: int = 0) -> None:
+              max_steps: int = 0, dtype: str = "auto") -> None:
     """Child process: train one backbone, print its summary and peak memory as JSON."""
     from benchmarks.common import peak_rss_mb
     from preftune.reward.config import RewardConfig
@@ -60,7 +60,8 @@ def train_one(name: str, data: str, out: str, epochs: float | None, batch_size: 
     if max_steps:  # timing only: a token normalisation
         extra = {**extra, "max_steps": max_steps, "normalize_samples": 16}
     cfg = RewardConfig(model=minilm_dir() if model == "minilm" else model, data=data, out=out,
-                       batch_size=batch_size, max_length=256, truncate=True, threads=threads, seed=0, **extra)
+                       batch_size=batch_size, max_length=256, truncate=True, threads=threads, seed=0, dtype=dtype,
+                       **extra)
     t0 = time.perf_counter()
     summary = train_reward(cfg, quiet=True)
     summary["wall_seconds"] = time.perf_counter() - t0
@@ -125,11 +126,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=0, help="stop each backbone after this many steps "
                         "(a timing run: the accuracy is then not comparable)")
+    parser.add_argument("--dtype", default="auto", help="precision of sampling and of the reward models (auto: bf16 "
+                        "where the hardware has it)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        train_one(args.one, args.data, args.out, args.epochs, args.batch_size, args.threads, args.max_steps)
+        train_one(args.one, args.data, args.out, args.epochs, args.batch_size, args.threads, args.max_steps, args.dtype)
         return
 
     from preftune.annotators.config import LabelConfig
@@ -145,7 +148,8 @@ def main() -> None:
     if not args.candidates:
         s = sample_candidates(SampleConfig(model=["smollm2-135m-instruct"], prompts=args.prompts, n=args.n,
                                            max_new_tokens=args.max_new_tokens, out=str(candidates),
-                                           batch_size=args.sample_batch_size, threads=args.threads, seed=0),
+                                           batch_size=args.sample_batch_size, threads=args.threads, seed=0,
+                                           dtype=args.dtype),
                               quiet=True)
         print(f"sampled {s['responses']} responses in {s['seconds']:.0f} s ({s['tokens_per_s']:.0f} tokens/s, "
               f"{100 * s['ended_share']:.0f}% ended)")
@@ -187,7 +191,7 @@ def main() -> None:
     for name in args.backbones.split(","):
         cmd = [sys.executable, __file__, "--one", name, "--data", str(labels), "--out", str(out / f"rm-{name}"),
                *(["--epochs", str(args.epochs)] if args.epochs else []), "--max-steps", str(args.max_steps),
-               "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+               "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--dtype", args.dtype]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
