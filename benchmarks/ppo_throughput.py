@@ -18,7 +18,7 @@ head at response positions, forward + backward; full fine-tuning counts backward
 LoRA as 1x since no frozen-weight gradients are formed) as a share of that matmul peak.
 
     python benchmarks/ppo_throughput.py --models tiny,smol135 --configs identical,defaults --steps 3 --peer
-    python benchmarks/ppo_throughput.py --models smol135 --dtypes fp32,bf16 --steps 2    # precision
+    python benchmarks/ppo_throughput.py --models smol135 --dtypes fp32,bf16 --steps 2 --peer --peer-dtypes fp32,bf16
     python benchmarks/ppo_throughput.py --learning --models smol135 --steps 12   # reward curves, VADER reward
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -82,7 +83,7 @@ def update_flops(model_dir: Path, cfg, prompt_tokens: float, response_tokens: fl
     return (forward + backward) * cfg.batch_size * cfg.ppo_epochs
 
 
-def run_one(model: str, config: str, steps: int, learning: bool, dtype: str = "fp32") -> dict:
+def run_one(model: str, config: str, steps: int, learning: bool, dtype: str = "fp32", engine: str = "auto") -> dict:
     import torch
 
     from preftune.data.chat import encode_prompt
@@ -98,7 +99,8 @@ def run_one(model: str, config: str, steps: int, learning: bool, dtype: str = "f
         overrides["value_model"] = str(d / "rm")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = PPOConfig(policy=str(d / "policy"), reward=f"rm:{d / 'rm'}", prompts=str(PEERS / "prompts.jsonl"),
-                        out=str(Path(tmp) / "out"), steps=1 + steps, dtype=dtype, **WORKLOAD, **overrides)
+                        out=str(Path(tmp) / "out"), steps=1 + steps, dtype=dtype, engine=engine, **WORKLOAD,
+                        **overrides)
         reward = vader_positive if learning else peer_reward_model(d / "rm")
         train_ppo(cfg, reward_fn=reward, quiet=True)
         rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
@@ -111,10 +113,11 @@ def run_one(model: str, config: str, steps: int, learning: bool, dtype: str = "f
     response_tokens = statistics.mean(r["response_length_mean"] for r in measured)
     flops = update_flops(d, cfg, prompt_tokens, response_tokens)
     update_gflops = flops / phase("update") / 1e9
-    return {"system": "preftune-ppo", "config": config, "model": model, "dtype": dtype, "steps": steps,
+    return {"system": "preftune-ppo", "config": config, "model": model, "dtype": dtype, "engine": engine,
+            "steps": steps,
             "episodes_per_s": round(cfg.batch_size * len(measured) / total, 3), "s_per_step": round(total / len(measured), 2),
             "peak_rss_mb": peak_rss_mb(), "matmul_gflops": mm,
-            "phases_s": {k: phase(k) for k in ("generation", "scoring", "old_and_reference", "update")},
+            "phases_s": {k: phase(k) for k in ("generation", "scoring", "old_and_reference", "update", "sync")},
             "sampler_logprob_gap": round(statistics.mean(r["policy/sampler_logprob_gap"] for r in measured), 5),
             "update_gflops": round(update_gflops, 1), "update_share_of_matmul": round(update_gflops / mm, 3),
             "response_length_mean": round(response_tokens, 2), "prompt_tokens_mean": round(prompt_tokens, 2),
@@ -122,16 +125,33 @@ def run_one(model: str, config: str, steps: int, learning: bool, dtype: str = "f
             "scores": [round(r["objective/scores"], 4) for r in rows], "kl": [round(r["objective/kl"], 3) for r in rows]}
 
 
-def run_peer(model: str, steps: int) -> dict:
+def peer_script(dtype: str, workdir: Path) -> Path:
+    """The peer's PPO script; for bf16 a copy of the harness with TRL's own switch turned on
+    (``bf16=True``; ``use_cpu=True`` because transformers refuses bf16 without an accelerator otherwise)."""
+    if dtype == "fp32":
+        return PEERS / "run_trl_ppo.py"
+    copy = workdir / "peers"
+    shutil.copytree(PEERS, copy)
+    script = copy / "run_trl_ppo.py"
+    text = script.read_text()
+    if "bf16=False," not in text:
+        raise SystemExit(f"{script}: no 'bf16=False,' to switch on")
+    script.write_text(text.replace("bf16=False,", "bf16=True, use_cpu=True,", 1))
+    return script
+
+
+def run_peer(model: str, steps: int, dtype: str = "fp32") -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false",
            "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PEER_RESULT_FILE": ""}
-    proc = subprocess.run([PEER_PYTHON, str(PEERS / "run_trl_ppo.py"), model, str(steps)], env=env,
-                          capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as workdir:
+        proc = subprocess.run([PEER_PYTHON, str(peer_script(dtype, Path(workdir))), model, str(steps)], env=env,
+                              capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
-        return {"system": "trl-ppo", "model": model, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(lines[-1][len("RESULT "):])
+        return {"system": "trl-ppo", "model": model, "dtype": dtype,
+                "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return {**json.loads(lines[-1][len("RESULT "):]), "dtype": dtype}
 
 
 def main() -> None:
@@ -141,29 +161,34 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="measured rollout steps after 1 warm-up step")
     p.add_argument("--dtypes", default="fp32", help="preftune's precision(s), comma-separated: fp32, bf16 "
                                                      "(mixed: fp32 master weights, bf16 autocast)")
+    p.add_argument("--engines", default="auto", help="preftune's rollout engine(s), comma-separated: auto, hf, vllm")
     p.add_argument("--peer", action="store_true", help="also run TRL 1.12 PPO from the peer harness, back to back")
+    p.add_argument("--peer-dtypes", default="fp32", help="the peer's precision(s): fp32, bf16 (TRL's bf16=True)")
     p.add_argument("--learning", action="store_true", help="VADER sentiment reward instead of the RM: reward curves")
     p.add_argument("--one", nargs=3, metavar=("MODEL", "CONFIG", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         model, config, dtype = args.one
-        print("RESULT " + json.dumps(run_one(model, config, args.steps, args.learning, dtype)), flush=True)
+        print("RESULT " + json.dumps(run_one(model, config, args.steps, args.learning, dtype, args.engines)),
+              flush=True)
         return
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     for model in args.models.split(","):
         if args.peer and not args.learning:
-            print(json.dumps(run_peer(model, args.steps)), flush=True)
+            for dtype in args.peer_dtypes.split(","):
+                print(json.dumps(run_peer(model, args.steps, dtype)), flush=True)
         for config in args.configs.split(","):
             for dtype in args.dtypes.split(","):
-                cmd = [sys.executable, __file__, "--one", model, config, dtype, "--steps", str(args.steps)]
-                cmd += ["--learning"] if args.learning else []
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                if proc.returncode or not lines:
-                    print(json.dumps({"config": config, "model": model, "dtype": dtype, "rc": proc.returncode,
-                                      "error": proc.stderr.strip()[-2000:]}), flush=True)
-                else:
-                    print(lines[-1][len("RESULT "):], flush=True)
+                for engine in args.engines.split(","):
+                    cmd = [sys.executable, __file__, "--one", model, config, dtype, "--steps", str(args.steps),
+                           "--engines", engine] + (["--learning"] if args.learning else [])
+                    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                    if proc.returncode or not lines:
+                        print(json.dumps({"config": config, "model": model, "dtype": dtype, "engine": engine,
+                                          "rc": proc.returncode, "error": proc.stderr.strip()[-2000:]}), flush=True)
+                    else:
+                        print(lines[-1][len("RESULT "):], flush=True)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,16 @@ class StageConfig(BaseModel):
                                                    "reasons) instead of stopping at the first one.")
 
 
+EngineName = Literal["auto", "hf", "vllm"]
+
+
+def engine_field():
+    """The ``--engine`` option of every stage that samples (see ``preftune.models.engines``)."""
+    return Field("auto", description="Generation engine: hf (preftune's own KV-cache loop), vllm (vLLM in this "
+                                     "process; pip install 'preftune[vllm]'), or auto (what measured faster on the "
+                                     "device: vllm on CUDA when installed, hf on CPU).")
+
+
 class TrainConfig(StageConfig):
     """Options of every training stage (SFT, reward model, DPO, PPO)."""
 

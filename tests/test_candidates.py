@@ -40,8 +40,8 @@ def test_sample_several_models_records_who_wrote_what(tmp_path, tiny_model_dir):
         assert len(row["responses"]) == len(row["ended"]) == len(row["num_tokens"]) == 4
         assert all(1 <= n <= 6 for n in row["num_tokens"])
         assert row["sampling"].pop("precision") in ("fp32", "bf16")  # --dtype auto: bf16 where the CPU has it
-        assert row["sampling"] == {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "max_new_tokens": 6, "stop": [],
-                                   "seed": 7}
+        assert row["sampling"] == {"engine": "hf", "temperature": 0.7, "top_p": 1.0, "top_k": 0, "max_new_tokens": 6,
+                                   "stop": [], "seed": 7}  # --engine auto: hf on CPU
     assert "sampled 12 responses to 3 prompts" in output
     assert read_candidates(out).records[1].id == "p2"
     again, _ = _sample(tmp_path, tiny_model_dir, out="again.jsonl")

@@ -19,6 +19,7 @@ from preftune.ppo.core import (
     minibatch_shares,
     per_token_rewards,
     policy_loss,
+    truncated_importance_weights,
     value_loss,
     whiten,
 )
@@ -193,6 +194,18 @@ def test_clipped_policy_loss():
     assert close(stats["clipfrac"], 1 / 3)
     assert close(stats["approxkl"], 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2 + math.log(1.1) ** 2) / 3)
     assert close(stats["ratio"], (1.5 + 0.5 + 1.1) / 3)
+
+
+def test_truncated_importance_weights_correct_the_sampler_and_cap():
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
+    sampler = torch.log(torch.tensor([[0.4, 0.05, 0.9]]))
+    weights = truncated_importance_weights(old, sampler, cap=2.0)
+    # pi_old / mu: 0.5 / 0.4 = 1.25; 0.2 / 0.05 = 4 -> capped at 2; 0.9 / 0.9 = 1
+    assert torch.allclose(weights, torch.tensor([[1.25, 2.0, 1.0]]))
+    # in the loss: each token's surrogate scaled by its weight (ratio 1, A = 1: surrogate -1)
+    adv, mask = torch.ones(1, 3), torch.ones(1, 3)
+    loss, _ = policy_loss(old, old, adv, mask, 0.2, weights=weights)
+    assert close(loss, -(1.25 + 2.0 + 1.0) / 3)
 
 
 def test_policy_loss_gradient_vanishes_when_clipped():

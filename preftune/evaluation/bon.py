@@ -21,13 +21,14 @@ from preftune.data.records import prompt_text
 from preftune.errors import PreftuneError
 from preftune.evaluation import report as R
 from preftune.evaluation.config import BonConfig
-from preftune.evaluation.engine import score_all
 from preftune.evaluation.evaluate import prompt_subset
 from preftune.evaluation.gao import best_of_n_expectation, bon_kl, fit_gao, overoptimisation_section
+from preftune.evaluation.harness import score_all
 from preftune.evaluation.judges import is_human
 from preftune.evaluation.stats import bootstrap_mean_ci
+from preftune.models.engines import open_engine
 from preftune.models.generation import SamplingOptions, sample_responses
-from preftune.models.loading import inference_precision, load_causal_lm, set_threads
+from preftune.models.loading import inference_precision, set_threads
 from preftune.scoring import load_scorer
 from preftune.training.checkpoints import seed_everything
 
@@ -64,12 +65,11 @@ def run_bon(cfg: BonConfig, quiet: bool = False) -> dict:
     gold_fn = load_scorer(cfg.gold, cfg.device, cfg.dtype) if cfg.gold else None
     N = max(cfg.n)
     messages = [r.messages for r in records for _ in range(N)]
-    model, tok = load_causal_lm(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    sampler = open_engine(cfg.engine, cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, quiet=quiet)
     options = SamplingOptions(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
-    samples = sample_responses(model, tok, messages, options, generator=gen,
+    samples = sample_responses(sampler, messages, options, generator=torch.Generator().manual_seed(cfg.seed),
                                description=f"sampling {N} per prompt", quiet=quiet)
-    del model
+    sampler.close()
     proxy = np.array(score_all(proxy_fn, messages, samples.texts, cfg.batch_size, "scoring: proxy", quiet))
     gold = (np.array(score_all(gold_fn, messages, samples.texts, cfg.batch_size, "scoring: gold", quiet))
             if gold_fn else None)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from preftune.config import StageConfig
+from preftune.config import EngineName, StageConfig, engine_field
 
 
 class EvalConfig(StageConfig):
+    engine: EngineName = engine_field()
     model: str | None = Field(None, description="Model A to evaluate: a Hugging Face directory, a .gguf file "
                                                 "or smollm2-135m-instruct (not needed with --collect).")
     baseline: str | None = Field(None, description="Model B to compare A with (win rates and KL(A || B) "
@@ -36,6 +37,7 @@ class EvalConfig(StageConfig):
 
 
 class BonConfig(StageConfig):
+    engine: EngineName = engine_field()
     model: str = Field(..., description="Policy to sample from (HF directory, .gguf or smollm2-135m-instruct).")
     reward: str = Field(..., description="Proxy that picks the best of n: a scorer (docs/scoring.md), e.g. a "
                                          "reward-model directory.")
@@ -61,6 +63,7 @@ class BonConfig(StageConfig):
 
 
 class ProbeConfig(StageConfig):
+    engine: EngineName = engine_field()
     model: str = Field(..., description="Model to probe (HF directory, .gguf or smollm2-135m-instruct).")
     baseline: str | None = Field(None, description="The model before tuning, probed the same way for a "
                                                    "before/after table.")

@@ -19,7 +19,7 @@ from preftune.data.records import prompt_text
 from preftune.errors import PreftuneError
 from preftune.evaluation import report as R
 from preftune.evaluation.config import EvalConfig
-from preftune.evaluation.engine import mean_with_ci, sample_models, score_models, win_rate_summary
+from preftune.evaluation.harness import mean_with_ci, sample_models, score_models, win_rate_summary
 from preftune.evaluation.judges import HumanJudge, resolve_judge
 from preftune.evaluation.stats import length_controlled_win_rate, length_stats, mean_and_se, pairwise_outcomes
 from preftune.models.generation import SamplingOptions
@@ -84,7 +84,7 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
     models = {"A": cfg.model, **({"B": cfg.baseline} if cfg.baseline else {})}
     options = SamplingOptions(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
     answers = sample_models(models, messages, options, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
-                            kl_to={"A": "B"} if cfg.baseline else None, quiet=quiet)
+                            engine=cfg.engine, kl_to={"A": "B"} if cfg.baseline else None, quiet=quiet)
     score_models(answers, {s: j for s, j in judges.items() if isinstance(j, Scorer)}, messages, cfg.batch_size,
                  quiet)
     samples_a, samples_b = answers.samples["A"], answers.samples.get("B")

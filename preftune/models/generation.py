@@ -106,8 +106,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: i
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     if uniforms is None:  # one uniform per row; torch.multinomial draws one exponential per logit
-        device = generator.device if generator is not None else probs.device
-        uniforms = torch.rand(probs.shape[0], generator=generator, device=device, dtype=torch.float64)
+        device = generator.device if generator is not None else probs.device  # a CPU stream may drive CUDA sampling
+        uniforms = torch.rand(probs.shape[0], generator=generator, device=device, dtype=torch.float64).to(probs.device)
     return inverse_cdf_sample(probs, uniforms)
 
 
@@ -235,18 +235,18 @@ class Samples:
     batches: list[Generation]
 
 
-def sample_responses(model, tokenizer, prompts: Sequence[Messages], options: SamplingOptions, *,
+def sample_responses(engine, prompts: Sequence[Messages], options: SamplingOptions, *,
                      generator: torch.Generator | None = None, description: str = "sampling",
                      quiet: bool = False, logprobs: bool = False) -> Samples:
-    """One response per prompt, sampled in batches of ``options.batch_size`` (a progress bar)."""
-    encoded = [encode_prompt(tokenizer, m) for m in prompts]
+    """One response per prompt from ``engine`` (``models.engines``), in batches of
+    ``options.batch_size`` (a progress bar)."""
+    encoded = [encode_prompt(engine.tokenizer, m) for m in prompts]
     texts, lengths, ended, batches = [], [], [], []
     with progress_bar(len(encoded), description, disable=quiet) as bar:
         for i in range(0, len(encoded), options.batch_size):
             chunk = encoded[i:i + options.batch_size]
-            gen = generate(model, tokenizer, chunk, max_new_tokens=options.max_new_tokens,
-                           temperature=options.temperature, top_p=options.top_p, generator=generator,
-                           return_logprobs=logprobs)
+            gen = engine.generate(chunk, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                                  top_p=options.top_p, generator=generator, return_logprobs=logprobs)
             texts += gen.texts
             lengths += gen.response_lengths.tolist()
             ended += gen.ended.tolist()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from preftune.config import StageConfig
+from preftune.config import EngineName, StageConfig, engine_field
 
 
 class RunConfig(StageConfig):
@@ -46,5 +46,6 @@ class RunConfig(StageConfig):
                                            "models.")
     probe_questions: int = Field(60, ge=0, description="Questions of the hallucination probe to ask.")
     probe_attacks: int = Field(40, ge=0, description="Adversarial prompts of the safety probe to try.")
+    engine: EngineName = engine_field()
     force: bool = Field(False, description="Re-run every stage, even the ones a previous run finished.")
     batch_size: int = Field(32, ge=1, description="Prompts per generation batch when sampling and evaluating.")

@@ -51,9 +51,9 @@ class Run:
     def stage_config(self, cls, section: str, defaults: dict[str, Any] | None = None, **fixed):
         """Every stage's config, built one way: the stage's own defaults < ``defaults`` (what the
         run chooses, e.g. its response length) < the config file's ``[section]`` table < the run's
-        seed, device, dtype and threads < ``fixed`` (the paths between stages)."""
+        seed, device, dtype, threads and engine < ``fixed`` (the paths between stages)."""
         common = {"seed": self.cfg.seed, "device": self.cfg.device, "dtype": self.cfg.dtype,
-                  "threads": self.cfg.threads}
+                  "threads": self.cfg.threads, "engine": self.cfg.engine}
         return build_config(cls, file=self.config_file, section=section, defaults=defaults,
                             overrides={**{k: v for k, v in common.items() if k in cls.model_fields}, **fixed})
 
@@ -267,12 +267,12 @@ def eval_config(run: Run, prompts: Path):
 
 
 def stage_eval(run: Run, base: str, prompts: Path) -> dict:
-    """Held-out prompts through the evaluation engine: base, SFT and PPO each sample once; the gold
+    """Held-out prompts through the evaluation harness: base, SFT and PPO each sample once; the gold
     and the proxy (the reward model) score every reply; KL of SFT from base and of PPO from SFT on
     the newer model's samples; PPO's win rates over SFT. The ``[eval]`` table of the config file
     sets the sampling and statistics options (``preftune eval --help``)."""
-    from preftune.evaluation.engine import kl_summary, mean_with_ci, sample_models, score_models, win_rate_summary
     from preftune.evaluation.evaluate import prompt_subset
+    from preftune.evaluation.harness import kl_summary, mean_with_ci, sample_models, score_models, win_rate_summary
     from preftune.evaluation.stats import pairwise_outcomes
     from preftune.models.generation import SamplingOptions
     from preftune.scoring import load_scorer
@@ -285,7 +285,7 @@ def stage_eval(run: Run, base: str, prompts: Path) -> dict:
               "proxy": load_scorer(str(run.path("rm")), cfg.device, cfg.dtype)}
     options = SamplingOptions(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
     answers = sample_models(models, messages, options, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
-                            kl_to={"sft": "base", "ppo": "sft"}, quiet=run.quiet)
+                            engine=cfg.engine, kl_to={"sft": "base", "ppo": "sft"}, quiet=run.quiet)
     score_models(answers, judges, messages, cfg.batch_size, quiet=run.quiet)
     scores = answers.scores
     result = {

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from preftune.config import TrainConfig
+from preftune.config import EngineName, TrainConfig, engine_field
 
 
 class PPOConfig(TrainConfig):
@@ -58,6 +58,10 @@ class PPOConfig(TrainConfig):
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     clip_ratio: float = Field(0.2, gt=0, description="PPO policy ratio clip.")
+    sampler_correction_cap: float | None = Field(None, gt=0, description="Truncated importance sampling: weight "
+                                                 "each token's policy loss by min(pi_old / pi_sampler, CAP), "
+                                                 "correcting for an engine that samples slightly differently "
+                                                 "from the trainer (e.g. 2; unset: off).")
     clip_value: float = Field(0.2, gt=0, description="Value clip around the rollout's values.")
     vf_coef: float = Field(0.1, ge=0, description="Value loss coefficient.")
     whiten_rewards: bool = Field(False, description="Whiten per-token rewards (shortens outputs; off by default).")
@@ -71,6 +75,7 @@ class PPOConfig(TrainConfig):
     ptx_data: str | None = Field(None, description="Demonstrations JSONL for the PPO-ptx loss.")
     overopt_drop: float = Field(0.1, gt=0, le=1, description="Warn when the gold reward has lost this share of "
                                                              "its gain while the proxy still rises.")
+    engine: EngineName = engine_field()
     samples: int = Field(4, ge=0, description="Rows per evaluation written to OUT/samples.jsonl (all eval prompts "
                                               "when --eval-prompts is given).")
 

@@ -152,18 +152,31 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
 # ---------------------------------------------------------------- losses
 
 
+def truncated_importance_weights(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """min(pi_old / mu, cap) per token, mu = the sampling engine's probability of the token it drew.
+
+    The policy gradient assumes the tokens came from pi_old; a separate engine (vLLM, another
+    precision) samples from a slightly different mu. Weighting each token's loss by pi_old / mu
+    corrects that, and truncating at ``cap`` bounds the variance (truncated importance sampling,
+    as in verl and TRL)."""
+    return torch.exp(old_logprobs - sampler_logprobs).clamp(max=cap)
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_ratio: float,
-                count: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                mask: torch.Tensor, clip_ratio: float, count: float | torch.Tensor | None = None,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (to minimise) and its diagnostics.
 
-    loss = mean_t max(-A_t * r_t, -A_t * clip(r_t, 1 - eps, 1 + eps)), r_t = pi / pi_old.
-    With ``count`` the loss and diagnostics are this part's share of a mean over ``count`` tokens."""
+    loss = mean_t w_t * max(-A_t * r_t, -A_t * clip(r_t, 1 - eps, 1 + eps)), r_t = pi / pi_old,
+    w_t = ``weights`` (``truncated_importance_weights``; 1 without). With ``count`` the loss and
+    diagnostics are this part's share of a mean over ``count`` tokens."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask, count)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = masked_mean(per_token * weights if weights is not None else per_token, mask, count)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask, count),
                  "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask, count),

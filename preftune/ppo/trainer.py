@@ -39,8 +39,9 @@ import torch
 from preftune.data.batching import collate, count_targets, encode_demonstrations, epoch_order
 from preftune.data.jsonl import read_jsonl, write_json
 from preftune.errors import PreftuneError
+from preftune.models.engines import HFEngine, VLLMEngine, choose_engine
 from preftune.models.generation import Generation, generate, row_seed
-from preftune.models.loading import load_causal_lm, load_tokenizer, same_vocabulary
+from preftune.models.loading import load_causal_lm, load_tokenizer, resolve_model_path, same_vocabulary
 from preftune.models.logits import ResponseLogits, unwrap
 from preftune.models.saving import save_final_model, save_model_copy
 from preftune.ppo.config import PPOConfig
@@ -54,6 +55,7 @@ from preftune.ppo.core import (
     minibatch_shares,
     per_token_rewards,
     policy_loss,
+    truncated_importance_weights,
     value_loss,
     whiten,
 )
@@ -97,6 +99,31 @@ def build_value_function(cfg: PPOConfig, policy, tokenizer, device, compute: str
         raise PreftuneError(f"value model {path}: its tokenizer differs from the policy's; a value model reads the "
                             f"policy's tokens (use --value-model head or policy)")
     return None, load_value_model(path, device, torch.float32, compute)
+
+
+def build_sampler(cfg: PPOConfig, policy, tokenizer, run: TrainingRun) -> HFEngine | VLLMEngine | None:
+    """The engine rollouts sample from, synced after every update; None: the policy itself.
+
+    ``hf`` with LoRA keeps a plain copy with the adapters merged (in the compute precision), which
+    samples without the adapters' extra products (under FSDP the policy samples itself: its weights
+    are sharded); full fine-tuning samples from the policy. ``vllm`` keeps vLLM's own copy."""
+    chosen = choose_engine(cfg.engine, run.precision, run.torch_device)
+    run.say(f"engine: {chosen}" + (" (auto)" if cfg.engine == "auto" else ""))
+    if chosen == "vllm":
+        if run.info.enabled:
+            raise PreftuneError("--engine vllm under torchrun: not supported yet (use --engine hf)")
+        from transformers import AutoConfig
+
+        path = resolve_model_path(cfg.policy)
+        rows, declared = policy.get_input_embeddings().weight.shape[0], AutoConfig.from_pretrained(path).vocab_size
+        if rows != declared:  # vLLM loads the directory; the synced weights must have its shapes
+            raise PreftuneError(f"{cfg.policy}: the embeddings were resized to {rows} rows (a pad token was added), "
+                                f"the directory declares {declared}: vLLM cannot take these weights (use --engine hf)")
+        return VLLMEngine(path, tokenizer, precision=run.precision, device=run.torch_device,
+                          seed=cfg.seed, max_model_len=cfg.max_length)
+    if cfg.lora and not run.sharded:
+        return HFEngine.copy_of(policy, tokenizer, run.weights_dtype(trained=False), run.precision)
+    return None
 
 
 def total_rollout_steps(cfg: PPOConfig, n_prompts: int, world: int = 1) -> int:
@@ -155,10 +182,11 @@ class PPOModels:
     Every pass runs under ``autocast`` (bf16 mixed precision, or nothing in fp32)."""
 
     def __init__(self, policy, reference, value_head, value_model, info: DistInfo, fsdp: bool,
-                 autocast: Callable[[], ContextManager] = nullcontext) -> None:
+                 autocast: Callable[[], ContextManager] = nullcontext, sampler=None) -> None:
         self.policy, self.reference, self.value_head, self.value_model = policy, reference, value_head, value_model
         self.fsdp = info.enabled and fsdp
         self.autocast = autocast
+        self.sampler = sampler  # an engine with its own copy of the weights (see build_sampler), or None
         self.inner = Dispatch(policy=policy, value=value_head if value_head is not None else value_model)
         self.net = distribute(self.inner, policy, info, fsdp)
         self.ref_net = (distribute(Dispatch(reference=reference), reference, info, True)
@@ -172,11 +200,17 @@ class PPOModels:
 
     def sample(self, tokenizer, prompt_ids: list[list[int]], seeds: list[int], cfg: PPOConfig) -> Generation:
         """One response per prompt, each from its own random stream (``seeds``), with the sampler's
-        log-probabilities."""
-        return self.run(lambda: generate(self.policy, tokenizer, prompt_ids, max_new_tokens=cfg.response_length,
-                                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                         stop=cfg.stop, row_seeds=seeds, all_done=self.all_done,
-                                         return_logprobs=True))
+        log-probabilities: from the sampler engine when there is one, else from the policy itself."""
+        options = dict(max_new_tokens=cfg.response_length, temperature=cfg.temperature, top_p=cfg.top_p,
+                       top_k=cfg.top_k, stop=cfg.stop, row_seeds=seeds, return_logprobs=True)
+        if self.sampler is not None:
+            return self.sampler.generate(prompt_ids, **options)
+        return self.run(lambda: generate(self.policy, tokenizer, prompt_ids, all_done=self.all_done, **options))
+
+    def sync_sampler(self) -> None:
+        """After an update: the sampler engine samples from the new weights."""
+        if self.sampler is not None:
+            self.sampler.sync(self.policy)
 
     def policy_pass(self, episodes: Rollout, temperature: float, values: bool = True):
         """(log-probabilities, values or None) of the current policy: the update's own forward, without
@@ -234,7 +268,7 @@ def update_layout(cfg: PPOConfig, step: int, epoch: int, per_rank: int, info: Di
 @torch.no_grad()
 def rollout(models: PPOModels, tokenizer, prompts: list[Prompt], seeds: list[int], reward: Callable,
             cfg: PPOConfig, step: int, info: DistInfo, times: dict) -> tuple[Rollout, torch.Tensor, torch.Tensor, list[str]]:
-    """Phases 1-4: (episodes with the old policy's log-probabilities and values and the reference's
+    """Phases 1-3: (episodes with the old policy's log-probabilities and values and the reference's
     log-probabilities, all computed by the trainer; scores; ended; texts). ``episodes.sampler_logprobs``
     keeps what the sampler reported, for the gap metric."""
     with timed(times, "generation"):
@@ -276,7 +310,7 @@ UPDATE_STATS = ["loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "pol
 
 def ppo_update(models: PPOModels, optimizer, episodes: Rollout, cfg: PPOConfig, step: int,
                ptx: PtxStream | None, info: DistInfo = DistInfo()) -> dict[str, float]:
-    """Phase 6: ppo_epochs x mini_batches optimiser steps; returns the mean diagnostics.
+    """Phase 5: ppo_epochs x mini_batches optimiser steps; returns the mean diagnostics.
 
     The step's episodes form one global batch (rank r holds positions r*B .. r*B+B-1), cut into
     mini-batches by ``update_layout``; each rank computes the members it holds. Every mean is over
@@ -308,7 +342,11 @@ def ppo_update(models: PPOModels, optimizer, episodes: Rollout, cfg: PPOConfig, 
                     logprobs, entropy, values, lm_sum = models.update_forward(part, cfg.temperature, epoch == 0,
                                                                              ptx_batch)
                     mask = part.response_mask
-                    pg_loss, pg = policy_loss(logprobs, part.logprobs, part.advantages, mask, cfg.clip_ratio, tokens)
+                    weights = (truncated_importance_weights(part.logprobs, part.sampler_logprobs,
+                                                            cfg.sampler_correction_cap)
+                               if cfg.sampler_correction_cap else None)
+                    pg_loss, pg = policy_loss(logprobs, part.logprobs, part.advantages, mask, cfg.clip_ratio, tokens,
+                                              weights)
                     vf_loss, vf = value_loss(values, part.values, part.returns, mask, cfg.clip_value, tokens)
                     loss = pg_loss + cfg.vf_coef * vf_loss
                     if lm_sum is not None:
@@ -416,7 +454,8 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
         reference.requires_grad_(False)
     value_head, value_model = build_value_function(cfg, policy, tokenizer, device, run.precision)
     value_module = value_head if value_head is not None else value_model
-    models = PPOModels(policy, reference, value_head, value_model, info, cfg.fsdp, autocast=run.autocast)
+    models = PPOModels(policy, reference, value_head, value_model, info, cfg.fsdp, autocast=run.autocast,
+                       sampler=build_sampler(cfg, policy, tokenizer, run))
     global_batch = run.global_batch
     total_steps = total_rollout_steps(cfg, len(prompts), info.world)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
@@ -431,6 +470,7 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
         monitor.load_state_dict(state["monitor"])
         if ptx is not None:
             ptx.position = state["ptx_position"]
+        models.sync_sampler()  # the checkpoint's weights
     samples_path = run.out / "samples.jsonl"
     if run.is_main:
         keep_rows_up_to(samples_path, run.start_step if state else None)
@@ -463,12 +503,16 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
             with timed(times, "update"):
                 update_stats = ppo_update(models, optimizer, episodes, cfg, step, ptx, info)
             scheduler.step()
+            with timed(times, "sync"):
+                models.sync_sampler()
 
             sampler_gap = ((episodes.sampler_logprobs - episodes.logprobs).abs() * mask).sum()
+            is_weights = (truncated_importance_weights(episodes.logprobs, episodes.sampler_logprobs,
+                                                       cfg.sampler_correction_cap or math.inf) * mask).sum()
             sums = torch.stack([kl.sum(), (-episodes.logprobs * mask).sum(), non_score.sum(), scores.sum(),
                                 (torch.isin(episodes.response_ids, eos_ids) & mask.bool()).sum(),
-                                ended.sum(), mask.sum(), sampler_gap]).double().cpu()
-            kl_sum, entropy_sum, non_score_sum, score_sum, eos_count, ended_count, token_sum, gap_sum = \
+                                ended.sum(), mask.sum(), sampler_gap, is_weights]).double().cpu()
+            kl_sum, entropy_sum, non_score_sum, score_sum, eos_count, ended_count, token_sum, gap_sum, weight_sum = \
                 all_reduce_sum(sums, info).tolist()
             mean_kl = kl_sum / global_batch
             metrics = {
@@ -482,6 +526,8 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
                 "val/ended": ended_count / global_batch,
                 "response_length_mean": token_sum / global_batch,
                 "policy/sampler_logprob_gap": gap_sum / max(token_sum, 1.0),
+                # mean pi_old / pi_sampler per token (truncated at the cap when the correction is on)
+                "policy/sampler_is_weight": weight_sum / max(token_sum, 1.0),
                 "kl_coef": kl_ctl.value,
                 "lr": scheduler.get_last_lr()[0],
             }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from preftune.config import StageConfig
+from preftune.config import EngineName, StageConfig, engine_field
 
 
 class SampleConfig(StageConfig):
@@ -24,3 +24,4 @@ class SampleConfig(StageConfig):
     batch_size: int = Field(16, ge=1, description="Sequences generated together.")
     max_prompt_length: int = Field(512, ge=1, description="Longest prompt in tokens; longer prompts are an "
                                                           "error (or skipped with --skip-invalid).")
+    engine: EngineName = engine_field()

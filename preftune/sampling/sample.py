@@ -25,8 +25,8 @@ from preftune.data.chat import encode_prompt
 from preftune.data.jsonl import read_jsonl, write_jsonl
 from preftune.data.records import PromptRecord, to_json
 from preftune.errors import DataError, PreftuneError
-from preftune.models.generation import generate
-from preftune.models.loading import inference_precision, load_causal_lm, set_threads
+from preftune.models.engines import choose_engine, open_engine
+from preftune.models.loading import inference_precision, resolve_device, set_threads
 from preftune.models.precision import describe
 from preftune.progress import console, progress_bar
 from preftune.sampling.config import SampleConfig
@@ -56,17 +56,20 @@ def sample_candidates(cfg: SampleConfig, quiet: bool = False) -> dict:
     for i, row in enumerate(rows):
         row.setdefault("id", f"prompt-{i}")
     precision = inference_precision(cfg.dtype, cfg.device)
+    engine_name = choose_engine(cfg.engine, precision, resolve_device(cfg.device))  # a missing vLLM fails here
     if not quiet:
         console.print(describe(precision, training=False))
-    sampling = {"precision": precision, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+    sampling = {"precision": precision, "engine": engine_name,
+                "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
                 "max_new_tokens": cfg.max_new_tokens, "stop": cfg.stop, "seed": cfg.seed}
     t0, tokens_total = time.perf_counter(), 0
     too_long: list[str] = []
     with progress_bar(len(cfg.model) * len(prompts) * cfg.n, "sample", disable=quiet) as bar:
         for m, (name, label) in enumerate(zip(cfg.model, labels)):
-            model, tokenizer = load_causal_lm(name, device=cfg.device, dtype=cfg.dtype)
-            device = next(model.parameters()).device
-            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + m)
+            engine = open_engine(cfg.engine, name, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed * 1000 + m,
+                                 max_model_len=cfg.max_prompt_length + cfg.max_new_tokens, quiet=quiet)
+            tokenizer = engine.tokenizer
+            generator = torch.Generator().manual_seed(cfg.seed * 1000 + m)
             encoded = {}
             for i, p in enumerate(prompts):
                 ids = encode_prompt(tokenizer, p.messages)
@@ -81,9 +84,9 @@ def sample_candidates(cfg: SampleConfig, quiet: bool = False) -> dict:
             for start in range(0, len(jobs), cfg.batch_size):
                 batch = jobs[start:start + cfg.batch_size]
                 t_batch = time.perf_counter()
-                gen = generate(model, tokenizer, [encoded[i] for i in batch], max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop=cfg.stop,
-                               generator=generator)
+                gen = engine.generate([encoded[i] for i in batch], max_new_tokens=cfg.max_new_tokens,
+                                      temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop=cfg.stop,
+                                      generator=generator)
                 lengths = gen.response_lengths.tolist()
                 for i, text, ended, length in zip(batch, gen.texts, gen.ended.tolist(), lengths):
                     rows[i]["responses"].append(text)
@@ -92,7 +95,7 @@ def sample_candidates(cfg: SampleConfig, quiet: bool = False) -> dict:
                     rows[i]["num_tokens"].append(int(length))
                 tokens_total += sum(lengths)
                 bar.advance(len(batch), tok_s=round(sum(lengths) / max(time.perf_counter() - t_batch, 1e-9)))
-            del model
+            engine.close()
     if too_long:
         console.print(f"[yellow]skipped {len(too_long)} over-long prompts (once per model), first: {too_long[0]}")
     kept = [{**row, "sampling": sampling} for row in rows if row["responses"]]

@@ -39,8 +39,9 @@ from preftune.evaluation import report as R
 from preftune.evaluation.config import AdversarialConfig
 from preftune.evaluation.probes.common import before_after_table, bundled, read_items, replies, required_string, subset
 from preftune.evaluation.stats import distinct_ngrams, rate_with_ci
+from preftune.models.engines import open_engine
 from preftune.models.generation import SamplingOptions, sample_responses
-from preftune.models.loading import inference_precision, load_causal_lm, set_threads
+from preftune.models.loading import inference_precision, set_threads
 from preftune.training.checkpoints import seed_everything
 
 BENIGN = "benign"
@@ -187,15 +188,15 @@ def first_line(text: str) -> str:
 def red_team(cfg: AdversarialConfig, seeds: list[str], quiet: bool = False) -> tuple[dict, list[dict]]:
     """Generate ``cfg.red_team`` attacks from few-shot ``seeds``, keep those eliciting unsafe replies."""
     rng = random.Random(cfg.seed)
-    attacker, tok = load_causal_lm(cfg.red_team_model or cfg.model, device=cfg.device, dtype=cfg.dtype)
-    gen = torch.Generator(device=next(attacker.parameters()).device).manual_seed(cfg.seed)
     # One user turn per attack: the few-shot list, left open at the next number.
     fewshot = [[{"role": "user", "content": red_team_prompt(rng.sample(seeds, min(cfg.shots, len(seeds))))}]
                for _ in range(cfg.red_team)]
     options = SamplingOptions(max_new_tokens=40, temperature=1.0, top_p=0.95, batch_size=cfg.batch_size)
-    generated = [first_line(t) for t in sample_responses(attacker, tok, fewshot, options, generator=gen,
-                                                         description="red team: writing attacks", quiet=quiet).texts]
-    del attacker
+    with open_engine(cfg.engine, cfg.red_team_model or cfg.model, device=cfg.device, dtype=cfg.dtype,
+                     seed=cfg.seed, quiet=quiet) as attacker:
+        written = sample_responses(attacker, fewshot, options, generator=torch.Generator().manual_seed(cfg.seed),
+                                   description="red team: writing attacks", quiet=quiet).texts
+    generated = [first_line(t) for t in written]
     # Only new attacks count: empty lines and copies of (a part of) a few-shot example are dropped.
     known = [s.strip().lower() for s in seeds]
     attacks = [a for a in generated if a and not any(a.lower() in k or k in a.lower() for k in known)]

@@ -14,8 +14,8 @@ from preftune.data.records import Messages
 from preftune.errors import DataError
 from preftune.evaluation import report as R
 from preftune.evaluation.config import ProbeConfig
+from preftune.models.engines import open_engine
 from preftune.models.generation import SamplingOptions, sample_responses
-from preftune.models.loading import load_causal_lm
 
 
 def bundled(name: str) -> Path:
@@ -59,13 +59,10 @@ def subset(items: list[dict], n: int, seed: int) -> list[dict]:
 def replies(model_path: str, prompts: list[Messages], cfg: ProbeConfig, description: str,
             quiet: bool = False) -> list[str]:
     """One reply per prompt from ``model_path`` (the model is freed afterwards)."""
-    model, tok = load_causal_lm(model_path, device=cfg.device, dtype=cfg.dtype)
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     options = SamplingOptions(cfg.max_new_tokens, cfg.temperature, 1.0, cfg.batch_size)
-    texts = sample_responses(model, tok, prompts, options, generator=gen, description=description,
-                             quiet=quiet).texts
-    del model
-    return texts
+    with open_engine(cfg.engine, model_path, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, quiet=quiet) as sampler:
+        return sample_responses(sampler, prompts, options, generator=torch.Generator().manual_seed(cfg.seed),
+                                description=description, quiet=quiet).texts
 
 
 def before_after_table(after: dict, before: dict | None, keys: list[str]) -> str:

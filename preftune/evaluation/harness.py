@@ -1,13 +1,14 @@
-"""The evaluation engine: several models answer the same prompts, scorers judge every answer.
+"""The evaluation harness: several models answer the same prompts, scorers judge every answer.
 
 ``preftune eval`` runs it on model A and baseline B; the main job on the base, SFT and tuned
 models. The recipe:
 
-1. each model, in order, samples one response per prompt from its own generator seeded with
-   ``seed`` (the same random numbers for every model, so differences come from the models);
+1. each model, in order, samples one response per prompt with the chosen engine
+   (``models.engines``), from its own generator seeded with ``seed`` (the same random numbers for
+   every model, so differences come from the models);
 2. for each ``kl_to`` pair (model -> reference, neighbours in the order), the sampled KL of the
-   model from its reference on the model's own samples, sum_t log p_model - log p_reference
-   (two models in memory at a time);
+   model from its reference on the model's own samples, sum_t log p_model - log p_reference, both
+   from full forward passes (two models in memory at a time);
 3. every judge scores every model's responses.
 
 Summaries with their uncertainty (``mean_with_ci``, ``win_rate_summary``) are what reports show.
@@ -22,6 +23,7 @@ import torch
 
 from preftune.data.records import Messages
 from preftune.evaluation.stats import bootstrap_mean_ci, mean_and_se, sequence_kl, win_rate
+from preftune.models.engines import open_engine
 from preftune.models.generation import Samples, SamplingOptions, response_logprobs, sample_responses
 from preftune.models.loading import load_causal_lm, same_vocabulary
 from preftune.progress import console, progress_bar
@@ -38,17 +40,18 @@ class Answers:
     scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # judge -> model -> per prompt
 
 
-def kl_per_sequence(reference, samples: Samples, temperature: float) -> list[float]:
-    """Sampled KL(model || reference) of each of the model's responses (sampled with log-probs)."""
+def kl_per_sequence(model, reference, samples: Samples, temperature: float) -> list[float]:
+    """Sampled KL(model || reference) of each of the model's responses: both log-probabilities from
+    full forward passes (the same computation on both sides, whatever engine sampled)."""
     kls = []
     for gen in samples.batches:
-        logp_reference = response_logprobs(reference, gen, temperature)
-        kls += sequence_kl(gen.logprobs, logp_reference, gen.response_mask).tolist()
+        kls += sequence_kl(response_logprobs(model, gen, temperature), response_logprobs(reference, gen, temperature),
+                           gen.response_mask).tolist()
     return kls
 
 
 def sample_models(models: dict[str, str], prompts: Sequence[Messages], options: SamplingOptions, *, seed: int,
-                  device: str | None, dtype: str | None, kl_to: dict[str, str] | None = None,
+                  device: str | None, dtype: str | None, engine: str = "auto", kl_to: dict[str, str] | None = None,
                   quiet: bool = False) -> Answers:
     """Steps 1 and 2 of the recipe: ``models`` maps a name to a model path, in sampling order."""
     kl_to = kl_to or {}
@@ -57,29 +60,34 @@ def sample_models(models: dict[str, str], prompts: Sequence[Messages], options: 
         if abs(names.index(name) - names.index(reference)) != 1:
             raise ValueError(f"KL({name} || {reference}): a model and its reference must be neighbours in the order")
     answers = Answers(samples={})
-    previous = None  # (name, model, tokenizer): kept for a KL with the next model
+    previous = None  # (name, transformers model, tokenizer) of the last model, for a KL with the next
     for name in names:
-        model, tokenizer = load_causal_lm(models[name], device=device, dtype=dtype)
-        if previous is not None and kl_to.get(previous[0]) == name:  # KL(previous || this), on previous' samples
-            _measure_kl(answers, previous[0], previous[2], model, tokenizer, options.temperature, name)
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-        answers.samples[name] = sample_responses(model, tokenizer, prompts, options, generator=generator,
-                                                 description=f"sampling {name}", quiet=quiet,
-                                                 logprobs=name in kl_to)
-        if previous is not None and kl_to.get(name) == previous[0]:  # KL(this || previous), on this one's samples
-            _measure_kl(answers, name, tokenizer, previous[1], previous[2], options.temperature, previous[0])
-        previous = (name, model, tokenizer)
+        sampler = open_engine(engine, models[name], device=device, dtype=dtype, seed=seed, quiet=quiet)
+        generator = torch.Generator().manual_seed(seed)  # the same random numbers for every model
+        answers.samples[name] = sample_responses(sampler, prompts, options, generator=generator,
+                                                 description=f"sampling {name}", quiet=quiet)
+        tokenizer, model = sampler.tokenizer, getattr(sampler, "model", None)
+        in_kl = name in kl_to or name in kl_to.values()
+        if model is None and in_kl:  # a vLLM engine: log-probabilities come from the transformers model
+            model, _ = load_causal_lm(models[name], device=device, dtype=dtype)
+        sampler.close()
+        if previous is not None:
+            here = (name, model, tokenizer)
+            for (a, a_model, a_tok), (b, b_model, b_tok) in ((previous, here), (here, previous)):
+                if kl_to.get(a) == b:  # KL(a || b), on a's samples
+                    _measure_kl(answers, a, a_model, a_tok, b, b_model, b_tok, options.temperature)
+        previous = (name, model if in_kl else None, tokenizer)
     return answers
 
 
-def _measure_kl(answers: Answers, name: str, tokenizer, reference, reference_tokenizer, temperature: float,
-                reference_name: str) -> None:
+def _measure_kl(answers: Answers, name: str, model, tokenizer, reference_name: str, reference, reference_tokenizer,
+                temperature: float) -> None:
     if not same_vocabulary(tokenizer, reference_tokenizer):
         note = f"{name} and {reference_name} have different tokenizers: KL({name} || {reference_name}) is not measured"
         answers.kl_notes[name] = note
         console.print(f"[yellow]{note}")
         return
-    answers.kl[name] = kl_per_sequence(reference, answers.samples[name], temperature)
+    answers.kl[name] = kl_per_sequence(model, reference, answers.samples[name], temperature)
 
 
 def score_all(scorer: Scorer, prompts: Sequence[Messages], responses: Sequence[str], batch_size: int,
