@@ -88,8 +88,8 @@ def run_one(model: str, config: str, steps: int, learning: bool, dtype: str = "f
 
     from preftune.data.chat import encode_prompt
     from preftune.models.loading import load_tokenizer
-    from preftune.ppo.config import PPOConfig
-    from preftune.ppo.trainer import train_ppo
+    from preftune.rl.config import PPOConfig
+    from preftune.rl.trainer import train_rl
 
     torch.set_num_threads(2)
     mm = matmul_gflops()
@@ -102,7 +102,7 @@ def run_one(model: str, config: str, steps: int, learning: bool, dtype: str = "f
                         out=str(Path(tmp) / "out"), steps=1 + steps, dtype=dtype, engine=engine, **WORKLOAD,
                         **overrides)
         reward = vader_positive if learning else peer_reward_model(d / "rm")
-        train_ppo(cfg, reward_fn=reward, quiet=True)
+        train_rl(cfg, reward_fn=reward, quiet=True)
         rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     measured = rows[1:]
     total = sum(r["time/step"] for r in measured)

@@ -42,7 +42,7 @@ def cli() -> None:
     """preftune: tune language models to human preferences.
 
     \b
-    The loop:  sft -> sample -> label/annotate -> reward -> ppo (or dpo, bon) -> eval, probe
+    The loop:  sft -> sample -> label/annotate -> reward -> ppo, rloo, grpo, reinforce (or dpo, bon) -> eval, probe
     `preftune run` runs the whole loop from one config file and writes a report.
     Run `preftune COMMAND --help` for the options of each stage."""
 
@@ -54,12 +54,12 @@ from preftune.dpo.cli import register as _register_dpo  # noqa: E402
 from preftune.evaluation.cli import register as _register_evaluation  # noqa: E402
 from preftune.feedback.cli import annotate  # noqa: E402  (light: the app loads on first use)
 from preftune.pipeline.cli import register as _register_run  # noqa: E402
-from preftune.ppo.cli import register as _register_ppo  # noqa: E402
 from preftune.reward.cli import register as _register_reward  # noqa: E402
+from preftune.rl.cli import register as _register_rl  # noqa: E402
 from preftune.sampling.cli import register as _register_sample  # noqa: E402
 from preftune.sft.cli import register as _register_sft  # noqa: E402
 
-for _register in (_register_sft, _register_sample, _register_label, _register_reward, _register_ppo,
+for _register in (_register_sft, _register_sample, _register_label, _register_reward, _register_rl,
                   _register_dpo, _register_evaluation, _register_run):
     _register(cli, CONFIG_HELP)
 cli.add_command(annotate)

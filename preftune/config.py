@@ -191,8 +191,10 @@ def config_options(cls: type[BaseModel], skip: tuple[str, ...] = ()):
                 option = click.option(f"--{flag}", name, default=None, metavar="A,B,...", help=help_text,
                                       callback=lambda _c, _p, v: None if v is None else
                                       [s.strip() for s in v.split(",") if s.strip()])
-            else:
-                option = click.option(f"--{flag}", name, default=None, type=_click_type(field.annotation),
+            else:  # a field may name other spellings users know it by (``json_schema_extra={"flags": [...]}``)
+                extra = (field.json_schema_extra or {}).get("flags", []) if isinstance(field.json_schema_extra,
+                                                                                       dict) else []
+                option = click.option(f"--{flag}", *extra, name, default=None, type=_click_type(field.annotation),
                                       help=help_text)
             func = option(func)
         return func

@@ -16,7 +16,7 @@ LAYERS = [
     {"data"},
     {"models"},
     {"scoring", "training"},
-    {"sft", "sampling", "annotators", "reward", "ppo", "dpo", "evaluation", "feedback"},
+    {"sft", "sampling", "annotators", "reward", "rl", "dpo", "evaluation", "feedback"},
     {"pipeline"},
     {"cli"},
     {"__main__"},

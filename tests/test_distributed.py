@@ -262,13 +262,13 @@ def test_ppo_two_ranks_match_one_rank_with_double_batch(tmp_path, tiny_model_dir
     """Full fine-tuning (a frozen reference copy), uneven mini-batch shares (3 mini-batches of 8
     episodes), micro-batches on the 2 ranks only, reward whitening, the adaptive KL controller and
     the held-out evaluation with a gold reward."""
-    from preftune.ppo.config import PPOConfig
-    from preftune.ppo.trainer import train_ppo
+    from preftune.rl.config import PPOConfig
+    from preftune.rl.trainer import train_rl
 
     common = dict(lora=False, mini_batches=3, whiten_rewards=True, adaptive_kl=True, kl_horizon=64)
     launch(2, cli_args("ppo", ppo_options(tiny_model_dir, ppo_files, tmp_path / "two", 4, grad_accum=2,
                                           save_every=2, **common)))
-    train_ppo(PPOConfig(**ppo_options(tiny_model_dir, ppo_files, tmp_path / "one", 8, **common)), quiet=True)
+    train_rl(PPOConfig(**ppo_options(tiny_model_dir, ppo_files, tmp_path / "one", 8, **common)), quiet=True)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["world_size"] == 2 and len(set(two["rank_param_checksums"])) == 1
     assert_curves_close(tmp_path / "two", tmp_path / "one")
@@ -282,7 +282,7 @@ def test_ppo_two_ranks_match_one_rank_with_double_batch(tmp_path, tiny_model_dir
     assert_weights_close(tmp_path / "two", tmp_path / "one", atol=1e-5)
 
     resume_on_one_rank(tmp_path / "two", tmp_path / "resumed", 2)
-    train_ppo(PPOConfig(**ppo_options(tiny_model_dir, ppo_files, tmp_path / "resumed", 8, resume=True, **common)),
+    train_rl(PPOConfig(**ppo_options(tiny_model_dir, ppo_files, tmp_path / "resumed", 8, resume=True, **common)),
               quiet=True)
     assert_weights_close(tmp_path / "resumed", tmp_path / "one", atol=1e-5)
 
@@ -290,14 +290,31 @@ def test_ppo_two_ranks_match_one_rank_with_double_batch(tmp_path, tiny_model_dir
 def test_ppo_fsdp_with_lora_matches_one_rank(tmp_path, tiny_model_dir, ppo_files):
     """FSDP2 + LoRA: sampling, the reference (adapters disabled) and the update all run through the
     sharded model; the best-gold policy and the final one are gathered to rank 0."""
-    from preftune.ppo.config import PPOConfig
-    from preftune.ppo.trainer import train_ppo
+    from preftune.rl.config import PPOConfig
+    from preftune.rl.trainer import train_rl
 
     common = dict(lora=True, lora_r=4)
     launch(2, cli_args("ppo", ppo_options(tiny_model_dir, ppo_files, tmp_path / "fsdp", 4, fsdp=True, save_every=2,
                                           **common)))
-    train_ppo(PPOConfig(**ppo_options(tiny_model_dir, ppo_files, tmp_path / "one", 8, **common)), quiet=True)
+    train_rl(PPOConfig(**ppo_options(tiny_model_dir, ppo_files, tmp_path / "one", 8, **common)), quiet=True)
     assert_curves_close(tmp_path / "fsdp", tmp_path / "one")
     assert_weights_close(tmp_path / "fsdp", tmp_path / "one", atol=1e-5)
     assert_weights_close(tmp_path / "fsdp" / "best", tmp_path / "one" / "best", atol=1e-5)
     assert (tmp_path / "fsdp" / "checkpoints" / "step-000002" / "policy.safetensors").exists()
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("rloo", dict(samples_per_prompt=2, normalize_advantages=True)),  # batch-wide whitening across ranks
+    ("grpo", dict(samples_per_prompt=2, scale_rewards="batch", loss_type="grpo", dynamic_sampling=True)),
+])
+def test_critic_free_two_ranks_match_one_rank_with_double_batch(method, extra, tmp_path, tiny_model_dir, ppo_files):
+    """RLOO and GRPO: each rank samples whole groups (K samples of its prompts); batch statistics
+    (advantage whitening, the batch std, dropped groups) and every loss mean are over both ranks."""
+    from preftune.rl.config import ALGORITHMS
+    from preftune.rl.trainer import train_rl
+
+    common = dict(lora=False, mini_batches=3, **extra)
+    launch(2, cli_args(method, ppo_options(tiny_model_dir, ppo_files, tmp_path / "two", 4, grad_accum=2, **common)))
+    train_rl(ALGORITHMS[method](**ppo_options(tiny_model_dir, ppo_files, tmp_path / "one", 8, **common)), quiet=True)
+    assert_curves_close(tmp_path / "two", tmp_path / "one")
+    assert_weights_close(tmp_path / "two", tmp_path / "one", atol=1e-5)

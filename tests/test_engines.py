@@ -176,9 +176,9 @@ def e_count(prompts, responses):
 '''
 PPO_RUN = """
 import json, sys
-from preftune.ppo.config import PPOConfig
-from preftune.ppo.trainer import train_ppo
-train_ppo(PPOConfig(**json.loads(sys.argv[1])), quiet=True)
+from preftune.rl.config import PPOConfig
+from preftune.rl.trainer import train_rl
+train_rl(PPOConfig(**json.loads(sys.argv[1])), quiet=True)
 """
 
 

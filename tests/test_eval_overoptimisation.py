@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 from preftune.evaluation.gao import overoptimisation_section
-from preftune.ppo.config import PPOConfig
-from preftune.ppo.trainer import train_ppo
+from preftune.rl.config import PPOConfig
+from preftune.rl.trainer import train_rl
 from preftune.training.monitor import overoptimisation_alert
 from tests.conftest import write_lines
 
@@ -34,7 +34,7 @@ def test_flawed_proxy_without_kl_is_over_optimised_and_the_monitor_fires(tiny_mo
                         gold=f"{tmp_path}/rewards.py:gold", prompts=str(prompts), eval_prompts=str(held),
                         out=str(tmp_path / "out"), steps=30, eval_every=3, batch_size=8, response_length=8,
                         temperature=1.0, lora=False, lr=3e-3, threads=1, kl_coef=0.0)
-    train_ppo(cfg, quiet=True)
+    train_rl(cfg, quiet=True)
     rows = [json.loads(l) for l in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r.get("eval/gold") is not None]
     gold = [r["eval/gold"] for r in evals]

@@ -13,10 +13,10 @@ from preftune.data.chat import encode_prompt
 from preftune.errors import DataError, PreftuneError
 from preftune.models.generation import generate, inverse_cdf_sample, row_seed
 from preftune.models.loading import load_causal_lm
-from preftune.ppo.config import PPOConfig
-from preftune.ppo.models import ValueHead, reference_mode
-from preftune.ppo.rollout import Rollout, policy_forward, prompt_indices
-from preftune.ppo.trainer import train_ppo
+from preftune.rl.config import PPOConfig
+from preftune.rl.models import ValueHead, reference_mode
+from preftune.rl.rollout import Rollout, policy_forward, prompt_indices
+from preftune.rl.trainer import train_rl
 from preftune.training.monitor import OveroptimisationMonitor
 from tests.conftest import write_lines
 
@@ -155,7 +155,7 @@ def test_prompt_indices_cover_each_epoch_and_split_ranks():
 def test_ppo_raises_the_reward_and_writes_a_plain_model(tiny_model_dir, files):
     tmp, prompts, rewards = files
     cfg = config(tiny_model_dir, tmp, prompts, rewards, steps=24, eval_every=12)
-    train_ppo(cfg, quiet=True)
+    train_rl(cfg, quiet=True)
     rows = read_metrics(cfg.out)
     scores = [r["objective/scores"] for r in rows]
     first, last = sum(scores[:4]) / 4, sum(scores[-4:]) / 4
@@ -183,7 +183,7 @@ def test_adaptive_kl_controller_holds_kl_near_target(tiny_model_dir, files):
     tmp, prompts, rewards = files
     cfg = config(tiny_model_dir, tmp, prompts, rewards, steps=40, reward=f"{rewards}:e_tenth", kl_coef=0.1,
                  adaptive_kl=True, kl_target=4.0, kl_horizon=8, kl_warn=0)
-    train_ppo(cfg, quiet=True)
+    train_rl(cfg, quiet=True)
     rows = read_metrics(cfg.out)
     betas = [r["kl_coef"] for r in rows]
     lowest = betas.index(min(betas))
@@ -196,7 +196,7 @@ def test_adaptive_kl_controller_holds_kl_near_target(tiny_model_dir, files):
 def test_lora_reference_is_the_sft_model_with_adapters_disabled(tiny_model_dir, files):
     tmp, prompts, rewards = files
     cfg = config(tiny_model_dir, tmp, prompts, rewards, steps=3, lora=True, lr=1e-2)
-    train_ppo(cfg, quiet=True)
+    train_rl(cfg, quiet=True)
     rows = read_metrics(cfg.out)
     assert abs(rows[0]["objective/kl"]) < 1e-4  # adapters start at zero: policy == reference
     assert rows[-1]["objective/kl"] != rows[0]["objective/kl"]
@@ -225,7 +225,7 @@ def test_separate_value_model_and_ptx(tiny_model_dir, files):
     demos = write_lines(tmp / "demos.jsonl", [{"prompt": "hi", "completion": "good day"}] * 4)
     cfg = config(tiny_model_dir, tmp, prompts, rewards, steps=2, value_model="policy", ptx_coef=0.5,
                  ptx_data=str(demos), missing_eos_penalty=-1.0)
-    train_ppo(cfg, quiet=True)
+    train_rl(cfg, quiet=True)
     rows = read_metrics(cfg.out)
     assert "loss/ptx_avg" in rows[-1] and rows[-1]["time/old_and_reference"] > 0
     # no response of the random tiny model ends within 8 tokens: all get the penalty
@@ -235,7 +235,7 @@ def test_separate_value_model_and_ptx(tiny_model_dir, files):
 def test_value_model_from_a_reward_model_keeps_its_score_head(tiny_model_dir, files):
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from preftune.ppo.models import load_value_model
+    from preftune.rl.models import load_value_model
 
     tmp, prompts, rewards = files
     config_ = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)
@@ -246,7 +246,7 @@ def test_value_model_from_a_reward_model_keeps_its_score_head(tiny_model_dir, fi
     value = load_value_model(tmp / "rm", "cpu", torch.float32)
     assert torch.equal(value.head.linear.weight, rm.score.weight)
     cfg = config(tiny_model_dir, tmp, prompts, rewards, steps=1, value_model=str(tmp / "rm"))
-    train_ppo(cfg, quiet=True)
+    train_rl(cfg, quiet=True)
     assert read_metrics(cfg.out)[0]["loss/value_avg"] > 0
 
 
@@ -257,10 +257,10 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, files):
     tmp, prompts, rewards = files
     common = dict(steps=6, save_every=3, adaptive_kl=True, kl_horizon=64, lora=True, lr=1e-2)
     straight = config(tiny_model_dir, tmp, prompts, rewards, out=str(tmp / "straight"), **common)
-    train_ppo(straight, quiet=True)
+    train_rl(straight, quiet=True)
     broken = config(tiny_model_dir, tmp, prompts, rewards, out=str(tmp / "broken"), **common)
-    assert train_ppo(broken, stop_after=4, quiet=True) == {"stopped_at": 4}  # step 4 is lost with the crash
-    train_ppo(broken.model_copy(update={"resume": True}), quiet=True)
+    assert train_rl(broken, stop_after=4, quiet=True) == {"stopped_at": 4}  # step 4 is lost with the crash
+    train_rl(broken.model_copy(update={"resume": True}), quiet=True)
 
     def comparable(out):
         return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "eps"} for r in read_metrics(out)]
@@ -278,15 +278,15 @@ def test_over_long_prompt_names_its_line_or_is_truncated(tiny_model_dir, files):
     prompts = write_lines(tmp / "long.jsonl", [{"prompt": "short"}, {"prompt": "word " * 200}])
     cfg = config(tiny_model_dir, tmp, prompts, rewards, steps=1, max_length=64)
     with pytest.raises(DataError, match=r"long.jsonl:2: prompt is \d+ tokens"):
-        train_ppo(cfg, quiet=True)
-    train_ppo(cfg.model_copy(update={"truncate": True}), quiet=True)
+        train_rl(cfg, quiet=True)
+    train_rl(cfg.model_copy(update={"truncate": True}), quiet=True)
 
 
 def test_empty_prompt_is_an_error_naming_the_line(tiny_model_dir, files):
     tmp, _, rewards = files
     prompts = write_lines(tmp / "empty.jsonl", [{"prompt": "fine"}, {"prompt": "  "}])
     with pytest.raises(DataError, match="empty.jsonl:2"):
-        train_ppo(config(tiny_model_dir, tmp, prompts, rewards, steps=1), quiet=True)
+        train_rl(config(tiny_model_dir, tmp, prompts, rewards, steps=1), quiet=True)
 
 
 @pytest.mark.parametrize("name, message", [("nan_reward", r"nan_reward returned nan"),
@@ -294,13 +294,13 @@ def test_empty_prompt_is_an_error_naming_the_line(tiny_model_dir, files):
 def test_bad_reward_function_is_named(tiny_model_dir, files, name, message):
     tmp, prompts, rewards = files
     with pytest.raises(PreftuneError, match=message):
-        train_ppo(config(tiny_model_dir, tmp, prompts, rewards, steps=1, reward=f"{rewards}:{name}"), quiet=True)
+        train_rl(config(tiny_model_dir, tmp, prompts, rewards, steps=1, reward=f"{rewards}:{name}"), quiet=True)
 
 
 def test_kl_stop_ends_the_run_with_a_reason(tiny_model_dir, files):
     tmp, prompts, rewards = files
     cfg = config(tiny_model_dir, tmp, prompts, rewards, steps=30, lr=3e-2, kl_coef=0.0, kl_stop=2.0)
-    summary = train_ppo(cfg, quiet=True)
+    summary = train_rl(cfg, quiet=True)
     assert "passed --kl-stop" in summary["stopped"]
     assert len(read_metrics(cfg.out)) < 30
     assert (Path(cfg.out) / "config.json").exists()
@@ -314,7 +314,7 @@ def test_eval_prompts_gold_and_best_checkpoint(tiny_model_dir, files):
     held = write_lines(tmp / "held.jsonl", [{"prompt": "Tell me about the sea."}, {"prompt": "And the sky?"}])
     cfg = config(tiny_model_dir, tmp, prompts, rewards, steps=4, eval_every=2, eval_prompts=str(held),
                  gold=f"{rewards}:length")
-    train_ppo(cfg, quiet=True)
+    train_rl(cfg, quiet=True)
     evals = [r for r in read_metrics(cfg.out) if "eval/gold" in r]
     assert [r["step"] for r in evals] == [2, 4]
     assert all(r["eval/sqrt_kl"] == pytest.approx(math.sqrt(max(r["eval/kl"], 0))) for r in evals)

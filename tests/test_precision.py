@@ -12,9 +12,9 @@ from preftune.errors import ConfigError
 from preftune.models.logits import token_logprobs
 from preftune.models.precision import cpu_has_bf16, resolve_precision
 from preftune.models.reward_model import RewardModel
-from preftune.ppo.config import PPOConfig
-from preftune.ppo.models import ValueHead
-from preftune.ppo.trainer import train_ppo
+from preftune.rl.config import PPOConfig
+from preftune.rl.models import ValueHead
+from preftune.rl.trainer import train_rl
 from preftune.reward.config import RewardConfig
 from preftune.reward.trainer import train_reward
 from preftune.sft.config import SFTConfig
@@ -155,7 +155,7 @@ def _rows(cfg) -> list[dict]:
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_ppo_ratio_is_exactly_one_at_the_first_minibatch_and_lora_kl_starts_at_zero(tmp_path, tiny_model_dir, dtype):
     cfg = _ppo(tmp_path, tiny_model_dir, dtype, steps=3, dtype=dtype, lora=True)
-    train_ppo(cfg, quiet=True)
+    train_rl(cfg, quiet=True)
     rows = _rows(cfg)
     # the old log-probabilities are the trainer's own: the first mini-batch's ratio is 1, exactly
     assert [r["val/ratio_first_max_dev"] for r in rows] == [0.0, 0.0, 0.0]
@@ -171,7 +171,7 @@ def test_ppo_in_bf16_learns_as_in_fp32(tmp_path, tiny_model_dir):
     scores = {}
     for dtype in ("fp32", "bf16"):
         cfg = _ppo(tmp_path, tiny_model_dir, f"learn-{dtype}", steps=24, dtype=dtype, lora=False)
-        train_ppo(cfg, quiet=True)
+        train_rl(cfg, quiet=True)
         rows = _rows(cfg)
         assert all(math.isfinite(r["objective/kl"]) for r in rows)
         s = [r["objective/scores"] for r in rows]

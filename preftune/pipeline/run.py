@@ -246,13 +246,13 @@ def gold_on_held_out(cfg, gold: str) -> dict:
 
 
 def stage_ppo(run: Run, prompts: dict[str, Path]) -> dict:
-    from preftune.ppo.config import PPOConfig
-    from preftune.ppo.trainer import train_ppo
+    from preftune.rl.config import PPOConfig
+    from preftune.rl.trainer import train_rl
 
     monitor = {"eval_prompts": str(prompts["monitor"]), "gold": run.cfg.gold} if run.cfg.monitor_prompts else {}
     cfg = run.stage_config(PPOConfig, "ppo", policy=str(run.path("sft")), reward=str(run.path("rm")),
                            prompts=str(prompts["ppo"]), out=str(run.path("ppo")), **monitor)
-    return train_ppo(cfg, quiet=run.quiet)
+    return train_rl(cfg, quiet=run.quiet)
 
 
 def eval_config(run: Run, prompts: Path):

@@ -1,17 +1,23 @@
-"""PPO against a reward, with a KL leash to the SFT model: a thin loop over ``core``'s functions.
+"""Online RL against a reward, with a KL leash to the SFT model: PPO, RLOO, GRPO and REINFORCE++ as
+one thin loop over ``core``'s functions; the methods differ only in phase 4 and in the loss of phase 5.
 
 One step (CleanRL style, every phase named and timed):
 
-1. **generation** -- sample one response per prompt with the KV cache (the sampler's
-   log-probabilities are kept only to measure how far they are from the trainer's);
+1. **generation** -- sample ``samples_per_prompt`` responses per prompt (PPO: one) with the
+   engine (the sampler's log-probabilities are kept only to measure how far they are from the
+   trainer's);
 2. **scoring** -- the reward on the decoded text (any tokenizer), or ``missing_eos_penalty``;
 3. **old and reference** -- the trainer's own forward passes, in the micro-batches of the first
-   update epoch: the old policy's log-probabilities (under logits / temperature) and values, and
-   the reference's log-probabilities (LoRA: adapters disabled). The update's first mini-batch sees
-   the same numbers again, so its ratio is exactly 1;
-4. **advantages** -- per-token rewards ``-beta * KL_t`` + score at the last token, GAE, whitening;
-5. **update** -- ``ppo_epochs`` passes over ``mini_batches`` shuffled mini-batches: clipped policy
-   loss + ``vf_coef`` * clipped value loss (+ ``ptx_coef`` * LM loss on ``ptx_data``).
+   update epoch: the old policy's log-probabilities (under logits / temperature) and values (PPO),
+   and the reference's log-probabilities (LoRA: adapters disabled). The update's first mini-batch
+   sees the same numbers again, so its ratio is exactly 1;
+4. **advantages** (``advantages``) -- PPO: per-token rewards ``-beta * KL_t`` + score at the last
+   token, GAE, whitening. RLOO: the sequence reward (score - beta * KL) minus the mean of the other
+   samples of its prompt. GRPO: the reward centred on its prompt's group and scaled by the group's
+   (or batch's) std. REINFORCE++: PPO's per-token rewards, returns to go, whitened over the batch;
+5. **update** -- ``ppo_epochs`` passes over ``mini_batches`` shuffled mini-batches: the clipped
+   policy loss (RLOO: the whole response as one action) + ``vf_coef`` * clipped value loss (PPO) +
+   ``beta`` * KL (``kl_in = "loss"``) + ``ptx_coef`` * LM loss on ``ptx_data``.
 
 Every forward pass runs under the run's precision (bf16 autocast with fp32 master weights, or fp32);
 log-probabilities, values, losses and advantages are fp32 either way.
@@ -44,23 +50,32 @@ from preftune.models.generation import Generation, generate, row_seed
 from preftune.models.loading import load_causal_lm, load_tokenizer, resolve_model_path, same_vocabulary
 from preftune.models.logits import ResponseLogits, unwrap
 from preftune.models.saving import save_final_model, save_model_copy
-from preftune.ppo.config import PPOConfig
-from preftune.ppo.core import (
+from preftune.rl.config import CriticFreeConfig, GRPOConfig, OnlineRLConfig, PPOConfig, RLOOConfig
+from preftune.rl.core import (
     AdaptiveKLController,
+    Aggregation,
     FixedKLController,
+    aggregate,
+    discounted_returns,
     final_scores,
     gae_advantages,
+    group_advantages,
     kl_penalty,
+    leave_one_out_advantages,
     masked_mean,
+    masked_sum_rows,
     minibatch_shares,
     per_token_rewards,
     policy_loss,
+    sequence_policy_loss,
+    sequence_to_tokens,
     truncated_importance_weights,
     value_loss,
+    varied_groups,
     whiten,
 )
-from preftune.ppo.models import ValueHead, load_value_model, reference_mode
-from preftune.ppo.rollout import Prompt, Rollout, load_prompts, policy_forward, prompt_indices, value_forward
+from preftune.rl.models import ValueHead, load_value_model, reference_mode
+from preftune.rl.rollout import Prompt, Rollout, load_prompts, policy_forward, prompt_indices, value_forward
 from preftune.scoring import load_scorer, scorer_from_function, single_reward_model
 from preftune.training.distributed import (
     DistInfo,
@@ -81,9 +96,11 @@ from preftune.training.scaffold import TrainingRun, keep_rows_up_to, timed, trai
 # ---------------------------------------------------------------- set-up
 
 
-def build_value_function(cfg: PPOConfig, policy, tokenizer, device, compute: str = "fp32"):
-    """(value_head, value_model): exactly one is not None (see ``preftune.ppo.models``). Both train,
-    so their weights are fp32 (the master weights of mixed precision)."""
+def build_value_function(cfg: OnlineRLConfig, policy, tokenizer, device, compute: str = "fp32"):
+    """(value_head, value_model): for PPO exactly one is not None (see ``preftune.rl.models``); both
+    train, so their weights are fp32 (the master weights of mixed precision). Critic-free: neither."""
+    if not isinstance(cfg, PPOConfig):
+        return None, None
     if cfg.value_model == "head":
         return ValueHead(unwrap(policy).config.hidden_size).to(device=device, dtype=torch.float32), None
     if cfg.value_model == "policy":
@@ -101,7 +118,7 @@ def build_value_function(cfg: PPOConfig, policy, tokenizer, device, compute: str
     return None, load_value_model(path, device, torch.float32, compute)
 
 
-def build_sampler(cfg: PPOConfig, policy, tokenizer, run: TrainingRun) -> HFEngine | VLLMEngine | None:
+def build_sampler(cfg: OnlineRLConfig, policy, tokenizer, run: TrainingRun) -> HFEngine | VLLMEngine | None:
     """The engine rollouts sample from, synced after every update; None: the policy itself.
 
     ``hf`` with LoRA keeps a plain copy with the adapters merged (in the compute precision), which
@@ -126,8 +143,14 @@ def build_sampler(cfg: PPOConfig, policy, tokenizer, run: TrainingRun) -> HFEngi
     return None
 
 
-def total_rollout_steps(cfg: PPOConfig, n_prompts: int, world: int = 1) -> int:
-    steps = cfg.steps or math.ceil(cfg.epochs * n_prompts / (cfg.batch_size * world))
+def samples_per_prompt(cfg: OnlineRLConfig) -> int:
+    """K: responses sampled per prompt (PPO: 1)."""
+    return cfg.samples_per_prompt if isinstance(cfg, CriticFreeConfig) else 1
+
+
+def total_rollout_steps(cfg: OnlineRLConfig, n_prompts: int, world: int = 1) -> int:
+    prompts_per_step = cfg.batch_size // samples_per_prompt(cfg) * world
+    steps = cfg.steps or math.ceil(cfg.epochs * n_prompts / prompts_per_step)
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
@@ -135,7 +158,7 @@ class PtxStream:
     """Endless shuffled stream of demonstrations for the PPO-ptx loss (every rank holds all of them
     and advances the same position)."""
 
-    def __init__(self, cfg: PPOConfig, tokenizer) -> None:
+    def __init__(self, cfg: OnlineRLConfig, tokenizer) -> None:
         demos = read_jsonl(cfg.ptx_data, "demonstrations", skip_invalid=cfg.skip_invalid).records
         self.examples, _ = encode_demonstrations(demos, tokenizer, cfg.max_length, cfg.truncate, cfg.skip_invalid)
         if not self.examples:
@@ -198,7 +221,7 @@ class PPOModels:
         with self.autocast():
             return self.net(fn, *args) if self.fsdp else fn(*args)
 
-    def sample(self, tokenizer, prompt_ids: list[list[int]], seeds: list[int], cfg: PPOConfig) -> Generation:
+    def sample(self, tokenizer, prompt_ids: list[list[int]], seeds: list[int], cfg: OnlineRLConfig) -> Generation:
         """One response per prompt, each from its own random stream (``seeds``), with the sampler's
         log-probabilities: from the sampler engine when there is one, else from the policy itself."""
         options = dict(max_new_tokens=cfg.response_length, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -234,15 +257,19 @@ class PPOModels:
         with self.autocast():
             return self.ref_net(fn) if self.ref_net is not None else fn()
 
+    @property
+    def has_values(self) -> bool:
+        return self.value_head is not None or self.value_model is not None
+
     def update_forward(self, part: Rollout, temperature: float, with_entropy: bool, ptx_batch: dict | None):
-        """The update's pass (with gradients, through DDP/FSDP): (log-probs, entropy or None, values,
-        summed PPO-ptx LM loss or None)."""
+        """The update's pass (with gradients, through DDP/FSDP): (log-probs, entropy or None, values or
+        None (critic-free), summed PPO-ptx LM loss or None)."""
         with self.autocast():
             return self.net(self._update_pass, part, temperature, with_entropy, ptx_batch)
 
     def _update_pass(self, part, temperature, with_entropy, ptx_batch):
         out = policy_forward(self.policy, part, temperature, self.value_head, with_entropy=with_entropy)
-        values = out.values if self.value_head is not None else value_forward(self.value_model, part)
+        values = value_forward(self.value_model, part) if self.value_model is not None else out.values
         lm_sum = None
         if ptx_batch is not None:
             lm_sum, _ = lm_loss_sum(ResponseLogits(self.policy), ptx_batch, part.logprobs.device)
@@ -252,7 +279,7 @@ class PPOModels:
 # ---------------------------------------------------------------- the loop's phases
 
 
-def update_layout(cfg: PPOConfig, step: int, epoch: int, per_rank: int, info: DistInfo) -> list[tuple[list[int], list[list[int]]]]:
+def update_layout(cfg: OnlineRLConfig, step: int, epoch: int, per_rank: int, info: DistInfo) -> list[tuple[list[int], list[list[int]]]]:
     """The mini-batches of one PPO epoch: (members as positions in the step's global batch, this
     rank's micro-batches as local indices). The permutation is seeded from (seed, step, epoch), the
     same on every rank; see ``core.minibatch_shares``."""
@@ -267,7 +294,7 @@ def update_layout(cfg: PPOConfig, step: int, epoch: int, per_rank: int, info: Di
 
 @torch.no_grad()
 def rollout(models: PPOModels, tokenizer, prompts: list[Prompt], seeds: list[int], reward: Callable,
-            cfg: PPOConfig, step: int, info: DistInfo, times: dict) -> tuple[Rollout, torch.Tensor, torch.Tensor, list[str]]:
+            cfg: OnlineRLConfig, step: int, info: DistInfo, times: dict) -> tuple[Rollout, torch.Tensor, torch.Tensor, list[str]]:
     """Phases 1-3: (episodes with the old policy's log-probabilities and values and the reference's
     log-probabilities, all computed by the trainer; scores; ended; texts). ``episodes.sampler_logprobs``
     keeps what the sampler reported, for the gap metric."""
@@ -295,22 +322,68 @@ def trainer_view(models: PPOModels, episodes: Rollout, layout, temperature: floa
         for part_index in parts:
             index = torch.tensor(part_index or [0], device=mask.device)  # an empty share still runs (collectives)
             part = episodes.subset(index)
-            lp, v = models.policy_pass(part, temperature)
+            lp, v = models.policy_pass(part, temperature, values=models.has_values)
             ref = models.reference_logprobs(part, temperature)
             if part_index:
                 width = part.response_mask.shape[1]
-                logprobs[index, :width], ref_logprobs[index, :width], values[index, :width] = lp, ref, v
+                logprobs[index, :width], ref_logprobs[index, :width] = lp, ref
+                if v is not None:
+                    values[index, :width] = v
     episodes.sampler_logprobs, episodes.logprobs = episodes.logprobs, logprobs
-    episodes.ref_logprobs, episodes.values = ref_logprobs, values
+    episodes.ref_logprobs, episodes.values = ref_logprobs, values if models.has_values else None
+
+
+def advantages(cfg: OnlineRLConfig, episodes: Rollout, scores: torch.Tensor, kl: torch.Tensor, kl_coef: float,
+               reduce) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, dict[str, float]]:
+    """Phase 4: (per-token advantages [B, T], PPO's returns or None, the KL part of the reward [B, T],
+    metrics of the phase). ``kl`` is the per-token KL estimate (masked); it enters the reward unless
+    the method's KL acts in the loss (``kl_in = "loss"``). Statistics over the batch use every rank's
+    episodes (``reduce``); groups of K samples never straddle ranks."""
+    mask = episodes.response_mask
+    in_reward = kl_coef if getattr(cfg, "kl_in", "reward") == "reward" else 0.0
+    if isinstance(cfg, PPOConfig):
+        rewards, non_score = per_token_rewards(scores, kl, mask, in_reward)
+        if cfg.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False, reduce=reduce)
+        adv, returns = gae_advantages(rewards, episodes.values, mask, cfg.gamma, cfg.lam)
+        return whiten(adv, mask, reduce=reduce), returns, non_score, {}
+    if cfg.algorithm == "reinforce":  # REINFORCE++: PPO's per-token rewards, no critic: returns, whitened
+        rewards, non_score = per_token_rewards(scores, kl, mask, in_reward)
+        return whiten(discounted_returns(rewards, mask), mask, reduce=reduce), None, non_score, {}
+    K = cfg.samples_per_prompt
+    non_score = -in_reward * kl
+    rewards = scores + masked_sum_rows(non_score, mask)  # score - beta * KL of the whole response
+    stats: dict[str, float] = {}
+    if isinstance(cfg, RLOOConfig):
+        seq = leave_one_out_advantages(rewards, K)
+        if cfg.normalize_advantages:
+            seq = whiten(seq, torch.ones_like(seq), reduce=reduce)
+    else:
+        seq = group_advantages(rewards, K, cfg.scale_rewards, reduce=reduce)
+        if cfg.dynamic_sampling:  # left out of the update: their tokens no longer count anywhere in the loss
+            kept = varied_groups(rewards, K)
+            episodes.response_mask = mask * kept[:, None].to(mask.dtype)
+            counts = torch.tensor([float((~kept).sum()), float(len(kept))], dtype=torch.float64)
+            dropped, total = (reduce(counts) if reduce else counts).tolist()
+            stats = {"val/groups_dropped": dropped / K, "val/groups_dropped_frac": dropped / total}
+    return sequence_to_tokens(seq, mask), None, non_score, stats
+
+
+def aggregation(cfg: OnlineRLConfig) -> Aggregation:
+    """How the method averages its per-token loss terms (GRPO's --loss-type; the others: per token)."""
+    if isinstance(cfg, GRPOConfig):
+        return {"grpo": "sequence_mean", "dr_grpo": "constant", "dapo": "token_mean"}[cfg.loss_type]
+    return "token_mean"
 
 
 UPDATE_STATS = ["loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "policy/clipfrac_avg", "val/ratio",
-                "val/clipfrac_avg", "policy/entropy_avg", "loss/ptx_avg"]
+                "val/clipfrac_avg", "policy/entropy_avg", "loss/ptx_avg", "loss/kl_avg"]
 
 
-def ppo_update(models: PPOModels, optimizer, episodes: Rollout, cfg: PPOConfig, step: int,
-               ptx: PtxStream | None, info: DistInfo = DistInfo()) -> dict[str, float]:
-    """Phase 5: ppo_epochs x mini_batches optimiser steps; returns the mean diagnostics.
+def ppo_update(models: PPOModels, optimizer, episodes: Rollout, cfg: OnlineRLConfig, step: int,
+               ptx: PtxStream | None, info: DistInfo = DistInfo(), kl_coef: float = 0.0) -> dict[str, float]:
+    """Phase 5: ppo_epochs x mini_batches optimiser steps; returns the mean diagnostics. ``kl_coef``:
+    beta of the KL loss term (methods with ``kl_in = "loss"``).
 
     The step's episodes form one global batch (rank r holds positions r*B .. r*B+B-1), cut into
     mini-batches by ``update_layout``; each rank computes the members it holds. Every mean is over
@@ -320,6 +393,8 @@ def ppo_update(models: PPOModels, optimizer, episodes: Rollout, cfg: PPOConfig, 
     are the trainer's own (``trainer_view``)."""
     per_rank = len(episodes)
     lengths = all_gather_tensor(episodes.response_mask.sum(1).double().cpu(), info)  # every episode's tokens
+    how = aggregation(cfg)
+    kl_loss_coef = kl_coef if getattr(cfg, "kl_in", "reward") == "loss" else 0.0
     device = episodes.logprobs.device
     pad_id = ptx.pad_id if ptx is not None else 0
     rows, entropy_rows = [], []  # per mini-batch: this rank's shares of the statistics
@@ -327,6 +402,7 @@ def ppo_update(models: PPOModels, optimizer, episodes: Rollout, cfg: PPOConfig, 
     for epoch in range(cfg.ppo_epochs):
         for mb, (members, parts) in enumerate(update_layout(cfg, step, epoch, per_rank, info)):
             tokens = float(lengths[members].sum())
+            sequences = float((lengths[members] > 0).sum())  # dynamic sampling leaves some out
             # PPO-ptx: one demonstration per member, drawn in the mini-batch's order on every rank.
             demos = ptx.take(len(members)) if ptx is not None else []
             ptx_tokens = max(count_targets(demos), 1) if demos else 1
@@ -342,13 +418,18 @@ def ppo_update(models: PPOModels, optimizer, episodes: Rollout, cfg: PPOConfig, 
                     logprobs, entropy, values, lm_sum = models.update_forward(part, cfg.temperature, epoch == 0,
                                                                              ptx_batch)
                     mask = part.response_mask
-                    weights = (truncated_importance_weights(part.logprobs, part.sampler_logprobs,
-                                                            cfg.sampler_correction_cap)
-                               if cfg.sampler_correction_cap else None)
-                    pg_loss, pg = policy_loss(logprobs, part.logprobs, part.advantages, mask, cfg.clip_ratio, tokens,
-                                              weights)
-                    vf_loss, vf = value_loss(values, part.values, part.returns, mask, cfg.clip_value, tokens)
-                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    pg_loss, pg = policy_objective(cfg, logprobs, part, tokens, sequences, how)
+                    loss = pg_loss
+                    if values is not None:
+                        vf_loss, vf = value_loss(values, part.values, part.returns, mask, cfg.clip_value, tokens)
+                        loss = loss + cfg.vf_coef * vf_loss
+                    else:
+                        vf_loss, vf = torch.zeros(()), {"clipfrac": torch.zeros(())}
+                    kl_loss = torch.zeros(())
+                    if kl_loss_coef > 0:  # the leash in the loss (GRPO): gradients flow through log pi
+                        kl_loss = aggregate(kl_penalty(logprobs, part.ref_logprobs, cfg.kl_estimator), mask, how,
+                                            tokens, sequences, cfg.response_length)
+                        loss = loss + kl_loss_coef * kl_loss
                     if lm_sum is not None:
                         loss = loss + cfg.ptx_coef * lm_sum / ptx_tokens
                     (loss * (info.world if real else 0.0)).backward()
@@ -359,7 +440,8 @@ def ppo_update(models: PPOModels, optimizer, episodes: Rollout, cfg: PPOConfig, 
                     row += torch.tensor([pg_loss.item(), vf_loss.item(), pg["approxkl"].item(), pg["clipfrac"].item(),
                                          pg["ratio"].item(), vf["clipfrac"].item(),
                                          masked_mean(entropy, mask, tokens).item() if entropy is not None else 0.0,
-                                         lm_sum.item() / ptx_tokens if lm_sum is not None else 0.0],
+                                         lm_sum.item() / ptx_tokens if lm_sum is not None else 0.0,
+                                         kl_loss.item()],
                                         dtype=torch.float64)
             clip_gradients(models.inner, cfg.max_grad_norm)
             optimizer.step()
@@ -370,13 +452,32 @@ def ppo_update(models: PPOModels, optimizer, episodes: Rollout, cfg: PPOConfig, 
     stats = {name: table[:, k].mean().item() for k, name in enumerate(UPDATE_STATS)}
     stats["policy/entropy_avg"] = table[torch.tensor(entropy_rows), UPDATE_STATS.index("policy/entropy_avg")].mean().item()
     stats["val/ratio_first_max_dev"] = all_gather_tensor(first_dev, info).max().item()
-    if ptx is None:
-        del stats["loss/ptx_avg"]
+    for name, used in (("loss/ptx_avg", ptx is not None), ("loss/kl_avg", kl_loss_coef > 0),
+                       ("loss/value_avg", models.has_values), ("val/clipfrac_avg", models.has_values)):
+        if not used:
+            del stats[name]
     return stats
 
 
+def policy_objective(cfg: OnlineRLConfig, logprobs: torch.Tensor, part: Rollout, tokens: float, sequences: float,
+                     how: Aggregation) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped policy loss of one micro-batch (its share of the mini-batch's): per token for PPO,
+    GRPO and REINFORCE++; RLOO takes the whole response as one action (as TRL's RLOO). With
+    ``--sampler-correction-cap``, each token (RLOO: each response) is weighted by the truncated
+    pi_old / pi_sampler."""
+    mask, cap = part.response_mask, cfg.sampler_correction_cap
+    if isinstance(cfg, RLOOConfig):
+        weights = (truncated_importance_weights(masked_sum_rows(part.logprobs, mask),
+                                                masked_sum_rows(part.sampler_logprobs, mask), cap) if cap else None)
+        return sequence_policy_loss(logprobs, part.logprobs, part.advantages[:, 0], mask, cfg.clip_ratio, sequences,
+                                    weights, cfg.clip_ratio_high)
+    weights = truncated_importance_weights(part.logprobs, part.sampler_logprobs, cap) if cap else None
+    return policy_loss(logprobs, part.logprobs, part.advantages, mask, cfg.clip_ratio, tokens, weights,
+                       cfg.clip_ratio_high, how, sequences, cfg.response_length)
+
+
 @torch.no_grad()
-def evaluate(models: PPOModels, tokenizer, prompts: list[Prompt], reward, gold, cfg: PPOConfig,
+def evaluate(models: PPOModels, tokenizer, prompts: list[Prompt], reward, gold, cfg: OnlineRLConfig,
              info: DistInfo = DistInfo()) -> tuple[dict[str, float], list[dict]]:
     """Sample the held-out prompts at the training temperature, each from a random stream fixed by
     (seed, its position) (the same random numbers at every evaluation, so differences come from the
@@ -420,13 +521,14 @@ def evaluate(models: PPOModels, tokenizer, prompts: list[Prompt], reward, gold, 
 # ---------------------------------------------------------------- the loop
 
 
-def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Callable | None = None,
-              stop_after: int | None = None, quiet: bool = False) -> dict:
-    """Run PPO (one process, or one rank under torchrun); returns the final summary.
+def train_rl(cfg: OnlineRLConfig, *, reward_fn: Callable | None = None, gold_fn: Callable | None = None,
+             stop_after: int | None = None, quiet: bool = False) -> dict:
+    """Run the method ``cfg`` configures (PPOConfig, RLOOConfig, GRPOConfig, ReinforceConfig) in one
+    process, or as one rank under torchrun; returns the final summary.
     ``reward_fn``/``gold_fn`` (``(prompts, responses) -> floats``) replace the scorers in ``cfg``;
     ``stop_after`` ends the run after that step's checkpoint, as an interruption would (used by the
     resume tests)."""
-    run = TrainingRun(cfg, "ppo", quiet=quiet, stop_after=stop_after)
+    run = TrainingRun(cfg, cfg.algorithm, quiet=quiet, stop_after=stop_after)
     info = run.info
     policy, tokenizer = load_causal_lm(cfg.policy, device=run.device, dtype=run.weights_dtype(trained=not cfg.lora),
                                        compute=run.precision)
@@ -464,7 +566,8 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
     ptx = PtxStream(cfg, tokenizer) if cfg.ptx_coef > 0 else None
     reduce = summing(info)
 
-    optimizer, scheduler, state = run.optimiser({"policy": policy, "value": value_module}, total_steps)
+    trained = {"policy": policy, "value": value_module} if value_module is not None else {"policy": policy}
+    optimizer, scheduler, state = run.optimiser(trained, total_steps)
     if state:
         kl_ctl.load_state_dict(state["kl_controller"])
         monitor.load_state_dict(state["monitor"])
@@ -483,25 +586,23 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
             done = step + 1
             times: dict[str, float] = {}
             t0 = time.perf_counter()
-            indices = prompt_indices(step, cfg.batch_size, len(prompts), cfg.seed, info.rank, info.world)
-            batch = [prompts[i] for i in indices]
-            # Each prompt's random stream is fixed by its place in the step's global batch.
+            K = samples_per_prompt(cfg)
+            indices = prompt_indices(step, cfg.batch_size // K, len(prompts), cfg.seed, info.rank, info.world)
+            batch = [prompts[i] for i in indices for _ in range(K)]  # a prompt's K samples side by side
+            # Each episode's random stream is fixed by its place in the step's global batch.
             seeds = [row_seed(cfg.seed, step, info.rank * cfg.batch_size + j) for j in range(len(batch))]
 
             # 1-3: sample, score, the trainer's old and reference log-probs and values
             episodes, raw_scores, ended, texts = rollout(models, tokenizer, batch, seeds, reward, cfg, step, info, times)
-            # 4: per-token rewards and advantages (statistics over every rank's episodes)
+            # 4: advantages (statistics over every rank's episodes)
             mask = episodes.response_mask
             kl = kl_penalty(episodes.logprobs, episodes.ref_logprobs, cfg.kl_estimator) * mask
             scores = final_scores(raw_scores, ended, cfg.missing_eos_penalty)
-            rewards, non_score = per_token_rewards(scores, kl, mask, kl_ctl.value)
-            if cfg.whiten_rewards:
-                rewards = whiten(rewards, mask, shift_mean=False, reduce=reduce)
-            advantages, episodes.returns = gae_advantages(rewards, episodes.values, mask, cfg.gamma, cfg.lam)
-            episodes.advantages = whiten(advantages, mask, reduce=reduce)
+            episodes.advantages, episodes.returns, non_score, advantage_stats = advantages(
+                cfg, episodes, scores, kl, kl_ctl.value, reduce)
             # 5: update
             with timed(times, "update"):
-                update_stats = ppo_update(models, optimizer, episodes, cfg, step, ptx, info)
+                update_stats = ppo_update(models, optimizer, episodes, cfg, step, ptx, info, kl_ctl.value)
             scheduler.step()
             with timed(times, "sync"):
                 models.sync_sampler()
@@ -522,6 +623,7 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
                 "objective/rlhf_reward": (score_sum + non_score_sum) / global_batch,
                 "objective/scores": score_sum / global_batch,
                 **update_stats,
+                **advantage_stats,
                 "val/num_eos_tokens": int(eos_count),
                 "val/ended": ended_count / global_batch,
                 "response_length_mean": token_sum / global_batch,
@@ -575,14 +677,14 @@ def train_ppo(cfg: PPOConfig, *, reward_fn: Callable | None = None, gold_fn: Cal
         policy, tokenizer, run.out, keep_adapter=cfg.keep_adapter, sharded=models.fsdp, is_main=run.is_main))
 
 
-def save_best(policy, tokenizer, out: Path, cfg: PPOConfig, sharded: bool, info: DistInfo, record: dict) -> None:
+def save_best(policy, tokenizer, out: Path, cfg: OnlineRLConfig, sharded: bool, info: DistInfo, record: dict) -> None:
     """Keep the policy with the best gold reward so far in ``out`` (every rank calls this)."""
     save_model_copy(policy, tokenizer, out, cfg.keep_adapter, sharded=sharded, is_main=info.is_main)
     if info.is_main:
         write_json(out / "preftune_best.json", record)
 
 
-def check_kl(mean_kl: float, step: int, cfg: PPOConfig, say: Callable[[str], None]) -> str | None:
+def check_kl(mean_kl: float, step: int, cfg: OnlineRLConfig, say: Callable[[str], None]) -> str | None:
     """Warn when the KL runs away; a reason to stop when it passes --kl-stop or is not finite (the
     KL is global, so every rank reaches the same decision)."""
     if not math.isfinite(mean_kl):

@@ -1,4 +1,5 @@
-"""PPO mathematics against values computed by hand (the arithmetic is in the comments)."""
+"""Online RL mathematics (PPO, RLOO, GRPO, REINFORCE++) against values computed by hand (the arithmetic is in
+the comments)."""
 
 import math
 import threading
@@ -7,20 +8,27 @@ import pytest
 import torch
 
 from preftune.models.logits import token_logprobs
-from preftune.ppo.core import (
+from preftune.rl.core import (
     AdaptiveKLController,
     FixedKLController,
+    aggregate,
+    discounted_returns,
     entropy_from_logits,
     final_scores,
     gae_advantages,
+    group_advantages,
     kl_penalty,
+    leave_one_out_advantages,
     masked_mean,
     masked_var,
     minibatch_shares,
     per_token_rewards,
     policy_loss,
+    sequence_policy_loss,
+    sequence_to_tokens,
     truncated_importance_weights,
     value_loss,
+    varied_groups,
     whiten,
 )
 
@@ -247,3 +255,124 @@ def test_fixed_kl_controller_stays():
     ctl = FixedKLController(0.05)
     ctl.update(100.0, 64)
     assert ctl.value == 0.05
+
+
+# ---------------------------------------------------------------- critic-free methods
+
+
+def test_discounted_returns_are_the_reward_to_go():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # row 0: G = (1+2+3, 2+3, 3) = (6, 5, 3); row 1: the padded 9 never counts: (4+5, 5, 0)
+    assert close(discounted_returns(rewards, mask), [[6.0, 5.0, 3.0], [9.0, 5.0, 0.0]])
+    # gamma 0.5, row 0: G_2 = 3, G_1 = 2 + 1.5 = 3.5, G_0 = 1 + 1.75 = 2.75
+    assert close(discounted_returns(rewards, mask, 0.5)[0], [2.75, 3.5, 3.0])
+    # the same as GAE with zero values and lambda 1
+    _, returns = gae_advantages(rewards, torch.zeros_like(rewards), mask, 0.5, 1.0)
+    assert close(discounted_returns(rewards, mask, 0.5), returns)
+
+
+def test_leave_one_out_baseline():
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.5, 0.5])  # two prompts x 3 samples
+    # prompt 0: 1 - (2+6)/2 = -3, 2 - (1+6)/2 = -1.5, 6 - (1+2)/2 = 4.5; prompt 1: 0 - 0.5 = -0.5, 0.5 - 0.25 = 0.25
+    assert close(leave_one_out_advantages(rewards, 3), [-3.0, -1.5, 4.5, -0.5, 0.25, 0.25])
+    # K = 2: each sample against the other one
+    assert close(leave_one_out_advantages(torch.tensor([1.0, 4.0]), 2), [-3.0, 3.0])
+    with pytest.raises(ValueError):
+        leave_one_out_advantages(rewards, 1)
+
+
+def test_group_advantages_normalise_within_each_prompt():
+    rewards = torch.tensor([1.0, 3.0, 2.0, 2.0])  # two prompts x 2 samples; the second group is all equal
+    # group 0: mean 2, unbiased std sqrt(((1-2)^2 + (3-2)^2) / 1) = sqrt(2)
+    s2 = math.sqrt(2.0)
+    assert close(group_advantages(rewards, 2, "group", eps=0.0)[:2], [-1 / s2, 1 / s2])
+    # the all-equal group gets 0, not 0/0 (eps keeps the division finite)
+    assert close(group_advantages(rewards, 2, "group")[2:], [0.0, 0.0])
+    assert close(group_advantages(rewards, 2, "none"), [-1.0, 1.0, 0.0, 0.0])
+    # batch: centred by the group, scaled by the batch's std: mean 2, unbiased var (1 + 1 + 0 + 0) / 3
+    batch_std = math.sqrt(2 / 3)
+    assert close(group_advantages(rewards, 2, "batch", eps=0.0), [-1 / batch_std, 1 / batch_std, 0.0, 0.0])
+
+
+def test_batch_scale_over_processes_equals_the_whole_batch():
+    rewards = torch.tensor([0.0, 1.0, 5.0, 2.0, 4.0, 4.0, 3.0, 9.0])
+    whole = group_advantages(rewards, 2, "batch")
+    parts = [rewards[:4], rewards[4:]]
+    barrier, sums, lock = threading.Barrier(2), [], threading.Lock()
+
+    def reduce(t):  # an all-reduce between the two "processes" (threads)
+        with lock:
+            sums.append(t)
+        barrier.wait()
+        total = sum(sums[-2:])
+        barrier.wait()
+        return total
+
+    out = [None, None]
+
+    def work(k):
+        out[k] = group_advantages(parts[k], 2, "batch", reduce=reduce)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert close(torch.cat(out), whole)
+
+
+def test_dynamic_sampling_keeps_groups_with_different_rewards():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.5, 2.0, 2.0, 2.0])  # 3 prompts x 3 samples
+    assert varied_groups(rewards, 3).tolist() == [False] * 3 + [True] * 3 + [False] * 3
+
+
+def test_loss_aggregations():
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    # token mean (DAPO): (1 + 2 + 3 + 4) / 4 tokens
+    assert close(aggregate(per_token, mask, "token_mean"), 2.5)
+    # sequence mean (GRPO): ((1 + 2 + 3) / 3 + 4 / 1) / 2 = (2 + 4) / 2
+    assert close(aggregate(per_token, mask, "sequence_mean"), 3.0)
+    # constant (Dr. GRPO): 10 / (2 sequences x 4 tokens)
+    assert close(aggregate(per_token, mask, "constant", max_tokens=4), 1.25)
+    # a part of a larger mini-batch divides by the whole's counts: the parts add up
+    parts = [aggregate(per_token[k:k + 1], mask[k:k + 1], "sequence_mean", sequences=2) for k in range(2)]
+    assert close(sum(parts), 3.0)
+    parts = [aggregate(per_token[k:k + 1], mask[k:k + 1], "constant", sequences=2, max_tokens=4) for k in range(2)]
+    assert close(sum(parts), 1.25)
+
+
+def test_asymmetric_clip():
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.3, 1.3, 0.7]]))
+    adv = torch.tensor([[1.0, -1.0, -1.0]])
+    loss, _ = policy_loss(logp, old, adv, torch.ones(1, 3), clip_ratio=0.2, clip_ratio_high=0.28)
+    # t0: r 1.3, A 1: max(-1.3, -1.28) = -1.28 (clipped at 1 + 0.28, not 1.2)
+    # t1: r 1.3, A -1: max(1.3, 1.28) = 1.3; t2: r 0.7, A -1: max(0.7, 0.8) = 0.8 (low clip stays 0.2)
+    assert close(loss, (-1.28 + 1.3 + 0.8) / 3)
+    symmetric, _ = policy_loss(logp, old, adv, torch.ones(1, 3), clip_ratio=0.2)
+    assert close(symmetric, (-1.2 + 1.3 + 0.8) / 3)
+
+
+def test_sequence_policy_loss_treats_the_response_as_one_action():
+    old = torch.zeros(2, 3)
+    logp = torch.log(torch.tensor([[1.1, 1.2, 5.0], [0.5, 1.0, 1.0]]))
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([1.0, 2.0])
+    loss, stats = sequence_policy_loss(logp, old, adv, mask, clip_ratio=0.2)
+    # sequence 0: r = 1.1 * 1.2 = 1.32 (the padded 5 not counted), A 1: max(-1.32, -1.2) = -1.2 (clipped)
+    # sequence 1: r = 0.5, A 2: max(-1.0, -1.6) = -1.0
+    assert close(loss, (-1.2 - 1.0) / 2)
+    assert close(stats["clipfrac"], 0.5) and close(stats["ratio"], (1.32 + 0.5) / 2)
+    weighted, _ = sequence_policy_loss(logp, old, adv, mask, 0.2, weights=torch.tensor([0.5, 1.0]))
+    assert close(weighted, (-0.6 - 1.0) / 2)
+    # as two parts of one mini-batch of 2
+    parts = [sequence_policy_loss(logp[k:k + 1], old[k:k + 1], adv[k:k + 1], mask[k:k + 1], 0.2, sequences=2)[0]
+             for k in range(2)]
+    assert close(sum(parts), loss)
+
+
+def test_sequence_advantages_on_every_response_token():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert close(sequence_to_tokens(torch.tensor([2.0, -1.0]), mask), [[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]])

@@ -1,4 +1,5 @@
-"""The mathematics of PPO for language models, as small pure functions on tensors.
+"""The mathematics of online RL for language models (PPO, RLOO, GRPO, REINFORCE++), as small pure
+functions on tensors.
 
 Shapes: ``[B, T]`` tensors run over the *response* tokens of B episodes (right-padded);
 ``mask`` is 1.0 on real response tokens (the EOS token included) and 0.0 on padding. Nothing
@@ -22,6 +23,11 @@ import torch
 from preftune.models.logits import last_token_index
 
 KLEstimator = Literal["k1", "k3"]
+# How a loss's per-token terms become one number (GRPO's --loss-type): "token_mean" divides the sum
+# by the tokens of the batch (DAPO; PPO's choice), "sequence_mean" averages each sequence's tokens,
+# then the sequences (GRPO's paper), "constant" divides the sum by sequences x the response length
+# (Dr. GRPO: no length bias from the normalisation).
+Aggregation = Literal["token_mean", "sequence_mean", "constant"]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -30,6 +36,11 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum()
+
+
+def masked_sum_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B]: each row's sum over its masked positions."""
+    return (x * mask).sum(1)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: float | torch.Tensor | None = None,
@@ -149,7 +160,80 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     return advantages, returns
 
 
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = r_t + gamma * G_{t+1} over the response tokens, 0 after the last real token (REINFORCE++'s
+    returns: GAE without a value function, lambda = 1)."""
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    return returns
+
+
+# Critic-free baselines. ``rewards`` is [B] with the K samples of each prompt next to each other
+# (episodes g*K .. g*K+K-1 answer the same prompt).
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): each sample's reward minus the mean of the other K - 1 samples of
+    its prompt, ``A_i = r_i - (sum_j r_j - r_i) / (K - 1)``."""
+    if group_size < 2:
+        raise ValueError("the leave-one-out baseline needs at least 2 samples per prompt")
+    groups = rewards.view(-1, group_size)
+    baseline = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baseline).reshape(-1)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["group", "batch", "none"] = "group",
+                     eps: float = 1e-4, reduce: Reduce | None = None) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): each sample's reward minus its group's mean, divided by the group's
+    standard deviation (``group``), the whole batch's (``batch``, over every process with ``reduce``) or
+    not at all (``none``, Dr. GRPO). A group whose K rewards are equal gets advantage 0 (not 0/0)."""
+    groups = rewards.view(-1, group_size)
+    centred = groups - groups.mean(1, keepdim=True)
+    if scale == "group":
+        centred = centred / (groups.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (masked_var(rewards, torch.ones_like(rewards), reduce=reduce).sqrt() + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown reward scaling {scale!r} (use group, batch or none)")
+    return centred.reshape(-1)
+
+
+def varied_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B] bool, DAPO's dynamic sampling filter: True for the samples of a prompt whose K rewards are
+    not all equal (a group of equal rewards has no advantage to learn from)."""
+    groups = rewards.view(-1, group_size)
+    return (groups.max(1).values > groups.min(1).values).repeat_interleave(group_size)
+
+
+def sequence_to_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, T]: a per-sequence value (an advantage) on every response token of its sequence."""
+    return values[:, None] * mask
+
+
 # ---------------------------------------------------------------- losses
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation = "token_mean",
+              tokens: float | torch.Tensor | None = None, sequences: float | None = None,
+              max_tokens: int | None = None) -> torch.Tensor:
+    """One number from per-token loss terms (see ``Aggregation``). ``tokens``/``sequences``: the
+    counts of the whole mini-batch when this is a part of it (the parts' results add up to the
+    whole's); ``max_tokens``: the response length limit, for ``constant``."""
+    if how == "token_mean":
+        return masked_mean(per_token, mask, tokens)
+    n = float(sequences) if sequences is not None else float(per_token.shape[0])
+    if how == "sequence_mean":
+        per_sequence = masked_sum_rows(per_token, mask) / mask.sum(1).clamp(min=1)
+        return per_sequence.sum() / max(n, 1.0)
+    if how == "constant":
+        if max_tokens is None:
+            raise ValueError("the constant aggregation needs max_tokens")
+        return masked_sum(per_token, mask) / (max(n, 1.0) * max_tokens)
+    raise ValueError(f"unknown loss aggregation {how!r}")
+
 
 
 def truncated_importance_weights(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor,
@@ -165,23 +249,52 @@ def truncated_importance_weights(old_logprobs: torch.Tensor, sampler_logprobs: t
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_ratio: float, count: float | torch.Tensor | None = None,
-                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate (to minimise) and its diagnostics.
+                weights: torch.Tensor | None = None, clip_ratio_high: float | None = None,
+                aggregation: Aggregation = "token_mean", sequences: float | None = None,
+                max_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate (to minimise) and its diagnostics, per token.
 
-    loss = mean_t w_t * max(-A_t * r_t, -A_t * clip(r_t, 1 - eps, 1 + eps)), r_t = pi / pi_old,
-    w_t = ``weights`` (``truncated_importance_weights``; 1 without). With ``count`` the loss and
-    diagnostics are this part's share of a mean over ``count`` tokens."""
+    loss = agg_t w_t * max(-A_t * r_t, -A_t * clip(r_t, 1 - eps, 1 + eps_high)), r_t = pi / pi_old,
+    eps_high = ``clip_ratio_high`` (DAPO's asymmetric clip; ``clip_ratio`` when None), w_t =
+    ``weights`` (``truncated_importance_weights``; 1 without), agg = ``aggregate(aggregation)``. With
+    ``count`` (tokens) and ``sequences`` the loss and diagnostics are this part's share of the
+    mini-batch's."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
+    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + high)
     per_token = torch.maximum(unclipped, clipped)
-    loss = masked_mean(per_token * weights if weights is not None else per_token, mask, count)
+    loss = aggregate(per_token * weights if weights is not None else per_token, mask, aggregation, count,
+                     sequences, max_tokens)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask, count),
                  "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask, count),
                  "ratio": masked_mean(ratio, mask, count)}
     return loss, stats
+
+
+def sequence_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                         mask: torch.Tensor, clip_ratio: float, sequences: float | None = None,
+                         weights: torch.Tensor | None = None,
+                         clip_ratio_high: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped surrogate with the whole response as one action (RLOO, as TRL's RLOOTrainer):
+    ``r = pi(y|x) / pi_old(y|x) = exp(sum_t log r_t)``, loss = mean over sequences of
+    ``w * max(-A * r, -A * clip(r, 1 - eps, 1 + eps_high))`` with ``advantages`` per sequence [B] and
+    ``weights`` per sequence [B] (1 without). ``sequences``: the mini-batch's count, for a part of it."""
+    log_ratio = masked_sum_rows(logprobs - old_logprobs, mask)
+    ratio = torch.exp(log_ratio)
+    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + high)
+    per_sequence = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_sequence = per_sequence * weights
+    n = max(float(sequences) if sequences is not None else float(per_sequence.shape[0]), 1.0)
+    with torch.no_grad():
+        stats = {"clipfrac": (clipped > unclipped).float().sum() / n, "approxkl": 0.5 * (log_ratio ** 2).sum() / n,
+                 "ratio": ratio.sum() / n}
+    return per_sequence.sum() / n, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

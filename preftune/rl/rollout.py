@@ -18,7 +18,7 @@ from preftune.data.jsonl import read_jsonl
 from preftune.data.records import Messages
 from preftune.errors import DataError, PreftuneError
 from preftune.models.logits import head_logits, selected_hidden, token_logprobs
-from preftune.ppo.core import entropy_from_logits
+from preftune.rl.core import entropy_from_logits
 
 
 @dataclass
