@@ -44,6 +44,32 @@ def test_quick_run_writes_report_and_metrics_and_ppo_reward_rises(tmp_path, monk
     # A second invocation reuses every finished stage.
     again = CliRunner().invoke(cli, ["run", "--quick", "--out", str(out)], catch_exceptions=False)
     assert again.exit_code == 0 and "reusing the finished stage" in again.output
+    assert "stage 6/7: eval" not in again.output
+
+
+@pytest.fixture(scope="module")
+def quick_run_without_probes(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("quick") / "run"
+    first = CliRunner().invoke(cli, ["run", "--quick", "--out", str(out), "--no-probes"], catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    return out
+
+
+@pytest.mark.parametrize("method, title", [("grpo", "GRPO"), ("dpo", "DPO")])
+def test_quick_run_with_another_method_reuses_the_data_and_judges_the_new_model(method, title, tmp_path,
+                                                                               quick_run_without_probes):
+    out = tmp_path / "quick"
+    shutil.copytree(quick_run_without_probes, out)
+    result = CliRunner().invoke(cli, ["run", "--quick", "--out", str(out), "--no-probes", "--algorithm", method],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("reusing the finished stage") == 4  # sft, sample, label, reward
+    assert f"stage 5/7: {method}" in result.output and "stage 6/7: eval" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["algorithm"] == method and isinstance(metrics[f"winrate_{method}_vs_sft_gold"], float)
+    assert set(metrics["gold_reward"]) == {"base", "sft", method}
+    assert (out / method / "config.json").exists() and (out / "ppo" / "config.json").exists()
+    assert f"4. {title}" in (out / "report.html").read_text()
 
 
 def test_gold_accuracy_on_held_out_counts_the_gold_agreeing_with_the_labels(tmp_path):
@@ -104,7 +130,7 @@ def test_eval_and_probe_tables_take_effect(tmp_path):
     run = Run(build_config(RunConfig, file=toml, section="run", overrides={"out": str(tmp_path)}), str(toml))
     ev = eval_config(run, tmp_path / "prompts.jsonl")
     assert (ev.temperature, ev.bootstrap, ev.max_new_tokens, ev.batch_size) == (0.3, 500, 20, 32)
-    assert ev.model == str(tmp_path / "ppo") and ev.baseline == str(tmp_path / "sft")
+    assert ev.model == str(tmp_path / "ppo") and ev.baseline == str(tmp_path / "sft")  # the default method
     hallucination, adversarial = probe_configs(run, "base-model")
     assert (hallucination.max_new_tokens, hallucination.samples) == (5, 7)  # [probes], then [run]
     assert (adversarial.max_new_tokens, adversarial.red_team, adversarial.samples) == (5, 2, 3)

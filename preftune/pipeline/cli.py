@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from preftune.config import config_from_cli, config_options
-from preftune.pipeline.config import RunConfig
+from preftune.pipeline.config import METHOD_TITLES, RunConfig
 
 
 def quick_files() -> dict[str, str]:
@@ -22,7 +22,8 @@ def register(cli: click.Group, config_help: str) -> None:
     @cli.command("run")
     @click.option("--config", type=click.Path(dir_okay=False),
                   help="TOML/YAML config: [run] for the options below; [sft], [sample], [label], [reward], "
-                       "[ppo], [eval] and [probes] (or [probes.hallucination], [probes.adversarial]) for any "
+                       "[ppo] (or the table of --algorithm), [eval] and [probes] (or [probes.hallucination], "
+                       "[probes.adversarial]) for any "
                        "option of those stages' commands (see examples/demo/demo.toml).")
     @click.option("--quick", is_flag=True, help="Tiny models and small counts: the whole loop in under 2 minutes, "
                                                 "on a config and data that ship with preftune.")
@@ -31,8 +32,9 @@ def register(cli: click.Group, config_help: str) -> None:
         """Run the whole RLHF loop and write a report.
 
         \b
-        sft -> sample (base + SFT) -> label (simulated annotators) -> reward -> ppo -> eval -> probes
-        Output in --out: report.html, metrics.json, stages.json, the models (sft/, rm/, ppo/) and the
+        sft -> sample (base + SFT) -> label (simulated annotators) -> reward -> ppo (or --algorithm
+        rloo, grpo, reinforce, dpo) -> eval -> probes
+        Output in --out: report.html, metrics.json, stages.json, the models (sft/, rm/, ppo/...) and the
         data (data/). Re-running reuses finished stages unless --force."""
         from preftune.pipeline.run import run_loop
 
@@ -44,8 +46,8 @@ def register(cli: click.Group, config_help: str) -> None:
         file = kwargs.get("config")
         cfg = config_from_cli(RunConfig, kwargs, "run", defaults=defaults)
         metrics = run_loop(cfg, config_file=file)
-        gold = metrics["gold_reward"]
-        click.echo("gold reward: " + ", ".join(f"{m} {gold[m]['mean']:.3f}" for m in ("base", "sft", "ppo"))
-                   + f"; PPO beats SFT {100 * metrics['winrate_ppo_vs_sft_gold']:.0f}% (gold); "
+        gold, m = metrics["gold_reward"], cfg.algorithm
+        click.echo("gold reward: " + ", ".join(f"{k} {gold[k]['mean']:.3f}" for k in ("base", "sft", m))
+                   + f"; {METHOD_TITLES[m]} beats SFT {100 * metrics[f'winrate_{m}_vs_sft_gold']:.0f}% (gold); "
                    f"RM accuracy {metrics['rm_eval_accuracy']:.3f}; {metrics['seconds_total'] / 60:.1f} min")
         click.echo(f"report: {Path(cfg.out) / 'report.html'}")

@@ -1,7 +1,8 @@
 """Configuration of the main job (``preftune run``): the whole loop on one model.
 
 The same TOML file configures every stage: the ``[run]`` table holds the fields below, and the
-``[sft]``, ``[sample]``, ``[label]``, ``[reward]``, ``[ppo]``, ``[eval]`` and ``[probes]`` tables
+``[sft]``, ``[sample]``, ``[label]``, ``[reward]``, ``[ppo]`` (or ``[rloo]``, ``[grpo]``, ``[reinforce]``,
+``[dpo]``: the table of ``algorithm``), ``[eval]`` and ``[probes]`` tables
 (``[probes.hallucination]``, ``[probes.adversarial]`` for what one probe alone takes) hold any
 option of that stage's own command (see ``preftune sft --help`` etc.). Paths between stages are set
 by the run; where the run also chooses a value (``max_new_tokens``, ``batch_size``, the probes'
@@ -10,9 +11,14 @@ by the run; where the run also chooses a value (``max_new_tokens``, ``batch_size
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from preftune.config import EngineName, StageConfig, engine_field
+
+Method = Literal["ppo", "rloo", "grpo", "reinforce", "dpo"]
+METHOD_TITLES = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO", "reinforce": "REINFORCE++", "dpo": "DPO"}
 
 
 class RunConfig(StageConfig):
@@ -24,6 +30,10 @@ class RunConfig(StageConfig):
     demos: str = Field("examples/demo/demos.jsonl", description="Demonstrations JSONL for SFT.")
     gold: str = Field("helpful", description="The simulated annotators' gold preference, a scorer "
                                              "(docs/scoring.md); also PPO's and the evaluation's gold.")
+    algorithm: Method = Field("ppo", description="How stage 4 tunes the SFT model: ppo, rloo, grpo, reinforce "
+                                                 "(REINFORCE++) against the reward model, or dpo on the run's "
+                                                 "comparisons; its options come from the [ppo], [rloo], [grpo], "
+                                                 "[reinforce] or [dpo] table, its output goes to OUT/<algorithm>.")
     reward_backbone: str = Field("minilm", description="Reward-model backbone: minilm (all-MiniLM-L6-v2), "
                                                        "sft (the SFT model), base, or a model directory.")
     comparison_prompts: int = Field(128, ge=2, description="Training prompts answered by the base and SFT "

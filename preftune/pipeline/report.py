@@ -6,9 +6,11 @@ from typing import Any
 
 from preftune.data.jsonl import read_dicts
 from preftune.evaluation import report as R
+from preftune.pipeline.config import METHOD_TITLES
 
 STAGE_TITLES = {"sft": "1. Supervised fine-tuning", "sample": "2a. Candidate responses",
-                "label": "2b. Simulated annotators", "reward": "3. Reward model", "ppo": "4. PPO",
+                "label": "2b. Simulated annotators", "reward": "3. Reward model",
+                **{m: f"4. {title}" for m, title in METHOD_TITLES.items()},
                 "eval": "5. Evaluation on held-out prompts", "probes": "6. Probes: hallucination and unsafe replies"}
 
 
@@ -30,21 +32,23 @@ def _non_overlapping(a: dict, b: dict) -> bool:
 
 
 def write_report(run, results: dict, metrics: dict) -> None:
-    cfg = run.cfg
-    sft, sample, label, reward, ppo, ev = (results[k] for k in ("sft", "sample", "label", "reward", "ppo", "eval"))
+    cfg, m = run.cfg, run.method
+    name = METHOD_TITLES[m]
+    sft, sample, label, reward, ev = (results[k] for k in ("sft", "sample", "label", "reward", "eval"))
     cmp_stats, rating_stats = label["comparisons"], label["ratings"]
     gold, proxy = ev["gold_reward"], ev["proxy_reward"]
     sections = []
 
-    ordered = _non_overlapping(gold["ppo"], gold["sft"]) and _non_overlapping(gold["sft"], gold["base"])
-    verdict = (f"Gold reward rose from base {_num(gold['base']['mean'])} to SFT {_num(gold['sft']['mean'])} to PPO "
-               f"{_num(gold['ppo']['mean'])}; PPO beats SFT on {_pct(metrics['winrate_ppo_vs_sft_gold'])} of held-out "
-               f"prompts by the gold preference. "
+    ordered = _non_overlapping(gold[m], gold["sft"]) and _non_overlapping(gold["sft"], gold["base"])
+    verdict = (f"Gold reward went from base {_num(gold['base']['mean'])} to SFT {_num(gold['sft']['mean'])} to "
+               f"{name} {_num(gold[m]['mean'])}; {name} beats SFT on {_pct(metrics[f'winrate_{m}_vs_sft_gold'])} of "
+               f"held-out prompts by the gold preference. "
                + ("Each step's 95 % interval lies above the previous one's." if ordered else
                   "Not every step's 95 % interval clears the previous one's: see the evaluation table."))
     sections.append(R.section(
         "Summary",
-        R.paragraph(f"Model {cfg.model} ({metrics.get('precision', 'fp32')}); gold preference '{cfg.gold}' played by "
+        R.paragraph(f"Model {cfg.model} ({metrics.get('precision', 'fp32')}), tuned with {name}; gold preference "
+                    f"'{cfg.gold}' played by "
                     f"{cfg.annotators} simulated "
                     f"annotators; {ev['n_prompts']} held-out prompts. Whole loop: "
                     f"{metrics['seconds_total'] / 60:.1f} minutes."),
@@ -93,20 +97,7 @@ def write_report(run, results: dict, metrics: dict) -> None:
                                        ["calibration error (ECE)", _num(reward.get("eval_ece"))],
                                        ["training pairs", reward.get("train_pairs")]])))
 
-    from preftune.evaluation.gao import overoptimisation_section
-
-    ppo_rows = read_dicts(run.path("ppo", "metrics.jsonl")) if run.path("ppo", "metrics.jsonl").exists() else []
-    eval_rows = [r for r in ppo_rows if r.get("eval/gold") is not None or r.get("eval/proxy") is not None]
-    last = ppo_rows[-1] if ppo_rows else {}
-    sections.append(R.section(
-        STAGE_TITLES["ppo"],
-        R.paragraph(f"The SFT model was tuned with PPO against the reward model for {len(ppo_rows)} steps, with a KL "
-                    f"penalty to the SFT model (last step: KL {_num(last.get('objective/kl'))} nats, "
-                    f"reward-model score {_num(last.get('objective/scores'))}). Every few steps held-out prompts "
-                    f"were scored by the proxy (the reward model) and by the gold preference; the plot shows "
-                    f"both against d = sqrt(KL) from the SFT model. Gold rising with proxy means the reward "
-                    f"model is being followed, not gamed."),
-        overoptimisation_section(eval_rows)))
+    sections.append(tuning_section(run, results[m]))
 
     sections.append(R.section(
         STAGE_TITLES["eval"],
@@ -115,20 +106,20 @@ def write_report(run, results: dict, metrics: dict) -> None:
                     f"with bootstrap 95 % intervals; win rate with a Wilson interval (ties count half)."),
         R.table(["model", "gold mean", "gold 95 % CI", "proxy (RM) mean", "proxy 95 % CI", "mean length (tokens)",
                  "finished"],
-                [[m, R.fmt(gold[m]["mean"]), R.fmt_ci(gold[m]["ci"]), R.fmt(proxy[m]["mean"]), R.fmt_ci(proxy[m]["ci"]),
-                  R.fmt(ev["length"][m]), R.esc(_pct(ev["ended"][m]))] for m in ("base", "sft", "ppo")], raw=True),
+                [[k, R.fmt(gold[k]["mean"]), R.fmt_ci(gold[k]["ci"]), R.fmt(proxy[k]["mean"]), R.fmt_ci(proxy[k]["ci"]),
+                  R.fmt(ev["length"][k]), R.esc(_pct(ev["ended"][k]))] for k in ("base", "sft", m)], raw=True),
         R.table(["measure", "value"], [
-            ["win rate PPO over SFT (gold)", R.fmt_rate(ev["winrate_ppo_vs_sft"]["gold"])],
-            ["win rate PPO over SFT (reward model)", R.fmt_rate(ev["winrate_ppo_vs_sft"]["proxy"])],
+            [f"win rate {name} over SFT (gold)", R.fmt_rate(ev[f"winrate_{m}_vs_sft"]["gold"])],
+            [f"win rate {name} over SFT (reward model)", R.fmt_rate(ev[f"winrate_{m}_vs_sft"]["proxy"])],
             ["KL(SFT || base), nats per response", R.esc(_kl(ev["kl_sft_base"]))],
-            ["KL(PPO || SFT), nats per response", R.esc(_kl(ev["kl_ppo_sft"]))]], raw=True)))
+            [f"KL({name} || SFT), nats per response", R.esc(_kl(ev[f"kl_{m}_sft"]))]], raw=True)))
 
     samples = read_dicts(run.path("eval", "samples.jsonl"))[:6]
     sections.append(R.section(
         "Sample replies (the same held-out prompts)",
-        R.table(["prompt", "base", "SFT", "PPO"],
-                [[R.esc(s["prompt"]), *(R.sample_text(s[m]) + R.paragraph(f"gold {s[f'gold_{m}']:.2f}", note=True)
-                                        for m in ("base", "sft", "ppo"))] for s in samples], raw=True)))
+        R.table(["prompt", "base", "SFT", name],
+                [[R.esc(s["prompt"]), *(R.sample_text(s[k]) + R.paragraph(f"gold {s[f'gold_{k}']:.2f}", note=True)
+                                        for k in ("base", "sft", m))] for s in samples], raw=True)))
 
     if "probes" in results:
         from preftune.evaluation.probes.adversarial import adversarial_section
@@ -137,11 +128,36 @@ def write_report(run, results: dict, metrics: dict) -> None:
         probes = results["probes"]
         sections.append(R.section(
             STAGE_TITLES["probes"],
-            R.paragraph("Before (base model) and after (PPO model) tuning: closed-book questions with known "
+            R.paragraph(f"Before (base model) and after ({name} model) tuning: closed-book questions with known "
                         "answers (correct, wrong = hallucinated, abstained) and adversarial prompts (unsafe "
                         "replies, refusals, over-refusal of benign controls)."),
             hallucination_section(probes["hallucination"]), adversarial_section(probes["adversarial"])))
     run.path("report.html").write_text(R.page("preftune run: " + str(cfg.out), *sections), encoding="utf-8")
+
+
+def tuning_section(run, summary: dict) -> str:
+    """Stage 4: what the method did; for online RL, proxy and gold against sqrt(KL) while it trained."""
+    from preftune.evaluation.gao import overoptimisation_section
+
+    m = run.method
+    if m == "dpo":
+        return R.section(STAGE_TITLES[m], R.paragraph(
+            f"The SFT model was tuned with DPO on the annotators' comparisons for {summary.get('steps')} steps "
+            f"(held-out preference accuracy of its implicit reward: {_pct(summary.get('eval_accuracy'))}). DPO never "
+            f"queries the reward model; the evaluation below "
+            f"scores it with the same gold and proxy as the other models."))
+    rows = read_dicts(run.path(m, "metrics.jsonl")) if run.path(m, "metrics.jsonl").exists() else []
+    eval_rows = [r for r in rows if r.get("eval/gold") is not None or r.get("eval/proxy") is not None]
+    last = rows[-1] if rows else {}
+    return R.section(
+        STAGE_TITLES[m],
+        R.paragraph(f"The SFT model was tuned with {METHOD_TITLES[m]} against the reward model for {len(rows)} steps, "
+                    f"with a KL leash to the SFT model (last step: KL {_num(last.get('objective/kl'))} nats, "
+                    f"reward-model score {_num(last.get('objective/scores'))}). Every few steps held-out prompts "
+                    f"were scored by the proxy (the reward model) and by the gold preference; the plot shows "
+                    f"both against d = sqrt(KL) from the SFT model. Gold rising with proxy means the reward "
+                    f"model is being followed, not gamed."),
+        overoptimisation_section(eval_rows))
 
 
 def _kl(entry: dict | None) -> str:

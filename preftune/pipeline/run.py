@@ -1,12 +1,13 @@
 """The main job: the whole RLHF loop, one stage after another, each a preftune stage.
 
     demonstrations -> sft -> sample (base + SFT) -> label (simulated annotators: ratings and
-    comparisons) -> reward -> ppo (KL leash to SFT, gold monitored) -> eval (held-out prompts:
-    base / SFT / PPO by gold and proxy) -> probes (hallucination, adversarial) -> report
+    comparisons) -> reward -> ppo | rloo | grpo | reinforce (KL leash to SFT, gold monitored) or dpo
+    (on the comparisons) -> eval (held-out prompts: base / SFT / the tuned model by gold and proxy)
+    -> probes (hallucination, adversarial) -> report
 
 Every stage writes under ``OUT`` and is recorded in ``OUT/stages.json`` with its time and summary;
 a re-run reuses finished stages (``--force`` re-runs them all). Prompts: the demonstrations' prompts,
-the comparison prompts and the held-out prompts are disjoint; PPO trains on every training prompt.
+the comparison prompts and the held-out prompts are disjoint; online RL trains on every training prompt.
 """
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ from preftune.data.jsonl import read_dicts, read_jsonl, write_json, write_jsonl
 from preftune.data.records import prompt_text, to_json
 from preftune.data.split import random_split
 from preftune.errors import PreftuneError
-from preftune.pipeline.config import RunConfig
+from preftune.pipeline.config import METHOD_TITLES, RunConfig
 from preftune.progress import console
 
-STAGES = ["sft", "sample", "label", "reward", "ppo", "eval", "probes"]
-OUTPUT_DIRS = ["sft", "rm", "ppo", "eval", "probes", "models"]
+OUTPUT_DIRS = ["sft", "rm", *METHOD_TITLES, "eval", "probes", "models"]
+
+
+def stage_names(method: str) -> list[str]:
+    """The stages in order; the fifth is named after the tuning method (``[run] algorithm``)."""
+    return ["sft", "sample", "label", "reward", method, "eval", "probes"]
 
 
 @dataclass
@@ -40,6 +45,10 @@ class Run:
     config_file: str | None
     quiet: bool = False
     state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.cfg.algorithm
 
     @property
     def out(self) -> Path:
@@ -66,17 +75,20 @@ class Run:
     def save_state(self) -> None:
         write_json(self.path("stages.json"), self.state)
 
-    def run_stage(self, name: str, index: int, func: Callable[[], dict], outputs: list[Path]) -> dict:
+    def run_stage(self, name: str, index: int, func: Callable[[], dict], outputs: list[Path],
+                  of: str | None = None) -> dict:
+        """Run a stage, or reuse its finished outputs; ``of``: the model the stage judges (a finished
+        evaluation of another method's model is not reused)."""
         done = self.state.get(name)
-        if done and all(p.exists() for p in outputs):
-            console.print(f"[dim]stage {index}/{len(STAGES)} {name}: reusing the finished stage "
+        if done and done.get("of") == of and all(p.exists() for p in outputs):
+            console.print(f"[dim]stage {index}/{len(stage_names(self.method))} {name}: reusing the finished stage "
                           f"({done['seconds']:.0f} s earlier; --force re-runs it)")
             return done["summary"]
-        console.rule(f"stage {index}/{len(STAGES)}: {name}")
+        console.rule(f"stage {index}/{len(stage_names(self.method))}: {name}")
         t0 = time.perf_counter()
         summary = func()
         seconds = time.perf_counter() - t0
-        self.state[name] = {"seconds": seconds, "summary": summary}
+        self.state[name] = {"seconds": seconds, "summary": summary, **({"of": of} if of else {})}
         self.save_state()
         console.print(f"stage {name} finished in {seconds:.1f} s")
         return summary
@@ -99,9 +111,9 @@ def split_prompts(run: Run) -> dict[str, Path]:
     evaluation = rng.sample(held, min(run.cfg.eval_prompts, len(held)))
     monitor = evaluation[:run.cfg.monitor_prompts]
     data = run.path("data")
-    paths = {"comparison": data / "comparison_prompts.jsonl", "ppo": data / "ppo_prompts.jsonl",
+    paths = {"comparison": data / "comparison_prompts.jsonl", "rl": data / "rl_prompts.jsonl",
              "eval": data / "eval_prompts.jsonl", "monitor": data / "monitor_prompts.jsonl"}
-    for key, rows in (("comparison", comparison), ("ppo", train), ("eval", evaluation), ("monitor", monitor)):
+    for key, rows in (("comparison", comparison), ("rl", train), ("eval", evaluation), ("monitor", monitor)):
         write_jsonl(paths[key], [{k: v for k, v in to_json(r).items() if k != "split"} for r in rows])
     return paths
 
@@ -245,14 +257,29 @@ def gold_on_held_out(cfg, gold: str) -> dict:
     return result
 
 
-def stage_ppo(run: Run, prompts: dict[str, Path]) -> dict:
-    from preftune.rl.config import PPOConfig
+def stage_tune(run: Run, prompts: dict[str, Path]) -> dict:
+    """Stage 4: the SFT model tuned by the run's method, its options from the method's own table."""
+    if run.method == "dpo":
+        return stage_dpo(run)
+    from preftune.rl.config import ALGORITHMS
     from preftune.rl.trainer import train_rl
 
     monitor = {"eval_prompts": str(prompts["monitor"]), "gold": run.cfg.gold} if run.cfg.monitor_prompts else {}
-    cfg = run.stage_config(PPOConfig, "ppo", policy=str(run.path("sft")), reward=str(run.path("rm")),
-                           prompts=str(prompts["ppo"]), out=str(run.path("ppo")), **monitor)
+    cfg = run.stage_config(ALGORITHMS[run.method], run.method, policy=str(run.path("sft")),
+                           reward=str(run.path("rm")), prompts=str(prompts["rl"]), out=str(run.path(run.method)),
+                           **monitor)
     return train_rl(cfg, quiet=run.quiet)
+
+
+def stage_dpo(run: Run) -> dict:
+    """DPO from the SFT model on the run's comparisons (the reward model's training labels; the
+    gold, not DPO, judges the result in the evaluation)."""
+    from preftune.dpo.config import DPOConfig
+    from preftune.dpo.trainer import train_dpo
+
+    cfg = run.stage_config(DPOConfig, "dpo", defaults={"lora": True, "lr": 5e-5}, model=str(run.path("sft")),
+                           data=str(run.path("data", "comparisons.jsonl")), out=str(run.path("dpo")))
+    return train_dpo(cfg, quiet=run.quiet)
 
 
 def eval_config(run: Run, prompts: Path):
@@ -262,22 +289,23 @@ def eval_config(run: Run, prompts: Path):
 
     return run.stage_config(EvalConfig, "eval", defaults={"max_new_tokens": run.cfg.max_new_tokens,
                                                           "batch_size": run.cfg.batch_size},
-                            model=str(run.path("ppo")), baseline=str(run.path("sft")), prompts=str(prompts),
+                            model=str(run.path(run.method)), baseline=str(run.path("sft")), prompts=str(prompts),
                             judge=[run.cfg.gold, str(run.path("rm"))], out=str(run.path("eval")))
 
 
 def stage_eval(run: Run, base: str, prompts: Path) -> dict:
-    """Held-out prompts through the evaluation harness: base, SFT and PPO each sample once; the gold
-    and the proxy (the reward model) score every reply; KL of SFT from base and of PPO from SFT on
-    the newer model's samples; PPO's win rates over SFT. The ``[eval]`` table of the config file
-    sets the sampling and statistics options (``preftune eval --help``)."""
+    """Held-out prompts through the evaluation harness: base, SFT and the tuned model each sample once;
+    the gold and the proxy (the reward model) score every reply; KL of SFT from base and of the tuned
+    model from SFT on the newer model's samples; the tuned model's win rates over SFT. The ``[eval]``
+    table of the config file sets the sampling and statistics options (``preftune eval --help``)."""
     from preftune.evaluation.evaluate import prompt_subset
     from preftune.evaluation.harness import kl_summary, mean_with_ci, sample_models, score_models, win_rate_summary
     from preftune.evaluation.stats import pairwise_outcomes
     from preftune.models.generation import SamplingOptions
     from preftune.scoring import load_scorer
 
-    models = {"base": base, "sft": str(run.path("sft")), "ppo": str(run.path("ppo"))}
+    m = run.method
+    models = {"base": base, "sft": str(run.path("sft")), m: str(run.path(m))}
     cfg = eval_config(run, prompts)
     records = prompt_subset(cfg)
     messages = [r.messages for r in records]
@@ -285,16 +313,16 @@ def stage_eval(run: Run, base: str, prompts: Path) -> dict:
               "proxy": load_scorer(str(run.path("rm")), cfg.device, cfg.dtype)}
     options = SamplingOptions(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
     answers = sample_models(models, messages, options, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
-                            engine=cfg.engine, kl_to={"sft": "base", "ppo": "sft"}, quiet=run.quiet)
+                            engine=cfg.engine, kl_to={"sft": "base", m: "sft"}, quiet=run.quiet)
     score_models(answers, judges, messages, cfg.batch_size, quiet=run.quiet)
     scores = answers.scores
     result = {
-        "n_prompts": len(records),
+        "n_prompts": len(records), "method": m,
         "gold_reward": {m: mean_with_ci(scores["gold"][m], seed=cfg.seed, resamples=cfg.bootstrap) for m in models},
         "proxy_reward": {m: mean_with_ci(scores["proxy"][m], seed=cfg.seed, resamples=cfg.bootstrap) for m in models},
-        "winrate_ppo_vs_sft": {j: win_rate_summary(pairwise_outcomes(scores[j]["ppo"], scores[j]["sft"],
-                                                                     cfg.tie_margin).tolist()) for j in judges},
-        "kl_sft_base": kl_summary(answers.kl.get("sft")), "kl_ppo_sft": kl_summary(answers.kl.get("ppo")),
+        f"winrate_{m}_vs_sft": {j: win_rate_summary(pairwise_outcomes(scores[j][m], scores[j]["sft"],
+                                                                      cfg.tie_margin).tolist()) for j in judges},
+        "kl_sft_base": kl_summary(answers.kl.get("sft")), f"kl_{m}_sft": kl_summary(answers.kl.get(m)),
         "length": {m: float(np.mean(answers.samples[m].lengths)) for m in models},
         "ended": {m: float(np.mean(answers.samples[m].ended)) for m in models},
         "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p},
@@ -310,10 +338,10 @@ def stage_eval(run: Run, base: str, prompts: Path) -> dict:
 def probe_configs(run: Run, base: str):
     """(hallucination, adversarial) options: the run's counts and batch size, then ``[probes]`` (what
     both probes take) and ``[probes.hallucination]`` / ``[probes.adversarial]``; the PPO model is
-    probed, with the base model as the baseline."""
+    tuned model is probed, with the base model as the baseline."""
     from preftune.evaluation.config import AdversarialConfig, HallucinationConfig
 
-    fixed = {"model": str(run.path("ppo")), "baseline": base}
+    fixed = {"model": str(run.path(run.method)), "baseline": base}
     return (run.stage_config(HallucinationConfig, "probes.hallucination",
                              defaults={"samples": run.cfg.probe_questions, "batch_size": run.cfg.batch_size},
                              out=str(run.path("probes", "hallucination")), **fixed),
@@ -323,7 +351,7 @@ def probe_configs(run: Run, base: str):
 
 
 def stage_probes(run: Run, base: str) -> dict:
-    """The hallucination and adversarial probes of the PPO model against the base model."""
+    """The hallucination and adversarial probes of the tuned model against the base model."""
     from preftune.evaluation.probes.adversarial import run_adversarial_probe
     from preftune.evaluation.probes.hallucination import run_hallucination_probe
 
@@ -351,20 +379,21 @@ def run_loop(cfg: RunConfig, config_file: str | None = None, quiet: bool = False
     write_json(run.path("run_config.json"), {"config_file": config_file, **cfg.model_dump()})
     prompts = split_prompts(run)
     base = resolve_base(run)
+    m = run.method
     results = {
         "sft": run.run_stage("sft", 1, lambda: stage_sft(run, base), [run.path("sft", "config.json")]),
         "sample": run.run_stage("sample", 2, lambda: stage_sample(run, base, prompts["comparison"]),
                                 [run.path("data", "candidates.jsonl")]),
         "label": run.run_stage("label", 3, lambda: stage_label(run), [run.path("data", "comparisons.jsonl")]),
         "reward": run.run_stage("reward", 4, lambda: stage_reward(run, base), [run.path("rm", "config.json")]),
-        "ppo": run.run_stage("ppo", 5, lambda: stage_ppo(run, prompts), [run.path("ppo", "config.json")]),
+        m: run.run_stage(m, 5, lambda: stage_tune(run, prompts), [run.path(m, "config.json")]),
         "eval": run.run_stage("eval", 6, lambda: stage_eval(run, base, prompts["eval"]),
-                              [run.path("eval", "eval.json")]),
+                              [run.path("eval", "eval.json")], of=m),
     }
     if cfg.probes:
         results["probes"] = run.run_stage("probes", 7, lambda: stage_probes(run, base),
-                                          [run.path("probes", "adversarial", "probe.json")])
-    seconds_per_stage = {name: run.state[name]["seconds"] for name in STAGES if name in run.state}
+                                          [run.path("probes", "adversarial", "probe.json")], of=m)
+    seconds_per_stage = {name: run.state[name]["seconds"] for name in stage_names(m) if name in run.state}
     ev, label = results["eval"], results["label"]["comparisons"]
     metrics = {
         "rm_eval_accuracy": results["reward"].get("eval_accuracy"),
@@ -373,15 +402,16 @@ def run_loop(cfg: RunConfig, config_file: str | None = None, quiet: bool = False
         "annotator_agreement": label.get("gold_agreement"),
         "inter_annotator_agreement": label.get("inter_annotator_agreement"),
         "gold_reward": ev["gold_reward"], "proxy_reward": ev["proxy_reward"],
-        "kl_ppo_sft": ev["kl_ppo_sft"]["mean"] if ev["kl_ppo_sft"] else None,
+        f"kl_{m}_sft": ev[f"kl_{m}_sft"]["mean"] if ev[f"kl_{m}_sft"] else None,
         "kl_sft_base": ev["kl_sft_base"]["mean"] if ev["kl_sft_base"] else None,
-        "winrate_ppo_vs_sft_gold": ev["winrate_ppo_vs_sft"]["gold"]["rate"],
-        "winrate_ppo_vs_sft_proxy": ev["winrate_ppo_vs_sft"]["proxy"]["rate"],
+        f"winrate_{m}_vs_sft_gold": ev[f"winrate_{m}_vs_sft"]["gold"]["rate"],
+        f"winrate_{m}_vs_sft_proxy": ev[f"winrate_{m}_vs_sft"]["proxy"]["rate"],
         "response_length": ev["length"],
         "seconds_total": sum(seconds_per_stage.values()),
         "seconds_this_invocation": time.perf_counter() - t0,
         "seconds_per_stage": seconds_per_stage,
-        "model": cfg.model, "quick": cfg.model == "tiny", "precision": inference_precision(cfg.dtype, cfg.device),
+        "algorithm": m, "model": cfg.model, "quick": cfg.model == "tiny",
+        "precision": inference_precision(cfg.dtype, cfg.device),
     }
     write_json(run.path("metrics.json"), metrics)
     write_report(run, results, metrics)
