@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -168,3 +169,38 @@ def test_quick_run_from_a_wheel_in_a_fresh_venv(tmp_path):
     assert "report: q/report.html" in proc.stdout
     metrics = json.loads((tmp_path / "q" / "metrics.json").read_text())
     assert metrics["quick"] and set(metrics["seconds_per_stage"]) >= {"sft", "ppo", "eval", "probes"}
+
+
+def test_compare_trains_each_method_once_and_judges_all_the_same_way(tmp_path, quick_run_without_probes):
+    from preftune.pipeline.compare import best_within, gold_peak
+
+    out = tmp_path / "quick"
+    shutil.copytree(quick_run_without_probes, out)
+    args = ["compare", "--run", str(out), "--methods", "rloo,dpo,bon", "--bon-n", "1,2,4"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    compare = json.loads((out / "compare" / "compare.json").read_text())
+    rows = {r["method"]: r for r in compare["methods"]}
+    assert set(rows) == {"rloo", "dpo", "bon"}
+    assert rows["rloo"]["episodes"] == 12 * 16 and rows["dpo"]["episodes"] == 0 and rows["bon"]["episodes"] == 24 * 4
+    for row in rows.values():
+        assert row["gold"]["ci"][0] <= row["gold"]["mean"] <= row["gold"]["ci"][1]
+        assert row["seconds"] > 0 and row["peak_rss_mb"] > 100  # measured in the method's own process
+    assert rows["bon"]["kl"]["mean"] == pytest.approx(math.log(4) - 3 / 4)  # best-of-4's analytic KL
+    assert rows["rloo"]["kl"]["mean"] > 0 and rows["rloo"]["winrate_vs_sft_gold"] is not None
+    assert (out / "rloo" / "config.json").exists() and (out / "dpo" / "config.json").exists()
+    assert (out / "compare" / "compare.png").stat().st_size > 0
+    assert "Methods side by side" in (out / "compare" / "report.html").read_text()
+    again = CliRunner().invoke(cli, args, catch_exceptions=False)  # trained methods are reused
+    assert again.output.count("reusing the earlier comparison's run") == 3
+    # the helpers: best gold within the KL budget (points are (sqrt KL, gold)), a peak followed by a fall
+    assert best_within([(1.0, 0.2), (2.0, 0.5), (3.0, 0.9)], 6.0) == 0.5  # 3^2 = 9 > 6
+    assert gold_peak([(1.0, 0.2), (2.0, 0.5), (3.0, 0.4)]) == (2.0, 0.5)
+    assert gold_peak([(1.0, 0.2), (2.0, 0.5)]) is None
+
+
+def test_compare_refuses_an_unfinished_run_in_one_line(tmp_path):
+    (tmp_path / "run_config.json").write_text(json.dumps({"config_file": None, "out": str(tmp_path)}))
+    result = CliRunner().invoke(cli, ["compare", "--run", str(tmp_path)])
+    assert result.exit_code != 0 and "has not finished its first stages" in result.output
+    assert "Traceback" not in result.output

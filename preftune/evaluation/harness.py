@@ -6,9 +6,9 @@ models. The recipe:
 1. each model, in order, samples one response per prompt with the chosen engine
    (``models.engines``), from its own generator seeded with ``seed`` (the same random numbers for
    every model, so differences come from the models);
-2. for each ``kl_to`` pair (model -> reference, neighbours in the order), the sampled KL of the
-   model from its reference on the model's own samples, sum_t log p_model - log p_reference, both
-   from full forward passes (two models in memory at a time);
+2. for each ``kl_to`` pair (model -> reference), the sampled KL of the model from its reference on
+   the model's own samples, sum_t log p_model - log p_reference, both from full forward passes (a
+   model is kept in memory only until its KLs are measured);
 3. every judge scores every model's responses.
 
 Summaries with their uncertainty (``mean_with_ci``, ``win_rate_summary``) are what reports show.
@@ -53,15 +53,18 @@ def kl_per_sequence(model, reference, samples: Samples, temperature: float) -> l
 def sample_models(models: dict[str, str], prompts: Sequence[Messages], options: SamplingOptions, *, seed: int,
                   device: str | None, dtype: str | None, engine: str = "auto", kl_to: dict[str, str] | None = None,
                   quiet: bool = False) -> Answers:
-    """Steps 1 and 2 of the recipe: ``models`` maps a name to a model path, in sampling order."""
+    """Steps 1 and 2 of the recipe: ``models`` maps a name to a model path, in sampling order;
+    ``kl_to`` maps a model to its reference. A model stays in memory only until every KL it takes
+    part in is measured (a reference sampled first, then the models measured against it: two at a
+    time)."""
     kl_to = kl_to or {}
-    names = list(models)
     for name, reference in kl_to.items():
-        if abs(names.index(name) - names.index(reference)) != 1:
-            raise ValueError(f"KL({name} || {reference}): a model and its reference must be neighbours in the order")
+        if name not in models or reference not in models:
+            raise ValueError(f"KL({name} || {reference}): both must be among the models")
     answers = Answers(samples={})
-    previous = None  # (name, transformers model, tokenizer) of the last model, for a KL with the next
-    for name in names:
+    loaded: dict[str, tuple] = {}  # name -> (transformers model, tokenizer) while a KL still needs it
+    measured: set[str] = set()
+    for name in models:
         sampler = open_engine(engine, models[name], device=device, dtype=dtype, seed=seed, quiet=quiet)
         generator = torch.Generator().manual_seed(seed)  # the same random numbers for every model
         answers.samples[name] = sample_responses(sampler, prompts, options, generator=generator,
@@ -71,12 +74,15 @@ def sample_models(models: dict[str, str], prompts: Sequence[Messages], options: 
         if model is None and in_kl:  # a vLLM engine: log-probabilities come from the transformers model
             model, _ = load_causal_lm(models[name], device=device, dtype=dtype)
         sampler.close()
-        if previous is not None:
-            here = (name, model, tokenizer)
-            for (a, a_model, a_tok), (b, b_model, b_tok) in ((previous, here), (here, previous)):
-                if kl_to.get(a) == b:  # KL(a || b), on a's samples
-                    _measure_kl(answers, a, a_model, a_tok, b, b_model, b_tok, options.temperature)
-        previous = (name, model if in_kl else None, tokenizer)
+        if in_kl:
+            loaded[name] = (model, tokenizer)
+        for a, b in kl_to.items():
+            if a not in measured and a in loaded and b in loaded:  # KL(a || b), on a's samples
+                _measure_kl(answers, a, *loaded[a], b, *loaded[b], options.temperature)
+                measured.add(a)
+        for held in list(loaded):  # free what no KL needs any more
+            if all(a in measured for a, b in kl_to.items() if held in (a, b)):
+                del loaded[held]
     return answers
 
 

@@ -1,4 +1,4 @@
-"""``preftune run``: the whole loop, one command, with a report."""
+"""``preftune run``: the whole loop, one command, with a report; ``preftune compare``: every method on one run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from preftune.config import config_from_cli, config_options
-from preftune.pipeline.config import METHOD_TITLES, RunConfig
+from preftune.pipeline.config import METHOD_TITLES, CompareConfig, RunConfig
 
 
 def quick_files() -> dict[str, str]:
@@ -51,3 +51,28 @@ def register(cli: click.Group, config_help: str) -> None:
                    + f"; {METHOD_TITLES[m]} beats SFT {100 * metrics[f'winrate_{m}_vs_sft_gold']:.0f}% (gold); "
                    f"RM accuracy {metrics['rm_eval_accuracy']:.3f}; {metrics['seconds_total'] / 60:.1f} min")
         click.echo(f"report: {Path(cfg.out) / 'report.html'}")
+
+    @cli.command("compare")
+    @click.option("--config", type=click.Path(dir_okay=False),
+                  help="TOML/YAML config: [compare] for the options below; [ppo], [rloo], [grpo], [reinforce], "
+                       "[dpo] and [bon] for each method's options (default: the run's own config file).")
+    @config_options(CompareConfig)
+    def compare(**kwargs) -> None:
+        """Compare alignment methods from one run's SFT model, reward model and prompts.
+
+        \b
+        preftune run --config examples/demo/demo.toml --out runs/demo
+        preftune compare --run runs/demo
+        Each method (--methods) tunes RUN/sft as preftune run --algorithm would (into RUN/<method>),
+        best-of-n samples the SFT model; all are judged on the run's held-out prompts by its gold and
+        reward model. Writes OUT/report.html (table, plot), OUT/compare.png and OUT/compare.json."""
+        from preftune.pipeline.compare import run_compare
+
+        file = kwargs.get("config")
+        cfg = config_from_cli(CompareConfig, kwargs, "compare")
+        result = run_compare(cfg, config_file=file)
+        for row in result["methods"]:
+            kl = row["kl"]["mean"] if row["kl"] else float("nan")
+            click.echo(f"{row['method']:>9}: gold {row['gold']['mean']:.3f}, KL {kl:.2f} nats, "
+                       f"{row['episodes']} responses sampled, {row['seconds']:.0f} s, {row['peak_rss_mb']:.0f} MB")
+        click.echo(f"report: {Path(cfg.out or Path(cfg.run, 'compare')) / 'report.html'}")

@@ -59,3 +59,19 @@ class RunConfig(StageConfig):
     engine: EngineName = engine_field()
     force: bool = Field(False, description="Re-run every stage, even the ones a previous run finished.")
     batch_size: int = Field(32, ge=1, description="Prompts per generation batch when sampling and evaluating.")
+
+
+class CompareConfig(StageConfig):
+    """Options of ``preftune compare`` (the ``[compare]`` table of a config file)."""
+
+    run: str = Field(..., description="A main job's run directory (preftune run --out): its SFT model, reward "
+                                      "model, prompts and gold are what every method starts from and is judged by.")
+    methods: list[str] = Field(default_factory=lambda: ["ppo", "rloo", "grpo", "reinforce", "dpo", "bon"],
+                               description="Methods to compare: ppo, rloo, grpo, reinforce, dpo, bon "
+                                           "(best-of-n of the SFT model against the reward model).")
+    bon_n: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], description="Best-of-n's n values (its KL "
+                             "is the analytic log n - (n-1)/n).")
+    kl_budget: float = Field(6.0, gt=0, description="The KL (nats) within which the best gold reward is reported.")
+    force: bool = Field(False, description="Re-train methods compare already trained.")
+    out: str | None = Field(None, description="Where the comparison goes (default RUN/compare); each method's "
+                                              "model goes to RUN/<method>, as preftune run --algorithm puts it.")
