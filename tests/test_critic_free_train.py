@@ -70,7 +70,7 @@ def test_grpo_with_equal_rewards_does_not_move_and_dynamic_sampling_counts_them(
     assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), sft.state_dict().values()))
 
 
-@pytest.mark.parametrize("name", ["rloo", "grpo"])
+@pytest.mark.parametrize("name", ["rloo", "grpo", "reinforce"])
 def test_resume_is_exact(name, tiny_model_dir, files):  # noqa: F811
     tmp, prompts, rewards = files
     common = dict(steps=4, save_every=2, lora=True, lr=1e-2)

@@ -113,6 +113,11 @@ for name, kwargs in {"stop": dict(max_new_tokens=24, stop=["."]), "plain": dict(
                  "texts": gen.texts, "gap": gap.item(), "hf_ended": hf.ended.tolist()}
 again = engine.generate(encoded, max_new_tokens=24, **options)  # the same seeds: the same samples
 out["repeat_same"] = again.response_ids.tolist() == out["plain"]["ids"]
+# More prompt tokens than one scheduler step takes, each request seeded: vLLM must not cut a seeded
+# prompt's prefill across steps on CPU (it then rewinds a CPU generator, which torch refuses).
+many = encoded * (1 + 20000 // sum(map(len, encoded)))
+burst = engine.generate(many, max_new_tokens=2, temperature=1.0, row_seeds=list(range(len(many))))
+out["burst"] = [len(many), len(burst.texts)]
 with torch.no_grad():  # an update: every weight moves, then the engine is synced
     for p in model.parameters():
         p.add_(torch.randn_like(p) * 0.02)
@@ -152,6 +157,7 @@ def _check_well_formed(out: dict, gap_tolerance: float) -> None:
                 assert "." not in text  # cut before the stop string
         assert run["gap"] < gap_tolerance, (name, run["gap"])  # vLLM's log-probabilities are the model's
     assert out["repeat_same"]  # per-request seeds: the same seeds give the same samples
+    assert out["burst"][0] == out["burst"][1] > 500  # a large seeded batch completes
     assert out["gap_after_sync"] < gap_tolerance, out["gap_after_sync"]  # and after a sync, the new weights'
 
 

@@ -113,9 +113,14 @@ class VLLMEngine(_Engine):
             raise PreftuneError(f"--engine vllm: cannot import vLLM ({e})") from None
         self.tokenizer = tokenizer
         dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+        # On CPU, no chunked prefill: vLLM rewinds a seeded request's random generator when it cuts
+        # a prompt's prefill across steps, which torch's CPU generators cannot do ("CPU Generator does
+        # not use offset", at batches of about 256 prompts).
+        cpu = device.type == "cpu"
         self.llm = LLM(model=str(path), tokenizer=str(path), dtype=dtype, seed=seed, max_model_len=max_model_len,
-                       enforce_eager=device.type == "cpu", logprobs_mode="processed_logprobs",
-                       gpu_memory_utilization=0.3 if device.type == "cuda" else 0.9)
+                       enforce_eager=cpu, logprobs_mode="processed_logprobs",
+                       gpu_memory_utilization=0.3 if device.type == "cuda" else 0.9,
+                       **({"enable_chunked_prefill": False} if cpu else {}))
         self.eos_ids = sorted({tokenizer.eos_token_id} | set(_extra_eos_ids(_generation_config(path), tokenizer)))
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,

@@ -194,8 +194,8 @@ class Dispatch(torch.nn.Module):
         return fn(*args, **kwargs)
 
 
-class PPOModels:
-    """The policy, its reference, the value function, and how each pass over them runs.
+class RLModels:
+    """The policy, its reference, the value function (PPO), and how each pass over them runs.
 
     One process or DDP: passes without gradients (sampling, reference, values, evaluation) call the
     modules directly (every rank holds the same weights, and DDP's wrapper would add collectives to
@@ -293,7 +293,7 @@ def update_layout(cfg: OnlineRLConfig, step: int, epoch: int, per_rank: int, inf
 
 
 @torch.no_grad()
-def rollout(models: PPOModels, tokenizer, prompts: list[Prompt], seeds: list[int], reward: Callable,
+def rollout(models: RLModels, tokenizer, prompts: list[Prompt], seeds: list[int], reward: Callable,
             cfg: OnlineRLConfig, step: int, info: DistInfo, times: dict) -> tuple[Rollout, torch.Tensor, torch.Tensor, list[str]]:
     """Phases 1-3: (episodes with the old policy's log-probabilities and values and the reference's
     log-probabilities, all computed by the trainer; scores; ended; texts). ``episodes.sampler_logprobs``
@@ -311,7 +311,7 @@ def rollout(models: PPOModels, tokenizer, prompts: list[Prompt], seeds: list[int
 
 
 @torch.no_grad()
-def trainer_view(models: PPOModels, episodes: Rollout, layout, temperature: float) -> None:
+def trainer_view(models: RLModels, episodes: Rollout, layout, temperature: float) -> None:
     """Phase 3: the old policy's log-probabilities and values, and the reference's, from the
     trainer's own forward passes over exactly the micro-batches of the first update epoch. The first
     mini-batch of the update then sees its own numbers again: its ratio is exactly 1, whatever the
@@ -360,7 +360,7 @@ def advantages(cfg: OnlineRLConfig, episodes: Rollout, scores: torch.Tensor, kl:
             seq = whiten(seq, torch.ones_like(seq), reduce=reduce)
     else:
         seq = group_advantages(rewards, K, cfg.scale_rewards, reduce=reduce)
-        if cfg.dynamic_sampling:  # left out of the update: their tokens no longer count anywhere in the loss
+        if cfg.dynamic_sampling:  # out of the loss (masked: the batch keeps its shape on every rank)
             kept = varied_groups(rewards, K)
             episodes.response_mask = mask * kept[:, None].to(mask.dtype)
             counts = torch.tensor([float((~kept).sum()), float(len(kept))], dtype=torch.float64)
@@ -380,10 +380,10 @@ UPDATE_STATS = ["loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "pol
                 "val/clipfrac_avg", "policy/entropy_avg", "loss/ptx_avg", "loss/kl_avg"]
 
 
-def ppo_update(models: PPOModels, optimizer, episodes: Rollout, cfg: OnlineRLConfig, step: int,
-               ptx: PtxStream | None, info: DistInfo = DistInfo(), kl_coef: float = 0.0) -> dict[str, float]:
-    """Phase 5: ppo_epochs x mini_batches optimiser steps; returns the mean diagnostics. ``kl_coef``:
-    beta of the KL loss term (methods with ``kl_in = "loss"``).
+def clipped_update(models: RLModels, optimizer, episodes: Rollout, cfg: OnlineRLConfig, step: int,
+                   ptx: PtxStream | None, info: DistInfo = DistInfo(), kl_coef: float = 0.0) -> dict[str, float]:
+    """Phase 5, every method's: ppo_epochs x mini_batches clipped optimiser steps; returns the mean
+    diagnostics. ``kl_coef``: beta of the KL loss term (methods with ``kl_in = "loss"``).
 
     The step's episodes form one global batch (rank r holds positions r*B .. r*B+B-1), cut into
     mini-batches by ``update_layout``; each rank computes the members it holds. Every mean is over
@@ -477,7 +477,7 @@ def policy_objective(cfg: OnlineRLConfig, logprobs: torch.Tensor, part: Rollout,
 
 
 @torch.no_grad()
-def evaluate(models: PPOModels, tokenizer, prompts: list[Prompt], reward, gold, cfg: OnlineRLConfig,
+def evaluate(models: RLModels, tokenizer, prompts: list[Prompt], reward, gold, cfg: OnlineRLConfig,
              info: DistInfo = DistInfo()) -> tuple[dict[str, float], list[dict]]:
     """Sample the held-out prompts at the training temperature, each from a random stream fixed by
     (seed, its position) (the same random numbers at every evaluation, so differences come from the
@@ -556,8 +556,8 @@ def train_rl(cfg: OnlineRLConfig, *, reward_fn: Callable | None = None, gold_fn:
         reference.requires_grad_(False)
     value_head, value_model = build_value_function(cfg, policy, tokenizer, device, run.precision)
     value_module = value_head if value_head is not None else value_model
-    models = PPOModels(policy, reference, value_head, value_model, info, cfg.fsdp, autocast=run.autocast,
-                       sampler=build_sampler(cfg, policy, tokenizer, run))
+    models = RLModels(policy, reference, value_head, value_model, info, cfg.fsdp, autocast=run.autocast,
+                      sampler=build_sampler(cfg, policy, tokenizer, run))
     global_batch = run.global_batch
     total_steps = total_rollout_steps(cfg, len(prompts), info.world)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
@@ -602,7 +602,7 @@ def train_rl(cfg: OnlineRLConfig, *, reward_fn: Callable | None = None, gold_fn:
                 cfg, episodes, scores, kl, kl_ctl.value, reduce)
             # 5: update
             with timed(times, "update"):
-                update_stats = ppo_update(models, optimizer, episodes, cfg, step, ptx, info, kl_ctl.value)
+                update_stats = clipped_update(models, optimizer, episodes, cfg, step, ptx, info, kl_ctl.value)
             scheduler.step()
             with timed(times, "sync"):
                 models.sync_sampler()
