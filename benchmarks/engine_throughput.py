@@ -65,7 +65,10 @@ def generate(engine_name: str, dtype: str, batches: list[int]) -> list[dict]:
 
 def run(cmd: list[str]) -> list[dict]:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
-    rows = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    # "RESULT {...}" from this script's own --one runs; one JSON object per line from ppo_throughput.py
+    # (a failed ppo_throughput run prints its own row with its "error")
+    rows = [json.loads(line.removeprefix("RESULT ")) for line in proc.stdout.splitlines()
+            if line.startswith(("RESULT {", "{"))]
     if proc.returncode or not rows:
         return [{"cmd": " ".join(cmd[1:]), "error": proc.stderr.strip()[-1500:]}]
     return rows
