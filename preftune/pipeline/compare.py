@@ -23,6 +23,7 @@ import multiprocessing
 import resource
 import time
 from pathlib import Path
+from queue import Empty
 
 from preftune.data.jsonl import read_dicts, write_json
 from preftune.errors import PreftuneError
@@ -112,7 +113,7 @@ def train_methods(cfg: CompareConfig, config_file: str | None) -> dict[str, dict
         queue = context.Queue()
         child = context.Process(target=_train, args=(cfg, config_file, method, queue))
         child.start()
-        result = queue.get()
+        result = _result_of(child, queue)
         child.join()
         if "error" in result:
             raise PreftuneError(f"compare: {method} failed: {result['error']}")
@@ -120,6 +121,16 @@ def train_methods(cfg: CompareConfig, config_file: str | None) -> dict[str, dict
         write_json(records_path, records)
         console.print(f"{TITLES[method]}: {result['seconds']:.0f} s, peak {result['peak_rss_mb']:.0f} MB")
     return records
+
+
+def _result_of(child, queue) -> dict:
+    """What the child reported; an error when it died without a word (killed, out of memory)."""
+    while True:
+        try:
+            return queue.get(timeout=5)
+        except Empty:
+            if not child.is_alive():
+                return {"error": f"its process ended with exit code {child.exitcode} and no report"}
 
 
 def evaluate_methods(cfg: CompareConfig, config_file: str | None) -> dict:
