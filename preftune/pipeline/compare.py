@@ -79,19 +79,14 @@ def _train(cfg: CompareConfig, config_file: str | None, method: str, queue) -> N
 def _best_of_n(cfg: CompareConfig, run, prompts: Path) -> dict:
     from preftune.evaluation.bon import run_bon
     from preftune.evaluation.config import BonConfig
+    from preftune.pipeline.run import eval_config
 
-    ev = _eval_config(run)
+    ev = eval_config(run, prompts)
     bon = run.stage_config(BonConfig, "bon", defaults={"max_new_tokens": ev.max_new_tokens,
                                                        "batch_size": ev.batch_size, "temperature": ev.temperature},
                            model=str(run.path("sft")), reward=str(run.path("rm")), gold=run.cfg.gold,
                            prompts=str(prompts), n=cfg.bon_n, out=str(_out(cfg) / "bon"))
     return run_bon(bon, quiet=True)
-
-
-def _eval_config(run):
-    from preftune.pipeline.run import eval_config
-
-    return eval_config(run, run.path("data", "eval_prompts.jsonl"))
 
 
 def _out(cfg: CompareConfig) -> Path:
@@ -134,24 +129,16 @@ def _result_of(child, queue) -> dict:
 
 
 def evaluate_methods(cfg: CompareConfig, config_file: str | None) -> dict:
-    """Step 3: SFT and the tuned models on the held-out prompts (the main job's evaluation settings)."""
-    from preftune.evaluation.evaluate import prompt_subset
-    from preftune.evaluation.harness import kl_summary, mean_with_ci, sample_models, score_models, win_rate_summary
+    """Step 3: SFT and the tuned models on the held-out prompts (the main job's evaluation)."""
+    from preftune.evaluation.harness import kl_summary, mean_with_ci, win_rate_summary
     from preftune.evaluation.stats import pairwise_outcomes
-    from preftune.models.generation import SamplingOptions
-    from preftune.scoring import load_scorer
+    from preftune.pipeline.run import answer_held_out
 
     run = open_run(cfg, config_file, "ppo")
-    ev = _eval_config(run)
     tuned = [m for m in cfg.methods if m != "bon"]
     models = {"sft": str(run.path("sft")), **{m: str(run.path(m)) for m in tuned}}
-    messages = [r.messages for r in prompt_subset(ev)]
-    judges = {"gold": load_scorer(run.cfg.gold, ev.device, ev.dtype),
-              "proxy": load_scorer(str(run.path("rm")), ev.device, ev.dtype)}
-    options = SamplingOptions(ev.max_new_tokens, ev.temperature, ev.top_p, ev.batch_size)
-    answers = sample_models(models, messages, options, seed=ev.seed, device=ev.device, dtype=ev.dtype,
-                            engine=ev.engine, kl_to={m: "sft" for m in tuned})
-    score_models(answers, judges, messages, ev.batch_size)
+    ev, messages, answers = answer_held_out(run, models, {m: "sft" for m in tuned},
+                                            run.path("data", "eval_prompts.jsonl"), quiet=False)
     scores = answers.scores
     summary = {}
     for name in models:

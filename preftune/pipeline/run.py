@@ -293,43 +293,53 @@ def eval_config(run: Run, prompts: Path):
                             judge=[run.cfg.gold, str(run.path("rm"))], out=str(run.path("eval")))
 
 
-def stage_eval(run: Run, base: str, prompts: Path) -> dict:
-    """Held-out prompts through the evaluation harness: base, SFT and the tuned model each sample once;
-    the gold and the proxy (the reward model) score every reply; KL of SFT from base and of the tuned
-    model from SFT on the newer model's samples; the tuned model's win rates over SFT. The ``[eval]``
-    table of the config file sets the sampling and statistics options (``preftune eval --help``)."""
+def answer_held_out(run: Run, models: dict[str, str], kl_to: dict[str, str], prompts: Path, quiet: bool):
+    """``models`` (name -> path) answer the held-out prompts once through the evaluation harness with
+    the ``[eval]`` table's options; the gold and the proxy (the run's reward model) score every reply;
+    KL of each ``kl_to`` pair on the model's own samples. Returns (the eval config, the prompts'
+    messages, the harness's ``Answers``)."""
     from preftune.evaluation.evaluate import prompt_subset
-    from preftune.evaluation.harness import kl_summary, mean_with_ci, sample_models, score_models, win_rate_summary
-    from preftune.evaluation.stats import pairwise_outcomes
+    from preftune.evaluation.harness import sample_models, score_models
     from preftune.models.generation import SamplingOptions
     from preftune.scoring import load_scorer
 
-    m = run.method
-    models = {"base": base, "sft": str(run.path("sft")), m: str(run.path(m))}
     cfg = eval_config(run, prompts)
-    records = prompt_subset(cfg)
-    messages = [r.messages for r in records]
+    messages = [r.messages for r in prompt_subset(cfg)]
     judges = {"gold": load_scorer(run.cfg.gold, cfg.device, cfg.dtype),
               "proxy": load_scorer(str(run.path("rm")), cfg.device, cfg.dtype)}
     options = SamplingOptions(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
     answers = sample_models(models, messages, options, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
-                            engine=cfg.engine, kl_to={"sft": "base", m: "sft"}, quiet=run.quiet)
-    score_models(answers, judges, messages, cfg.batch_size, quiet=run.quiet)
+                            engine=cfg.engine, kl_to=kl_to, quiet=quiet)
+    score_models(answers, judges, messages, cfg.batch_size, quiet=quiet)
+    return cfg, messages, answers
+
+
+def stage_eval(run: Run, base: str, prompts: Path) -> dict:
+    """Held-out prompts through the evaluation harness (``answer_held_out``): base, SFT and the tuned
+    model each sample once; KL of SFT from base and of the tuned model from SFT; the tuned model's win
+    rates over SFT. The ``[eval]`` table of the config file sets the sampling and statistics options
+    (``preftune eval --help``)."""
+    from preftune.evaluation.harness import kl_summary, mean_with_ci, win_rate_summary
+    from preftune.evaluation.stats import pairwise_outcomes
+
+    m = run.method
+    models = {"base": base, "sft": str(run.path("sft")), m: str(run.path(m))}
+    cfg, messages, answers = answer_held_out(run, models, {"sft": "base", m: "sft"}, prompts, run.quiet)
     scores = answers.scores
     result = {
-        "n_prompts": len(records), "method": m,
-        "gold_reward": {m: mean_with_ci(scores["gold"][m], seed=cfg.seed, resamples=cfg.bootstrap) for m in models},
-        "proxy_reward": {m: mean_with_ci(scores["proxy"][m], seed=cfg.seed, resamples=cfg.bootstrap) for m in models},
+        "n_prompts": len(messages), "method": m,
+        "gold_reward": {k: mean_with_ci(scores["gold"][k], seed=cfg.seed, resamples=cfg.bootstrap) for k in models},
+        "proxy_reward": {k: mean_with_ci(scores["proxy"][k], seed=cfg.seed, resamples=cfg.bootstrap) for k in models},
         f"winrate_{m}_vs_sft": {j: win_rate_summary(pairwise_outcomes(scores[j][m], scores[j]["sft"],
-                                                                      cfg.tie_margin).tolist()) for j in judges},
+                                                                      cfg.tie_margin).tolist()) for j in scores},
         "kl_sft_base": kl_summary(answers.kl.get("sft")), f"kl_{m}_sft": kl_summary(answers.kl.get(m)),
-        "length": {m: float(np.mean(answers.samples[m].lengths)) for m in models},
-        "ended": {m: float(np.mean(answers.samples[m].ended)) for m in models},
+        "length": {k: float(np.mean(answers.samples[k].lengths)) for k in models},
+        "ended": {k: float(np.mean(answers.samples[k].ended)) for k in models},
         "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p},
     }
-    rows = [{"prompt": prompt_text(m), **{name: answers.samples[name].texts[i] for name in models},
+    rows = [{"prompt": prompt_text(msgs), **{name: answers.samples[name].texts[i] for name in models},
              **{f"gold_{name}": scores["gold"][name][i] for name in models},
-             **{f"proxy_{name}": scores["proxy"][name][i] for name in models}} for i, m in enumerate(messages)]
+             **{f"proxy_{name}": scores["proxy"][name][i] for name in models}} for i, msgs in enumerate(messages)]
     write_jsonl(run.path("eval", "samples.jsonl"), rows)
     write_json(run.path("eval", "eval.json"), result)
     return result

@@ -148,6 +148,11 @@ def samples_per_prompt(cfg: OnlineRLConfig) -> int:
     return cfg.samples_per_prompt if isinstance(cfg, CriticFreeConfig) else 1
 
 
+def kl_in_loss(cfg: OnlineRLConfig) -> bool:
+    """Whether the KL leash is a loss term (``--kl-in loss``) rather than part of the reward (PPO: reward)."""
+    return isinstance(cfg, CriticFreeConfig) and cfg.kl_in == "loss"
+
+
 def total_rollout_steps(cfg: OnlineRLConfig, n_prompts: int, world: int = 1) -> int:
     prompts_per_step = cfg.batch_size // samples_per_prompt(cfg) * world
     steps = cfg.steps or math.ceil(cfg.epochs * n_prompts / prompts_per_step)
@@ -340,7 +345,7 @@ def advantages(cfg: OnlineRLConfig, episodes: Rollout, scores: torch.Tensor, kl:
     the method's KL acts in the loss (``kl_in = "loss"``). Statistics over the batch use every rank's
     episodes (``reduce``); groups of K samples never straddle ranks."""
     mask = episodes.response_mask
-    in_reward = kl_coef if getattr(cfg, "kl_in", "reward") == "reward" else 0.0
+    in_reward = 0.0 if kl_in_loss(cfg) else kl_coef
     if isinstance(cfg, PPOConfig):
         rewards, non_score = per_token_rewards(scores, kl, mask, in_reward)
         if cfg.whiten_rewards:
@@ -394,7 +399,7 @@ def clipped_update(models: RLModels, optimizer, episodes: Rollout, cfg: OnlineRL
     per_rank = len(episodes)
     lengths = all_gather_tensor(episodes.response_mask.sum(1).double().cpu(), info)  # every episode's tokens
     how = aggregation(cfg)
-    kl_loss_coef = kl_coef if getattr(cfg, "kl_in", "reward") == "loss" else 0.0
+    kl_loss_coef = kl_coef if kl_in_loss(cfg) else 0.0
     device = episodes.logprobs.device
     pad_id = ptx.pad_id if ptx is not None else 0
     rows, entropy_rows = [], []  # per mini-batch: this rank's shares of the statistics
