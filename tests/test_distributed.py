@@ -200,7 +200,9 @@ def test_reward_two_ranks_match_one_rank_with_double_batch(tmp_path, tiny_model_
         assert two[key] == pytest.approx(one[key], rel=1e-4), key
     assert two["eval_accuracy_by_annotator"] == one["eval_accuracy_by_annotator"]
     assert_curves_close(tmp_path / "two", tmp_path / "one")
-    assert_weights_close(tmp_path / "two", tmp_path / "one", atol=1e-5)
+    # 1e-4: Adam divides by sqrt(v), so a weight whose gradient is almost 0 turns the ranks' other
+    # summation order into a visible step (one of 8192 weights moved 4.6e-5 after 6 steps at lr 1e-3).
+    assert_weights_close(tmp_path / "two", tmp_path / "one", atol=1e-4)
     meta = json.loads((tmp_path / "two" / "reward_model.json").read_text())
     assert meta["gain"] == two["gain"]
 
@@ -208,7 +210,7 @@ def test_reward_two_ranks_match_one_rank_with_double_batch(tmp_path, tiny_model_
     resume_on_one_rank(tmp_path / "two", tmp_path / "resumed", 3)
     train_reward(RewardConfig(**reward_options(tiny_model_dir, preferences, tmp_path / "resumed", 8, resume=True)),
                  quiet=True)
-    assert_weights_close(tmp_path / "resumed", tmp_path / "one", atol=1e-5)
+    assert_weights_close(tmp_path / "resumed", tmp_path / "one", atol=1e-4)  # as above
 
 
 def test_reward_fsdp_with_lora_matches_one_rank(tmp_path, tiny_model_dir, preferences):

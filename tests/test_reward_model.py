@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from preftune.data.records import RecordError
 from preftune.models.logits import last_token_index
 from preftune.models.reward_model import (
     META_FILE,
@@ -56,11 +57,78 @@ def test_left_and_right_padding_give_the_same_scores(tiny_rm_dir):
     assert len(set(one_by_one.tolist())) == 3
 
 
-def test_sequence_ends_at_the_end_of_turn_token(tiny_rm_dir):
+def test_sequence_is_the_whole_templated_conversation_tokenised_at_once(tiny_rm_dir):
     rm = tiny_rm_dir
-    ids = rm.encode("Hi", "Hello")
-    assert ids[-1] == rm.tokenizer.eos_token_id
-    assert rm.render("Hi", "Hello").endswith("Hello<|im_end|>")
+    full = rm.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Hello"}], tokenize=False)
+    assert rm.encode("Hi", "Hello") == rm.tokenizer(full, add_special_tokens=False)["input_ids"]
+    assert rm.render("Hi", "Hello") == full and full.endswith("Hello<|im_end|>\n")  # TRL scores the newline too
+
+
+# A chat template whose generation prompt ends with a space: the prompt ends inside a token
+# (" the" is one token when read together, "the" alone otherwise).
+SPACE_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+
+
+def _hf_scores(directory, texts):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    hf = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+    tok = AutoTokenizer.from_pretrained(directory)
+    with torch.no_grad():
+        return torch.cat([hf(**tok(t, add_special_tokens=False, return_tensors="pt")).logits[:, 0] for t in texts])
+
+
+def _boundary_rm(tmp_path, chat_template: str | None):
+    from preftune.models.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(["the sky is blue", "assistant: the answer"], chat_template=False)
+    if chat_template:
+        tok.chat_template = chat_template
+    model = build_tiny_model(tok)
+    model.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    rm = RewardModel.from_backbone(str(tmp_path / "lm"), device="cpu", dtype="fp32")
+    torch.nn.init.normal_(rm.model.score.weight, std=1.0)
+    rm.save(tmp_path / "rm")
+    return rm
+
+
+def test_chat_template_scores_match_transformers_when_the_boundary_is_inside_a_token(tmp_path):
+    from preftune.data.chat import encode_pair
+
+    rm = _boundary_rm(tmp_path, SPACE_TEMPLATE)
+    prompts, responses = ["Why?", "What colour is the sky?"], ["the sky is blue", "the answer is blue"]
+    conversations = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+                     for p, r in zip(prompts, responses)]
+    texts = [rm.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    split = encode_pair(rm.tokenizer, conversations[0][:1], responses[0]).input_ids
+    assert split != rm.encode(prompts[0], responses[0])  # the set-up: apart, the tokens differ
+    assert torch.allclose(_hf_scores(tmp_path / "rm", texts), rm.raw_scores(prompts, responses), atol=1e-5)
+
+
+def test_plain_rendering_starts_with_bos_and_matches_transformers(tmp_path):
+    rm = _boundary_rm(tmp_path, None)
+    tok = rm.tokenizer
+    prompts, responses = ["Why?", "Hi"], ["the sky is blue", " the answer"]
+    texts = [f"{tok.bos_token}User: {p}\n\nAssistant: {r.lstrip()}{tok.eos_token}" for p, r in zip(prompts, responses)]
+    assert [rm.render(p, r) for p, r in zip(prompts, responses)] == texts  # one space, however the response starts
+    assert rm.encode("Hi", "x")[0] == tok.bos_token_id
+    assert torch.allclose(_hf_scores(tmp_path / "rm", texts), rm.raw_scores(prompts, responses), atol=1e-5)
+
+
+def test_a_long_conversation_loses_its_start_and_keeps_its_end(tiny_rm_dir):
+    rm = tiny_rm_dir
+    whole = rm.encode("word " * 300, "Hello")
+    rm.meta.max_length, before = 64, rm.meta.max_length
+    try:
+        cut = rm.encode("word " * 300, "Hello")
+        with pytest.raises(RecordError, match="over --max-length 64"):
+            rm.encode("word " * 300, "Hello", truncate=False)
+    finally:
+        rm.meta.max_length = before
+    assert cut == whole[-64:]
 
 
 def test_saved_model_loads_in_plain_transformers_with_the_same_raw_scores(tiny_rm_dir, tmp_path):

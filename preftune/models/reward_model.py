@@ -3,10 +3,13 @@
 The scalar is read exactly where the architecture's ``...ForSequenceClassification`` class reads
 it, so ``AutoModelForSequenceClassification.from_pretrained(DIR)`` reproduces our raw scores:
 
-* causal LMs (Llama, Qwen, GPT-2, ...): the score head applied to the hidden state of the last
-  real token (the response's end-of-turn token). We find it from the attention mask, which works
-  with left and right padding; the pad id is distinct from EOS and never occurs in real text, so
-  Hugging Face's pad-id search lands on the same token;
+* causal LMs (Llama, Qwen, GPT-2, ...): the whole conversation rendered as one text (the chat
+  template, or the plain format with BOS) and tokenised at once, as TRL and vLLM do; the score
+  head applied to the hidden state of its last real token (for ChatML the newline after
+  ``<|im_end|>``). We find it from the attention mask, which works with left and right padding;
+  the pad id is distinct from EOS and never occurs in real text, so Hugging Face's pad-id search
+  lands on the same token: ``model(**tokenizer(rm.render(p, r), add_special_tokens=False))``
+  reproduces ``rm.raw_scores``;
 * encoders (BERT and friends): the model's own head on the pooled first token ([CLS]); prompt and
   response are encoded as a text pair ``[CLS] prompt [SEP] response [SEP]``, with the segment ids
   (``token_type_ids``: 1 on the response) that the tokenizer gives such a pair, so
@@ -27,16 +30,19 @@ from typing import Sequence
 
 import torch
 
-from preftune.data.batching import fit_length
-from preftune.data.chat import EncodedPair, encode_pair, has_chat_template, render_prompt
+from preftune.data.chat import has_chat_template, render_conversation, render_prompt
 from preftune.data.records import Messages, RecordError
 from preftune.errors import PreftuneError
 from preftune.models.loading import disable_dropout, ensure_pad_token, resolve_device, resolve_dtype, resolve_model_path
 from preftune.models.logits import last_token_index, selected_hidden, unwrap
 from preftune.models.precision import fit_attention, resolve_precision
 from preftune.models.saving import save_final_model
+from preftune.progress import console
 
 META_FILE = "reward_model.json"
+FORMAT = "preftune-reward-model/2"
+"""/2: a causal LM reads the whole conversation tokenised at once; /1 (before 2026-12) tokenised
+prompt and response apart and ended at the end-of-turn token."""
 
 
 # ---------------------------------------------------------------- pooling
@@ -111,22 +117,23 @@ def uses_token_types(tokenizer, decoder: bool) -> bool:
 def encode_for_reward(tokenizer, messages: Messages, response: str, *, decoder: bool, max_length: int,
                       truncate: bool) -> list[int]:
     """Token ids the reward model reads for one (prompt, response); ``RecordError`` when over
-    ``max_length`` and not ``truncate`` (prompt tokens are cut from the left)."""
+    ``max_length`` and not ``truncate`` (then the text loses tokens from its start, the prompt's).
+
+    A causal LM reads the whole conversation tokenised at once (``render_conversation``): the
+    ecosystem's rule, so plain transformers, TRL and vLLM's reward serving see the same tokens.
+    Where the prompt ends inside a token (a generation prompt ending with a space, say), the joint
+    tokens differ from the policy's own prompt and response tokens: the reward model scores the
+    text, never the policy's ids."""
     if decoder:
-        pair = encode_pair(tokenizer, messages, response)
-        eos = tokenizer.eos_token_id
-        ids = pair.response_ids
-        if eos in ids:  # end at the end-of-turn token, not at the template's trailing newline
-            end = len(ids) - 1 - ids[::-1].index(eos)
-            if not tokenizer.decode(ids[end + 1:]).strip():
-                pair = EncodedPair(pair.prompt_ids, ids[:end + 1])
-        fitted = fit_length(pair, max_length, truncate)
-        if fitted is None:
-            raise RecordError(f"prompt + response is {len(pair)} tokens, over --max-length {max_length} "
-                              f"(use --truncate to cut the prompt)")
-        if tokenizer.pad_token_id in fitted.input_ids:
+        ids = tokenizer(render_conversation(tokenizer, messages, response), add_special_tokens=False)["input_ids"]
+        if tokenizer.pad_token_id in ids:
             raise RecordError(f"the text contains the pad token {tokenizer.pad_token!r}")
-        return fitted.input_ids
+        if len(ids) > max_length:
+            if not truncate:
+                raise RecordError(f"prompt + response is {len(ids)} tokens, over --max-length {max_length} "
+                                  f"(use --truncate to cut the prompt)")
+            ids = ids[-max_length:]  # the end, where the score is read, stays
+        return ids
     return encode_text_pair(tokenizer, messages, response, max_length, truncate)
 
 
@@ -165,7 +172,7 @@ class RewardMeta:
     rendering: str = "chat_template"  # chat_template | plain | text_pair
     normalisation: dict = field(default_factory=dict)  # reference, count, raw mean / std
     backbone: str = ""
-    format: str = "preftune-reward-model/1"
+    format: str = FORMAT
 
 
 def _as_messages(prompt: Messages | str) -> Messages:
@@ -218,7 +225,11 @@ class RewardModel:
         except (ValueError, TypeError) as e:
             raise PreftuneError(f"{meta_path}: invalid reward-model metadata: {e}") from None
         model, tokenizer = _load_seq_cls(path, device, dtype)
-        return cls(model, tokenizer, meta)
+        rm = cls(model, tokenizer, meta)
+        if meta.format != FORMAT and rm.decoder:
+            console.print(f"[yellow]{path}: trained by an older preftune ({meta.format}), which tokenised prompt "
+                          f"and response apart; scores can differ slightly from training (retrain to match)")
+        return rm
 
     def save(self, out: str | Path, sharded: bool = False, is_main: bool = True) -> None:
         """Plain Hugging Face directory (+ ``reward_model.json``); LoRA adapters are merged. Under
@@ -235,7 +246,12 @@ class RewardModel:
                                  max_length=self.meta.max_length, truncate=truncate)
 
     def render(self, prompt: Messages | str, response: str) -> str:
-        """The exact text the model reads for one (prompt, response)."""
+        """The exact text the model reads for one (prompt, response): a causal LM's whole
+        conversation (its start cut when over ``max_length``), an encoder's decoded text pair."""
+        if self.decoder:
+            text = render_conversation(self.tokenizer, _as_messages(prompt), response)
+            if len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) <= self.meta.max_length:
+                return text
         return self.tokenizer.decode(self.encode(prompt, response))
 
     @property
