@@ -50,6 +50,7 @@ def cli() -> None:
 # Each stage registers its own commands, in the order of the loop. Only configs and click are
 # imported here (no torch), so `preftune --help` and every `preftune STAGE --help` are fast.
 from preftune.annotators.cli import register as _register_label  # noqa: E402
+from preftune.data.cli import register as _register_convert  # noqa: E402
 from preftune.dpo.cli import register as _register_dpo  # noqa: E402
 from preftune.evaluation.cli import register as _register_evaluation  # noqa: E402
 from preftune.feedback.cli import annotate  # noqa: E402  (light: the app loads on first use)
@@ -60,7 +61,7 @@ from preftune.sampling.cli import register as _register_sample  # noqa: E402
 from preftune.sft.cli import register as _register_sft  # noqa: E402
 
 for _register in (_register_sft, _register_sample, _register_label, _register_reward, _register_rl,
-                  _register_dpo, _register_evaluation, _register_run):
+                  _register_dpo, _register_evaluation, _register_run, _register_convert):
     _register(cli, CONFIG_HELP)
 cli.add_command(annotate)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from preftune.config import StageConfig
 
@@ -21,6 +21,10 @@ class LabelConfig(StageConfig):
                                                 "file.py:function.")
     kind: Literal["comparisons", "rankings", "ratings"] = Field("comparisons", description="What the "
                                                                 "annotators produce.")
+    format: Literal["preftune", "trl"] = Field("preftune", description="How comparisons are written: preftune's "
+                                               "format, or trl (conversational prompt/chosen/rejected with "
+                                               "margin, which TRL's trainers read with our meaning; "
+                                               "comparisons only).")
     annotators: int = Field(1, ge=1, description="Number of simulated annotators; each labels every item.")
     noise: list[float] = Field(default_factory=lambda: [0.0], description="Bradley-Terry temperature T: P(A>B) "
                                "= sigmoid((gold_A - gold_B) / T); one value for all annotators or one per "
@@ -31,3 +35,9 @@ class LabelConfig(StageConfig):
     scale: int = Field(3, ge=2, description="Rating scale 1..S (--kind ratings).")
     pairs_per_prompt: int = Field(0, ge=0, description="Comparisons per prompt and annotator, drawn at random "
                                                        "from all pairs of its responses (0: all pairs).")
+
+    @model_validator(mode="after")
+    def _trl_has_comparisons_only(self) -> "LabelConfig":
+        if self.format == "trl" and self.kind != "comparisons":
+            raise ValueError(f"--format trl: TRL has no format for {self.kind} (use --kind comparisons)")
+        return self

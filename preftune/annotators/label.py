@@ -15,7 +15,7 @@ import numpy as np
 from preftune.annotators.config import LabelConfig
 from preftune.annotators.simulated import calibrate_temperature, simulate_labels
 from preftune.data.jsonl import read_jsonl, write_jsonl
-from preftune.data.records import CandidateSet
+from preftune.data.records import CandidateSet, parse_comparison
 from preftune.errors import ConfigError
 from preftune.progress import console, progress_bar
 from preftune.scoring import Scorer, load_scorer
@@ -66,7 +66,9 @@ def write_labels(cfg: LabelConfig, items: list[CandidateSet], gold: list[np.ndar
     temperatures = annotator_temperatures(cfg, items, gold)
     rows, stats = simulate_labels(items, gold, cfg.kind, temperatures, scale=cfg.scale,
                                   pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed)
-    write_jsonl(cfg.out, rows)
+    if cfg.format == "trl":
+        rows = [parse_comparison(row) for row in rows]
+    write_jsonl(cfg.out, rows, format=cfg.format)
     all_gold = np.concatenate(gold)
     stats = {"labeler": cfg.labeler, "records": len(rows), **stats,
              "gold_mean": float(all_gold.mean()), "gold_std": float(all_gold.std())}

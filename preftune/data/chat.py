@@ -11,7 +11,14 @@ Without a chat template the documented plain-text fallback is used::
     Assistant: {assistant}\\n\\n     (earlier assistant turns)
     Assistant:                      (the generation prompt)
 
-and a response is ``" " + text + eos_token``.
+and a response is ``" " + text + eos_token`` (no added space when the text already starts with
+whitespace, as TRL's standard format's completions do: ``" blue."``). The plain text starts with the
+tokenizer's BOS token when it has one; a chat template writes its own.
+
+Training a policy tokenises prompt and response separately (``encode_pair``), so the boundary is
+exact and the loss covers the response tokens only. Scoring text tokenises the whole conversation
+at once (``render_conversation``), as every other tool does (TRL, vLLM's reward serving, plain
+transformers on the rendered text).
 """
 
 from __future__ import annotations
@@ -45,8 +52,20 @@ def render_response(tokenizer, messages: Messages, response: str) -> str:
             return full[len(prompt):]
         # Templates that rewrite earlier turns (rare): fall back to response + EOS.
     eos = tokenizer.eos_token or ""
-    lead = "" if has_chat_template(tokenizer) else " "
+    lead = "" if has_chat_template(tokenizer) or response[:1].isspace() else " "
     return lead + response + eos
+
+
+def render_conversation(tokenizer, messages: Messages, response: str) -> str:
+    """The whole conversation ending with the assistant's ``response``, as one text: the chat
+    template applied to every turn, or BOS + the plain prompt + the plain response. Tokenised at
+    once with ``add_special_tokens=False`` it gives the tokens a reward model reads."""
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
+                                             tokenize=False)
+    prompt = render_prompt(tokenizer, messages)
+    bos = tokenizer.bos_token if _adds_bos(tokenizer, prompt) else ""
+    return bos + prompt + render_response(tokenizer, messages, response)
 
 
 def _adds_bos(tokenizer, prompt: str) -> bool:

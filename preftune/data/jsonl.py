@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from preftune.data.records import PARSERS, Record, RecordError, Source, to_json
+from preftune.data.records import PARSERS, WRITERS, Record, RecordError, Source
 from preftune.errors import DataError
 
 
@@ -150,14 +150,16 @@ def read_dicts(path: str | Path) -> list[dict]:
     return [obj for _, obj in read_numbered_dicts(path)]
 
 
-def write_jsonl(path: str | Path, rows: Iterable[Record | dict]) -> int:
-    """Write records (or plain dicts) as JSONL; returns the number of lines written."""
+def write_jsonl(path: str | Path, rows: Iterable[Record | dict], format: str = "preftune") -> int:
+    """Write records (or plain dicts, as they are) as JSONL, records in ``format`` (a key of
+    ``records.WRITERS``: preftune, trl); returns the number of lines written."""
+    writer = WRITERS[format]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
-            obj = row if isinstance(row, dict) else to_json(row)
+            obj = row if isinstance(row, dict) else writer(row)
             f.write(json.dumps(obj, ensure_ascii=False) + "\n")
             n += 1
     return n

@@ -185,8 +185,14 @@ def parse_prompt(obj: dict) -> PromptRecord:
 
 def parse_demonstration(obj: dict) -> Demonstration:
     if "completion" in obj:
-        completion = _string(obj, "completion", nonempty=True)
-        return Demonstration(messages=_prompt_messages(obj), completion=completion, **_common(obj))
+        messages = _prompt_messages(obj)
+        if isinstance(obj["completion"], list):  # TRL's conversational prompt-completion
+            completion = _one_reply(obj["completion"], "completion", messages)
+        else:
+            completion = _string(obj, "completion", nonempty=True)
+        if not completion.strip():
+            raise RecordError('"completion" must not be empty')
+        return Demonstration(messages=messages, completion=completion, **_common(obj))
     if "messages" in obj and "prompt" not in obj:
         msgs = _messages(obj["messages"], "messages")
         if msgs[-1]["role"] != "assistant":
@@ -198,6 +204,9 @@ def parse_demonstration(obj: dict) -> Demonstration:
         return Demonstration(messages=msgs[:-1], completion=msgs[-1]["content"], **_common(obj))
     if "prompt" in obj:
         raise RecordError('missing "completion"')
+    if "text" in obj:
+        raise RecordError('a "text" record has no prompt to leave out of the loss: give {"prompt", "completion"} '
+                          'or {"messages": [...]}')
     raise RecordError('expected {"prompt", "completion"} or {"messages": [...]}')
 
 
@@ -224,33 +233,72 @@ def _split_hh(text: str, key: str) -> tuple[Messages, str]:
     return messages, reply
 
 
-def _response_text(value: Any, key: str) -> str:
-    """A response given as a string, or as a list of messages ending with the assistant reply."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        msgs = _messages(value, key)
-        if msgs[-1]["role"] != "assistant":
-            raise RecordError(f'the last message of "{key}" must be an assistant turn')
-        return msgs[-1]["content"]
-    raise RecordError(f'"{key}" must be a string or a list of messages')
+def _one_reply(value: Any, key: str, prompt: Messages) -> str:
+    """The assistant reply of a message list that is either ``[reply]`` or ``prompt + [reply]``
+    (both TRL shapes); anything else is refused rather than cut."""
+    msgs = _messages(value, key)
+    if msgs[-1]["role"] != "assistant":
+        raise RecordError(f'the last message of "{key}" must be an assistant turn')
+    if len(msgs) > 1 and msgs[:-1] != prompt:
+        raise RecordError(f'"{key}" must be one assistant turn (or the prompt\'s turns and then one): '
+                          f"it has {len(msgs)} messages")
+    return msgs[-1]["content"]
+
+
+def _shared_prefix_split(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """TRL's implicit prompt (``trl.data_utils.extract_prompt``): the common start of the two
+    texts, without the space before the first difference; (prompt, chosen, rejected). Where one
+    text is the start of the other there is no such difference, and the record is refused."""
+    idx = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), None)
+    if idx is None:
+        raise RecordError('one of "chosen" and "rejected" is the start of the other: no prompt can be told apart')
+    if idx and chosen[idx - 1] == " ":
+        idx -= 1
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def _strength(obj: dict) -> float | None:
+    """``strength``, or TRL's ``margin`` (the same number: the margin of the loss)."""
+    given = {k: obj[k] for k in ("strength", "margin") if obj.get(k) is not None}
+    if len(given) == 2 and given["strength"] != given["margin"]:
+        raise RecordError('"strength" and "margin" differ (they are the same field: give one)')
+    if not given:
+        return None
+    key, value = next(iter(given.items()))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise RecordError(f'"{key}" must be a number >= 0')
+    return float(value)
 
 
 def parse_comparison(obj: dict) -> Comparison:
+    """Every comparison shape, TRL's preference formats included (docs/data-formats.md): an explicit
+    prompt with string or message-list answers; whole conversations (the prompt is the turns
+    before the last); Anthropic HH transcripts (the prompt ends at the last "\n\nAssistant:"); and
+    other text pairs, whose prompt is their common start (TRL's implicit-prompt rule)."""
     for key in ("chosen", "rejected"):
         if key not in obj:
             raise RecordError(f'missing "{key}"')
     chosen_raw, rejected_raw = obj["chosen"], obj["rejected"]
     if "prompt" in obj or "messages" in obj:
         messages = _prompt_messages(obj)
-        chosen = _response_text(chosen_raw, "chosen")
-        rejected = _response_text(rejected_raw, "rejected")
+        answers = []
+        for key, value in (("chosen", chosen_raw), ("rejected", rejected_raw)):
+            if not isinstance(value, (str, list)):
+                raise RecordError(f'"{key}" must be a string or a list of messages')
+            answers.append(value if isinstance(value, str) else _one_reply(value, key, messages))
+        chosen, rejected = answers
     elif isinstance(chosen_raw, str) and isinstance(rejected_raw, str):
-        # Anthropic HH: whole transcripts in chosen/rejected with a shared prefix.
-        messages, chosen = _split_hh(chosen_raw, "chosen")
-        rejected_messages, rejected = _split_hh(rejected_raw, "rejected")
-        if rejected_messages != messages:
-            raise RecordError('"chosen" and "rejected" transcripts differ before the last assistant turn')
+        if HH_ASSISTANT in chosen_raw or HH_ASSISTANT in rejected_raw:
+            messages, chosen = _split_hh(chosen_raw, "chosen")
+            rejected_messages, rejected = _split_hh(rejected_raw, "rejected")
+            if rejected_messages != messages:
+                raise RecordError('"chosen" and "rejected" transcripts differ before the last assistant turn')
+        else:
+            prompt, chosen, rejected = _shared_prefix_split(chosen_raw, rejected_raw)
+            if not prompt.strip():
+                raise RecordError('"chosen" and "rejected" share no prompt (give "prompt", or texts that '
+                                  'start with the same prompt)')
+            messages = [{"role": "user", "content": prompt}]
     elif isinstance(chosen_raw, list) and isinstance(rejected_raw, list):
         # Conversational: full conversations; the prompt is everything before the last turn.
         full_c, full_r = _messages(chosen_raw, "chosen"), _messages(rejected_raw, "rejected")
@@ -268,12 +316,7 @@ def parse_comparison(obj: dict) -> Comparison:
             raise RecordError(f'"{key}" must not be empty')
     if chosen == rejected:
         raise RecordError('"chosen" and "rejected" are identical')
-    strength = obj.get("strength")
-    if strength is not None:
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength < 0:
-            raise RecordError('"strength" must be a number >= 0')
-        strength = float(strength)
-    return Comparison(messages=messages, chosen=chosen, rejected=rejected, strength=strength,
+    return Comparison(messages=messages, chosen=chosen, rejected=rejected, strength=_strength(obj),
                       annotator=_annotator(obj), **_common(obj))
 
 
@@ -424,6 +467,28 @@ def to_json(rec: Record) -> dict:
     else:
         raise TypeError(f"not a record: {type(rec).__name__}")
     return {**_extras(rec, "id"), **body, **_extras(rec, "split")}
+
+
+def to_trl_json(rec: Record) -> dict:
+    """The record in TRL's conversational format, which TRL's trainers read with our meaning:
+    ``prompt`` as messages, answers as one assistant message, ``margin`` (TRL's name of
+    ``strength``; 0 when none was given, which is what none means) on every comparison."""
+    reply = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    if isinstance(rec, PromptRecord):
+        body = {"prompt": rec.messages}
+    elif isinstance(rec, Demonstration):
+        body = {"prompt": rec.messages, "completion": reply(rec.completion)}
+    elif isinstance(rec, Comparison):
+        body = {"prompt": rec.messages, "chosen": reply(rec.chosen), "rejected": reply(rec.rejected),
+                "margin": rec.strength or 0.0, **_extras(rec, "annotator")}
+    else:
+        raise RecordError(f"TRL has no format for {type(rec).__name__.lower()}s: convert comparisons, "
+                          f"demonstrations or prompts (`preftune reward` reads rankings and ratings as they are)")
+    return {**_extras(rec, "id"), **body, **_extras(rec, "split")}
+
+
+WRITERS = {"preftune": to_json, "trl": to_trl_json}
+"""The formats records are written in (``--format``): preftune's own, or TRL's conversational one."""
 
 
 def prompt_text(messages: Messages) -> str:

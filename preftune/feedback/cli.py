@@ -181,9 +181,11 @@ def serve(host: str, port: int, secure_cookies: bool, db: str | None) -> None:
 
 @annotate.command("export")
 @click.argument("project_name", metavar="PROJECT")
-@click.option("--format", "fmt", type=click.Choice(["comparisons", "raw", "ratings"]), default="comparisons",
-              show_default=True, help="comparisons: chosen/rejected JSONL for `preftune reward`; raw: every "
-                                      "judgement; ratings: rating records.")
+@click.option("--format", "fmt", type=click.Choice(["comparisons", "trl", "raw", "ratings"]),
+              default="comparisons", show_default=True,
+              help="comparisons: chosen/rejected JSONL for `preftune reward`; trl: the same comparisons in TRL's "
+                   "conversational format (prompt/chosen/rejected message lists, margin), which TRL's trainers "
+                   "read with our meaning; raw: every judgement; ratings: rating records.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Output JSONL file ('-' for stdout).")
 @click.option("--include-ties", is_flag=True, help="comparisons: also write ties (strength 0, \"tie\": true).")
 @db_option

@@ -119,6 +119,15 @@ def test_label_stats_and_export_round_trip(db, tmp_path):
     records = read_jsonl(out, "comparisons").records
     chosen = sorted((rec.annotator, rec.messages[0]["content"], rec.chosen) for rec in records)
     assert chosen[:4] == [("ann1", "q0", "a0"), ("ann1", "q1", "a1"), ("ann1", "q2", "b2"), ("ann1", "q3", "b3")]
+    trl = tmp_path / "trl.jsonl"
+    assert "wrote 8 trl records" in run("annotate", "export", "demo", "--format", "trl", "--out", str(trl),
+                                        "--db", db).output
+    first = json.loads(trl.read_text().splitlines()[0])
+    assert first["prompt"] == records[0].messages and first["margin"] == records[0].strength
+    assert first["chosen"] == [{"role": "assistant", "content": records[0].chosen}]
+    again = read_jsonl(trl, "comparisons").records
+    assert [(r.annotator, r.messages, r.chosen, r.rejected, r.strength) for r in again] == \
+        [(r.annotator, r.messages, r.chosen, r.rejected, r.strength) for r in records]
     raw = tmp_path / "raw.jsonl"
     run("annotate", "export", "demo", "--format", "raw", "--out", str(raw), "--db", db)
     assert len(raw.read_text().splitlines()) == 8

@@ -161,7 +161,7 @@ def skip(request: Request, user: AnyUser, assignment_id: int) -> dict[str, Any]:
 @router.get("/projects/{project}/export", summary="Export labels as JSONL (admin)",
             response_class=Response, responses={200: {"content": {"application/x-ndjson": {}}}})
 def export(request: Request, _: Admin, project: str,
-           format: Literal["comparisons", "raw", "ratings"] = Query("comparisons"),
+           format: Literal["comparisons", "trl", "raw", "ratings"] = Query("comparisons"),
            include_ties: bool = Query(False, description="comparisons: write ties with strength 0")):
     counts: Counter = Counter()
     with tx(request, readonly=True) as s:

@@ -4,16 +4,17 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from preftune.data.records import Comparison, Rating, to_json
+from preftune.data.records import Comparison, Rating, to_json, to_trl_json
 from preftune.feedback.app.models import Assignment, Judgement, Project, Task, User
 from preftune.feedback.app.service import Invalid
 
-FORMATS = ("comparisons", "raw", "ratings")
+FORMATS = ("comparisons", "trl", "raw", "ratings")
+"""comparisons: preftune's format; trl: the same comparisons in TRL's conversational format."""
 
 
 def _judged(session: Session, project: Project):
@@ -23,23 +24,25 @@ def _judged(session: Session, project: Project):
                            .where(Judgement.project_id == project.id).order_by(Judgement.id))
 
 
-def comparisons(session: Session, project: Project, counts: Counter, include_ties: bool = False) -> Iterator[dict]:
-    """Chosen/rejected records. Pairwise ties and both-bad have no preferred side: they are left
-    out and counted (``include_ties`` writes ties with ``"tie": true`` and strength 0). A ranking
-    gives one record per pair of responses in different places."""
+def comparisons(session: Session, project: Project, counts: Counter, include_ties: bool = False,
+                writer: Callable[[Comparison], dict] = to_json) -> Iterator[dict]:
+    """Chosen/rejected records, written by ``writer`` (preftune's ``to_json`` or ``to_trl_json``).
+    Pairwise ties and both-bad have no preferred side: they are left out and counted
+    (``include_ties`` writes ties with ``"tie": true`` and strength 0). A ranking gives one record
+    per pair of responses in different places."""
     for j, task, annotator, _ in _judged(session, project):
         base = {"messages": task.prompt, "annotator": annotator}
         if project.kind == "pairwise":
             if j.label in ("0", "1"):
                 w = int(j.label)
                 counts["comparisons"] += 1
-                yield to_json(Comparison(chosen=task.responses[w], rejected=task.responses[1 - w],
+                yield writer(Comparison(chosen=task.responses[w], rejected=task.responses[1 - w],
                                          strength=None if j.strength is None else float(j.strength),
                                          id=f"{task.ext_id}#{j.id}", **base))
             elif j.label == "tie" and include_ties:
                 counts["comparisons"] += 1
                 counts["ties_included"] += 1
-                yield {**to_json(Comparison(chosen=task.responses[0], rejected=task.responses[1], strength=0.0,
+                yield {**writer(Comparison(chosen=task.responses[0], rejected=task.responses[1], strength=0.0,
                                             id=f"{task.ext_id}#{j.id}", **base)), "tie": True}
             else:
                 counts[f"{j.label}_excluded"] += 1
@@ -49,7 +52,7 @@ def comparisons(session: Session, project: Project, counts: Counter, include_tie
                 for w in group:
                     for l in worse_group:
                         counts["comparisons"] += 1
-                        yield to_json(Comparison(chosen=task.responses[w], rejected=task.responses[l],
+                        yield writer(Comparison(chosen=task.responses[w], rejected=task.responses[l],
                                                  id=f"{task.ext_id}#{j.id}:{w}>{l}", **base))
         counts["tied_pairs_excluded"] += sum(len(g) * (len(g) - 1) // 2 for g in j.ranking)
 
@@ -81,12 +84,16 @@ def raw(session: Session, project: Project, counts: Counter) -> Iterator[dict]:
 def export_rows(session: Session, project: Project, fmt: str, counts: Counter,
                 include_ties: bool = False) -> Iterator[dict]:
     """Rows of ``fmt``; ``counts`` fills in as they are consumed (written, excluded)."""
-    if fmt == "comparisons" and project.kind == "rating":
+    if fmt in ("comparisons", "trl") and project.kind == "rating":
         raise Invalid("a rating project has no comparisons: export format ratings or raw")
+    if fmt == "trl" and include_ties:
+        raise Invalid("TRL's format has no ties: export ties in format comparisons")
     if fmt == "ratings" and project.kind != "rating":
         raise Invalid(f"a {project.kind} project has no ratings: export format comparisons or raw")
     if fmt == "comparisons":
         return comparisons(session, project, counts, include_ties)
+    if fmt == "trl":
+        return comparisons(session, project, counts, writer=to_trl_json)
     if fmt == "ratings":
         return ratings(session, project, counts)
     if fmt == "raw":
