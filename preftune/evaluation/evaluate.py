@@ -105,6 +105,8 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
             outcomes = pairwise_outcomes(sa, sb, cfg.tie_margin).tolist() if sb else None
             entry = {**judge_summary(spec, sa, sb, outcomes, length_diff, kl, seed=cfg.seed,
                                      resamples=cfg.bootstrap), "kind": "score"}
+            if spec in answers.uncertainty:  # an ensemble: its members' mean disagreement on each model
+                entry["uncertainty"] = {m: sum(u) / len(u) for m, u in answers.uncertainty[spec].items()}
         entries.append(entry)
 
     kl_mean, kl_se = mean_and_se(kl) if kl else (None, None)
@@ -129,6 +131,9 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> dict:
             row["kl"] = kl[i]
         row["scores"] = {j: [by_model["A"][i], by_model["B"][i] if "B" in by_model else None]
                          for j, by_model in answers.scores.items()}
+        if answers.uncertainty:
+            row["uncertainty"] = {j: [by_model["A"][i], by_model["B"][i] if "B" in by_model else None]
+                                  for j, by_model in answers.uncertainty.items()}
         rows.append(row)
     write_jsonl(out / "samples.jsonl", rows)
     write_outputs(out, result, rows)

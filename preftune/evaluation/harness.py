@@ -38,6 +38,8 @@ class Answers:
     kl: dict[str, list[float]] = field(default_factory=dict)  # model -> KL(model || reference) per prompt
     kl_notes: dict[str, str] = field(default_factory=dict)  # model -> why its KL was not measured
     scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # judge -> model -> per prompt
+    # judge -> model -> per prompt: an ensemble judge's disagreement (the members' standard deviation)
+    uncertainty: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 def kl_per_sequence(model, reference, samples: Samples, temperature: float) -> list[float]:
@@ -97,12 +99,17 @@ def _measure_kl(answers: Answers, name: str, model, tokenizer, reference_name: s
 
 
 def score_all(scorer: Scorer, prompts: Sequence[Messages], responses: Sequence[str], batch_size: int,
-              description: str = "scoring", quiet: bool = False) -> list[float]:
-    """A scorer's scores of every response, ``batch_size`` at a time (a progress bar)."""
+              description: str = "scoring", quiet: bool = False,
+              uncertainty: list[float] | None = None) -> list[float]:
+    """A scorer's scores of every response, ``batch_size`` at a time (a progress bar); an
+    ensemble's per-response disagreement is appended to ``uncertainty`` when one is given."""
     out: list[float] = []
     with progress_bar(len(responses), description, disable=quiet) as bar:
         for i in range(0, len(responses), batch_size):
             out += scorer(prompts[i:i + batch_size], responses[i:i + batch_size]).tolist()
+            spread = getattr(scorer, "last_uncertainty", None)
+            if uncertainty is not None and spread is not None:
+                uncertainty += spread.tolist()
             bar.advance(len(responses[i:i + batch_size]))
     return out
 
@@ -111,9 +118,13 @@ def score_models(answers: Answers, judges: dict[str, Scorer], prompts: Sequence[
                  quiet: bool = False) -> None:
     """Step 3: every judge scores every model's responses (into ``answers.scores``)."""
     for judge, scorer in judges.items():
-        answers.scores[judge] = {name: score_all(scorer, prompts, samples.texts, batch_size,
-                                                 f"scoring {name}: {judge}", quiet)
-                                 for name, samples in answers.samples.items()}
+        answers.scores[judge], spreads = {}, {}
+        for name, samples in answers.samples.items():
+            spreads[name] = []
+            answers.scores[judge][name] = score_all(scorer, prompts, samples.texts, batch_size,
+                                                    f"scoring {name}: {judge}", quiet, spreads[name])
+        if all(spreads.values()):
+            answers.uncertainty[judge] = spreads
 
 
 # ---------------------------------------------------------------- summaries

@@ -26,11 +26,21 @@ def register(cli: click.Group, config_help: str) -> None:
         std 1), metrics.jsonl, metrics.json (eval_accuracy, eval_loss, eval_ece, ...) and
         checkpoints. Use it as a scorer (--reward OUT, --judge OUT) or from Python with
         preftune.models.reward_model.RewardModel.load(OUT).score."""
-        from preftune.reward.trainer import train_reward
-
         cfg = config_from_cli(RewardConfig, kwargs, "reward")
-        summary = train_reward(cfg)
-        acc = summary.get("eval_accuracy")
-        shown = f"eval_accuracy {acc:.3f}, eval_loss {summary['eval_loss']:.4f}" if acc is not None else "no eval data"
+        if cfg.ensemble > 1:
+            from preftune.reward.ensemble import train_ensemble
+
+            summary = train_ensemble(cfg)
+            acc = summary.get("eval_accuracy")
+            shown = (f"ensemble of {cfg.ensemble}: eval_accuracy {acc:.3f} (members {summary['member_eval_accuracy_mean']:.3f} "
+                     f"on average), disagreement {summary['eval_disagreement']:.3f}" if acc is not None
+                     else f"ensemble of {cfg.ensemble}, no eval data")
+        else:
+            from preftune.reward.trainer import train_reward
+
+            summary = train_reward(cfg)
+            acc = summary.get("eval_accuracy")
+            shown = (f"eval_accuracy {acc:.3f}, eval_loss {summary['eval_loss']:.4f}" if acc is not None
+                     else "no eval data")
         if is_main_process():
             click.echo(f"reward done: {shown} -> {cfg.out}")

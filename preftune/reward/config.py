@@ -35,4 +35,14 @@ class RewardConfig(TrainConfig):
                                                     "batch element: each distinct response is scored once per "
                                                     "step and the held-out split keeps them together. "
                                                     "--batch-size then counts merged groups.")
+    ensemble: int = Field(1, ge=1, description="Train K members (seeds --seed, --seed + 1, ...; each on a bootstrap "
+                                               "resample of the training prompts) into OUT/member-K with one "
+                                               "manifest, OUT/ensemble.json; score with rm:OUT (mean), wco(OUT) "
+                                               "or uwo(OUT, COEF) (docs/scoring.md).")
+    bootstrap: bool | None = Field(None, description="Train on a bootstrap resample of the training prompts (drawn "
+                                                     "with --seed). [default: on for --ensemble members, off "
+                                                     "otherwise]")
+    split_seed: int | None = Field(None, description="Seed of the held-out split of --data. [default: --seed; "
+                                                     "--ensemble keeps the run's for every member, so all are "
+                                                     "judged on the same pairs]")
     resume: bool = Field(False, description="Continue from the newest checkpoint in OUT/checkpoints.")

@@ -9,6 +9,7 @@ so each distinct response is scored once per step.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 
 import torch
@@ -88,10 +89,21 @@ def read_preferences(cfg: RewardConfig) -> tuple[list[PreferenceGroup], list[Pre
     if cfg.eval_data:
         train_groups, eval_groups = groups, read(cfg.eval_data)
     else:
-        train_groups, eval_groups = train_eval_split(groups, cfg.eval_split, cfg.seed)
+        split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+        train_groups, eval_groups = train_eval_split(groups, cfg.eval_split, split_seed)
     if not train_groups:
         raise PreftuneError(f"{cfg.data}: no training pairs (all preferences were ties, single ratings or invalid)")
+    if cfg.bootstrap:
+        train_groups = bootstrap_resample(train_groups, cfg.seed)
+        notes.append(f"bootstrap resample: {len({id(g) for g in train_groups})} distinct of {len(train_groups)} "
+                     f"training prompts (seed {cfg.seed})")
     return train_groups, eval_groups, notes
+
+
+def bootstrap_resample(groups: list, seed: int) -> list:
+    """As many groups as given, drawn with replacement (a seeded bootstrap sample of the prompts)."""
+    rng = random.Random(seed)
+    return [groups[rng.randrange(len(groups))] for _ in groups]
 
 
 def read_reference(path: str, skip_invalid: bool) -> list[tuple[Messages, str]]:

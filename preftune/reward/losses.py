@@ -71,3 +71,10 @@ def expected_calibration_error(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
         if in_bin.any():
             ece = ece + in_bin.float().mean() * (correct[in_bin].mean() - confidence[in_bin].mean()).abs()
     return ece
+
+
+def pearson_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of two [N] tensors (0 when either is constant); differentiable."""
+    x, y = x.float() - x.float().mean(), y.float() - y.float().mean()
+    denominator = (x.pow(2).sum() * y.pow(2).sum()).sqrt()
+    return (x * y).sum() / denominator if denominator > 0 else x.new_zeros(())

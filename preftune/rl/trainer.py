@@ -505,10 +505,13 @@ def evaluate(models: RLModels, tokenizer, prompts: list[Prompt], reward, gold, c
         ref_logprobs = models.reference_logprobs(episodes, cfg.temperature)
         kl = (kl_penalty(logprobs, ref_logprobs, "k1") * episodes.response_mask).sum(1)
         proxy = reward([p.messages for p in chunk], gen.texts)
+        spread = getattr(reward, "last_uncertainty", None)  # an ensemble's disagreement
         g = gold([p.messages for p in chunk], gen.texts) if gold is not None else None
         for j, p in enumerate(chunk):
             row = {"prompt": p.messages[-1]["content"], "response": gen.texts[j], "score": proxy[j].item(),
                    "kl": kl[j].item(), "length": int(gen.response_lengths[j])}
+            if spread is not None:
+                row["uncertainty"] = spread[j].item()
             if g is not None:
                 row["gold"] = g[j].item()
             rows.append(row)
@@ -520,6 +523,8 @@ def evaluate(models: RLModels, tokenizer, prompts: list[Prompt], reward, gold, c
                "eval/response_length": mean("length")}
     if gold is not None:
         metrics["eval/gold"] = mean("gold")
+    if "uncertainty" in rows[0]:
+        metrics["eval/proxy_uncertainty"] = mean("uncertainty")
     return metrics, [{k: v for k, v in r.items() if k != "length"} for r in rows]
 
 
@@ -599,6 +604,7 @@ def train_rl(cfg: OnlineRLConfig, *, reward_fn: Callable | None = None, gold_fn:
 
             # 1-3: sample, score, the trainer's old and reference log-probs and values
             episodes, raw_scores, ended, texts = rollout(models, tokenizer, batch, seeds, reward, cfg, step, info, times)
+            spread = getattr(reward, "last_uncertainty", None)  # an ensemble's disagreement on these samples
             # 4: advantages (statistics over every rank's episodes)
             mask = episodes.response_mask
             kl = kl_penalty(episodes.logprobs, episodes.ref_logprobs, cfg.kl_estimator) * mask
@@ -638,6 +644,8 @@ def train_rl(cfg: OnlineRLConfig, *, reward_fn: Callable | None = None, gold_fn:
                 "kl_coef": kl_ctl.value,
                 "lr": scheduler.get_last_lr()[0],
             }
+            if spread is not None:
+                metrics["objective/reward_uncertainty"] = all_reduce_sum(spread.sum().double(), info).item() / global_batch
             kl_ctl.update(mean_kl, global_batch)
             times["time/step"] = time.perf_counter() - t0
             metrics["eps"] = global_batch / times["time/step"]

@@ -41,6 +41,7 @@ import torch
 
 from preftune.data.records import Messages, prompt_text
 from preftune.errors import PreftuneError
+from preftune.models.reward_ensemble import AGGREGATIONS, is_ensemble
 from preftune.scoring.builtin import BUILTINS, NAMED, NEEDS_DEVICE, POSITIONAL
 
 Prompt = Messages | str
@@ -61,7 +62,10 @@ class Term:
 
     @property
     def atom(self) -> str:
-        """The term without its weight, as an expression (``length(max=50)``, ``rm:DIR``)."""
+        """The term without its weight, as an expression (``length(max=50)``, ``rm:DIR``, ``uwo(DIR,0.5)``)."""
+        if self.kind == "reward_model" and "aggregate" in self.args:
+            coef = f",{self.args['coef']:g}" if self.args["aggregate"] == "uwo" else ""
+            return f"{self.args['aggregate']}({self.target}{coef})"
         args = ",".join(f"{k}={v}" for k, v in self.args.items())
         return {"builtin": self.target + (f"({args})" if args else ""), "reward_model": f"rm:{self.target}",
                 "function": self.target}[self.kind]
@@ -149,6 +153,8 @@ def _atom(atom: str, spec: str) -> list[Term]:
     if FILE_FUNCTION.fullmatch(atom):
         return [Term(1.0, "function", atom)]
     call = BUILTIN_CALL.fullmatch(atom)
+    if call and call.group(1) in AGGREGATIONS:
+        return [_ensemble_term(call.group(1), call.group(2) or "", spec)]
     if call and (call.group(1) in BUILTINS or call.group(1) in NAMED):
         return _builtin(call.group(1), call.group(2), spec)
     if MODULE_FUNCTION.fullmatch(atom):
@@ -159,6 +165,25 @@ def _atom(atom: str, spec: str) -> list[Term]:
     what = "no such reward-model directory; " if ("/" in atom or atom.startswith(".")) else ""
     raise PreftuneError(f"unknown scorer {atom!r} in {spec!r} ({what}built-ins: {known}; or rm:DIR, "
                         f"python:module:function, module:function, file.py:function)")
+
+
+def _ensemble_term(how: str, args: str, spec: str) -> Term:
+    """``mean(DIR)``, ``wco(DIR)``, ``uwo(DIR, COEF)`` (or ``coef=COEF``): an ensemble's aggregation."""
+    parts = [a.strip() for a in _split_top_level(args, ",")] if args.strip() else []
+    if not parts or not parts[0]:
+        raise PreftuneError(f"scorer {spec!r}: {how}(DIR{', COEF' if how == 'uwo' else ''}) needs the ensemble's "
+                            f"directory")
+    target = parts[0].removeprefix("rm:")
+    rest = [p.removeprefix("coef=").strip() for p in parts[1:]]
+    if how != "uwo":
+        if rest:
+            raise PreftuneError(f"scorer {spec!r}: {how} takes only the ensemble's directory")
+        return Term(1.0, "reward_model", target, {"aggregate": how})
+    coef = _value(rest[0]) if len(rest) == 1 else None
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0 or coef == float("inf"):
+        raise PreftuneError(f"scorer {spec!r}: uwo(DIR, COEF) needs one coefficient COEF >= 0 "
+                            f"(the reward is mean - COEF * variance over members)")
+    return Term(1.0, "reward_model", target, {"aggregate": "uwo", "coef": float(coef)})
 
 
 def _builtin(name: str, args: str | None, spec: str) -> list[Term]:
@@ -201,7 +226,8 @@ def _value(text: str):
 def single_reward_model(spec: str) -> str | None:
     """The directory when ``spec`` is exactly one reward model with weight 1, else None."""
     terms = parse_scorer(spec)
-    if len(terms) == 1 and terms[0].kind == "reward_model" and terms[0].weight == 1.0:
+    if len(terms) == 1 and terms[0].kind == "reward_model" and terms[0].weight == 1.0 and not terms[0].args \
+            and not is_ensemble(terms[0].target):
         return terms[0].target
     return None
 
@@ -209,14 +235,29 @@ def single_reward_model(spec: str) -> str | None:
 # ---------------------------------------------------------------- loading
 
 
+@dataclass
+class Scored:
+    """What a scorer part may return instead of bare scores: the scores and, for an ensemble, each
+    response's uncertainty (the members' standard deviation)."""
+
+    scores: torch.Tensor
+    uncertainty: torch.Tensor
+
+
 class Scorer:
-    """A named, checked ``(prompts, responses) -> float32 tensor [N]`` function (CPU)."""
+    """A named, checked ``(prompts, responses) -> float32 tensor [N]`` function (CPU).
+    ``last_uncertainty``: the members' disagreement on each response of the last call when the
+    scorer holds an ensemble (weighted as its term is), else None."""
 
     def __init__(self, name: str, fn: Callable[[Sequence[Prompt], Sequence[str]], Any]) -> None:
         self.name, self._fn = name, fn
+        self.last_uncertainty: torch.Tensor | None = None
 
     def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
         values = self._fn(prompts, responses)
+        self.last_uncertainty = None
+        if isinstance(values, Scored):
+            values, self.last_uncertainty = values.scores, values.uncertainty.float().cpu()
         if isinstance(values, torch.Tensor):
             values = values.detach().cpu()
         scores = torch.as_tensor(values, dtype=torch.float32).flatten()
@@ -243,14 +284,18 @@ def load_scorer(spec: str, device: str | None = None, dtype: str | None = None) 
     if len(parts) == 1 and parts[0][0] == 1.0:
         return Scorer(name, parts[0][1])
 
-    def weighted_sum(prompts, responses) -> torch.Tensor:
+    def weighted_sum(prompts, responses) -> torch.Tensor | Scored:
         total = torch.zeros(len(responses), dtype=torch.float64)
+        spread = None
         for weight, fn in parts:
             values = fn(prompts, responses)
+            if isinstance(values, Scored):  # ensembles' spreads add up, scaled by their weights
+                spread = (0.0 if spread is None else spread) + abs(weight) * values.uncertainty.double()
+                values = values.scores
             if isinstance(values, torch.Tensor):
                 values = values.detach().cpu()
             total += weight * torch.as_tensor(values, dtype=torch.float64)
-        return total
+        return total if spread is None else Scored(total, spread)
 
     return Scorer(name, weighted_sum)
 
@@ -262,6 +307,11 @@ def scorer_from_function(name: str, fn: Callable[[list[str], list[str]], Any]) -
 
 def _load_term(term: Term, device: str | None, dtype: str | None) -> Callable:
     if term.kind == "reward_model":
+        if is_ensemble(term.target):
+            return _ensemble_scorer(term, device, dtype)
+        if "aggregate" in term.args:
+            raise PreftuneError(f"scorer {term.atom!r}: {term.target} is not an ensemble (no ensemble.json; "
+                                f"`preftune reward --ensemble K` writes one)")
         from preftune.models.reward_model import RewardModel
 
         return RewardModel.load(term.target, device=device, dtype=dtype).score
@@ -272,6 +322,20 @@ def _load_term(term: Term, device: str | None, dtype: str | None) -> Callable:
         return _on_prompt_text(BUILTINS[term.target](**kwargs))
     except TypeError as e:
         raise PreftuneError(f"scorer {term.describe()!r}: bad arguments for {term.target}: {e}") from None
+
+
+def _ensemble_scorer(term: Term, device: str | None, dtype: str | None) -> Callable:
+    """An ensemble's aggregation (``rm:DIR`` on an ensemble: the mean), with the members' spread."""
+    from preftune.models.reward_ensemble import RewardEnsemble, aggregate, member_std
+
+    ensemble = RewardEnsemble.load(term.target, device=device, dtype=dtype)
+    how, coef = term.args.get("aggregate", "mean"), term.args.get("coef", 0.0)
+
+    def score(prompts, responses) -> Scored:
+        members = ensemble.member_scores(prompts, responses)
+        return Scored(aggregate(members, how, coef), member_std(members))
+
+    return score
 
 
 def _on_prompt_text(fn: Callable) -> Callable:
