@@ -184,7 +184,8 @@ def config_options(cls: type[BaseModel], skip: tuple[str, ...] = ()):
             else:
                 default = field.get_default(call_default_factory=True)
                 shown = ",".join(map(str, default)) if isinstance(default, list) else default
-                help_text = f"{field.description or ''} [default: {shown}]"
+                described = "[default:" in (field.description or "")  # the field says it in words
+                help_text = field.description if described else f"{field.description or ''} [default: {shown}]"
             if field.annotation is bool:
                 option = click.option(f"--{flag}/--no-{flag}", name, default=None, help=help_text)
             elif get_origin(field.annotation) is list:

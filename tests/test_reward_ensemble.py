@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from click.testing import CliRunner
+from test_reward_train import _small_data, config, synthetic_model_dir  # noqa: F401  (the fixture)
 
 from preftune.cli import cli
 from preftune.errors import PreftuneError
@@ -25,7 +25,6 @@ from preftune.reward.ensemble import train_ensemble
 from preftune.rl.config import RLOOConfig
 from preftune.rl.trainer import train_rl
 from preftune.scoring import load_scorer, parse_scorer
-from test_reward_train import _small_data, config, synthetic_model_dir  # noqa: F401  (the fixture)
 
 # Three members (rows) scoring two responses (columns).
 MEMBERS = torch.tensor([[1.0, 2.0], [3.0, -2.0], [2.0, 0.0]])

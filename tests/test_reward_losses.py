@@ -77,3 +77,28 @@ def test_expected_calibration_error_is_zero_when_calibrated():
     d = torch.log(torch.tensor(3.0))
     ece = expected_calibration_error(torch.stack([d, d, d, -d]), torch.zeros(4))
     assert ece.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pearson_correlation_by_hand():
+    from preftune.reward.losses import pearson_correlation
+
+    # q = [1, 2, 4] against [1, 2, 3]: centred (-4/3, -1/3, 5/3) and (-1, 0, 1); cov sum 3,
+    # squares 42/9 and 2 -> 3 / sqrt(84/9) = 9 / sqrt(84)
+    lengths = torch.tensor([1.0, 2.0, 3.0])
+    assert pearson_correlation(torch.tensor([1.0, 2.0, 4.0]), lengths).item() == pytest.approx(9 / 84 ** 0.5)
+    assert pearson_correlation(torch.tensor([5.0, 5.0, 5.0]), lengths).item() == 0.0  # a constant
+
+
+def test_length_correlation_loss_by_hand():
+    from preftune.reward.losses import length_correlation_loss
+
+    lengths = torch.tensor([1.0, 2.0, 3.0])
+    # |corr([1, 2, 4], L)| = 9 / sqrt(84); corr([0, 0, 1], L) = 1 / sqrt(4/3) = sqrt(3) / 2
+    loss = length_correlation_loss(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.0, 0.0, 1.0]), lengths)
+    assert loss.item() == pytest.approx(9 / 84 ** 0.5 - 3 ** 0.5 / 2)
+    # a quality head anti-correlated with length is penalised as much as a correlated one
+    assert length_correlation_loss(torch.tensor([3.0, 2.0, 1.0]), lengths, lengths).item() == pytest.approx(0.0)
+    assert length_correlation_loss(-lengths, -lengths, lengths).item() == pytest.approx(2.0)
+    q = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
+    length_correlation_loss(q, lengths.clone(), lengths).backward()
+    assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0

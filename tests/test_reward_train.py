@@ -193,3 +193,33 @@ def test_bad_reference_file_is_a_file_line_error(tmp_path):
         read_reference(str(ref), skip_invalid=False)
     cands = write_lines(tmp_path / "c.jsonl", [{"prompt": "q", "responses": ["a", "", "b"]}])
     assert [r for _, r in read_reference(str(cands), skip_invalid=False)] == ["a", "b"]
+
+
+def test_length_head_takes_the_length_out_of_the_reward(tmp_path, synthetic_model_dir):
+    """Labels that prefer longer answers as well as better ones: a plain reward model learns the
+    length; with --length-head the second head carries it and the reward is left nearly free of it."""
+    from transformers import AutoModelForSequenceClassification
+
+    rng = random.Random(0)
+    vocab = GOOD + BAD + NEUTRAL
+    text = lambda: " ".join(rng.choice(vocab) for _ in range(rng.randint(2, 14)))  # noqa: E731
+    items = [CandidateSet(PROMPT, [text(), text()], ["x", "x"], id=f"i{i}") for i in range(600)]
+    gold = [np.array([gold_count(r) + 0.3 * len(r.split()) for r in it.responses]) for it in items]
+    write_lines(tmp_path / "train.jsonl", simulate_labels(items, gold, "comparisons", [0.5], seed=0)[0])
+    plain = train_reward(config(tmp_path, synthetic_model_dir, out=str(tmp_path / "plain"), epochs=2,
+                                eval_split=0.2), quiet=True)
+    debiased = train_reward(config(tmp_path, synthetic_model_dir, out=str(tmp_path / "odin"), epochs=2,
+                                   eval_split=0.2, length_head=True), quiet=True)
+    assert plain["eval_length_correlation"] > 0.4 and "eval_length_head_correlation" not in plain
+    assert abs(debiased["eval_length_correlation"]) < 0.25 and debiased["eval_length_head_correlation"] > 0.9
+    assert debiased["eval_accuracy_with_length_head"] > debiased["eval_accuracy"]
+    # Saved with both heads; the reward is the first output, in preftune and in plain transformers.
+    rm = RewardModel.load(tmp_path / "odin", device="cpu", dtype="fp32")
+    assert rm.meta.heads == ["quality", "length"]
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "odin").eval()
+    texts = [rm.render("Write a review.", r) for r in ("great day", "the cat sat by the river all day long")]
+    with torch.no_grad():
+        logits = torch.cat([hf(**rm.tokenizer(t, add_special_tokens=False, return_tensors="pt")).logits for t in texts])
+    assert logits.shape == (2, 2)
+    ours = rm.raw_scores(["Write a review."] * 2, ["great day", "the cat sat by the river all day long"])
+    assert torch.allclose(logits[:, 0], ours, atol=1e-5)

@@ -67,15 +67,19 @@ ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deb
 
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    position_ids: torch.Tensor | None = None, sep_id: int | None = None) -> torch.Tensor:
+                    position_ids: torch.Tensor | None = None, sep_id: int | None = None,
+                    all_heads: bool = False) -> torch.Tensor:
     """Raw scalar reward [B] of each sequence (see module docstring for where it is read;
-    ``sep_id``: an encoder's [SEP], from which its segment ids are set, see ``pair_token_type_ids``)."""
+    ``sep_id``: an encoder's [SEP], from which its segment ids are set, see ``pair_token_type_ids``).
+    ``all_heads``: every output [B, H] (a length-debiased model's quality and length heads), not
+    just the first, the reward."""
+    pick = slice(None) if all_heads else 0
     inner = unwrap(model)
     fp32 = torch.autocast(input_ids.device.type, enabled=False)
     if not is_decoder(model):  # small, and the head sits inside the model's forward: all of it in fp32
         segments = {} if sep_id is None else {"token_type_ids": pair_token_type_ids(input_ids, attention_mask, sep_id)}
         with fp32:
-            return model(input_ids=input_ids, attention_mask=attention_mask, **segments).logits[:, 0].float()
+            return model(input_ids=input_ids, attention_mask=attention_mask, **segments).logits[:, pick].float()
     if position_ids is None:  # left padding: positions count real tokens only
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     # The trunk over every token, the head on one position per row (the same numbers as the full
@@ -84,7 +88,7 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     # their order.
     hidden = selected_hidden(model, input_ids, attention_mask, last_real_token_mask(attention_mask), position_ids)
     with fp32:
-        return inner.score(hidden.float())[:, 0]
+        return inner.score(hidden.float())[:, pick]
 
 
 def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,6 +174,7 @@ class RewardMeta:
     bias: float = 0.0
     max_length: int = 512
     rendering: str = "chat_template"  # chat_template | plain | text_pair
+    heads: list[str] = field(default_factory=lambda: ["quality"])  # outputs; the first is the reward
     normalisation: dict = field(default_factory=dict)  # reference, count, raw mean / std
     backbone: str = ""
     format: str = FORMAT
@@ -202,13 +207,15 @@ class RewardModel:
     @classmethod
     def from_backbone(cls, path: str, *, device: str | torch.device | None = None,
                       dtype: str | torch.dtype | None = None, max_length: int = 512,
-                      compute: str | None = None) -> "RewardModel":
+                      compute: str | None = None, length_head: bool = False) -> "RewardModel":
         """A fresh reward model on top of a causal-LM or encoder directory (score head newly
         initialised by transformers, small random values); ``dtype`` and ``compute`` as in
-        ``load_causal_lm``."""
-        model, tokenizer = _load_seq_cls(resolve_model_path(path), device, dtype, compute)
+        ``load_causal_lm``. ``length_head``: a second output, trained to carry the response's
+        length so that the first (the reward) need not (``preftune reward --length-head``)."""
+        heads = ["quality", "length"] if length_head else ["quality"]
+        model, tokenizer = _load_seq_cls(resolve_model_path(path), device, dtype, compute, num_labels=len(heads))
         rm = cls(model, tokenizer)
-        rm.meta.max_length, rm.meta.backbone = max_length, str(path)
+        rm.meta.max_length, rm.meta.backbone, rm.meta.heads = max_length, str(path), heads
         return rm
 
     @classmethod
@@ -224,7 +231,7 @@ class RewardModel:
             meta = RewardMeta(**json.loads(meta_path.read_text()))
         except (ValueError, TypeError) as e:
             raise PreftuneError(f"{meta_path}: invalid reward-model metadata: {e}") from None
-        model, tokenizer = _load_seq_cls(path, device, dtype)
+        model, tokenizer = _load_seq_cls(path, device, dtype, num_labels=len(meta.heads))
         rm = cls(model, tokenizer, meta)
         if meta.format != FORMAT and rm.decoder:
             console.print(f"[yellow]{path}: trained by an older preftune ({meta.format}), which tokenised prompt "
@@ -286,7 +293,7 @@ class RewardModel:
         return self.meta.gain * self.raw_scores(prompts, responses) + self.meta.bias
 
 
-def _load_seq_cls(directory: Path, device, dtype, compute: str | None = None):
+def _load_seq_cls(directory: Path, device, dtype, compute: str | None = None, num_labels: int = 1):
     """(model, tokenizer). A decoder's trunk is stored in ``dtype`` (computing in ``compute``, default
     ``dtype``'s precision) and its scalar head in fp32; encoders are stored in fp32 whatever ``dtype``
     says (see ``sequence_scores``)."""
@@ -300,7 +307,7 @@ def _load_seq_cls(directory: Path, device, dtype, compute: str | None = None):
         if encoder:
             dt = torch.float32
         # (a new score head is expected: preftune.models.loading keeps transformers' notices quiet)
-        model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=dt)
+        model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=num_labels, dtype=dt)
     except (OSError, ValueError) as e:
         raise PreftuneError(f"{directory}: could not load a reward model: {str(e).splitlines()[0]}") from None
     if not encoder:

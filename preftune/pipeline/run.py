@@ -233,7 +233,6 @@ def gold_on_held_out(cfg, gold: str) -> dict:
     annotators' labels (``gold_eval_accuracy``, the best any model can score on exactly these labels;
     the overall annotator-gold agreement varies by a few points between small held-out sets) and how
     often the trained reward model orders the pair as the gold does (``rm_gold_agreement``)."""
-    from preftune.models.reward_model import RewardModel
     from preftune.reward.data import read_preferences
     from preftune.reward.losses import pair_accuracy
     from preftune.scoring import load_scorer
@@ -248,8 +247,8 @@ def gold_on_held_out(cfg, gold: str) -> dict:
     losers = torch.tensor([offsets[k] + p.loser for k, g in enumerate(held) for p in g.pairs])
     gold_scores = load_scorer(gold, cfg.device, cfg.dtype)(prompts, responses)
     result = {"gold_eval_accuracy": pair_accuracy(gold_scores[winners], gold_scores[losers]).item()}
-    if Path(cfg.out, "config.json").exists():
-        rm_scores = RewardModel.load(cfg.out, device=cfg.device, dtype=cfg.dtype).score(prompts, responses).float().cpu()
+    if Path(cfg.out, "metrics.json").exists():  # one reward model or an ensemble (its mean)
+        rm_scores = load_scorer(str(cfg.out), cfg.device, cfg.dtype)(prompts, responses)
         # Pairs the gold ties carry no order; count the rest.
         order = torch.sign(gold_scores[winners] - gold_scores[losers])
         agree = torch.sign(rm_scores[winners] - rm_scores[losers]) == order
@@ -395,7 +394,7 @@ def run_loop(cfg: RunConfig, config_file: str | None = None, quiet: bool = False
         "sample": run.run_stage("sample", 2, lambda: stage_sample(run, base, prompts["comparison"]),
                                 [run.path("data", "candidates.jsonl")]),
         "label": run.run_stage("label", 3, lambda: stage_label(run), [run.path("data", "comparisons.jsonl")]),
-        "reward": run.run_stage("reward", 4, lambda: stage_reward(run, base), [run.path("rm", "config.json")]),
+        "reward": run.run_stage("reward", 4, lambda: stage_reward(run, base), [run.path("rm", "metrics.json")]),
         m: run.run_stage(m, 5, lambda: stage_tune(run, prompts), [run.path(m, "config.json")]),
         "eval": run.run_stage("eval", 6, lambda: stage_eval(run, base, prompts["eval"]),
                               [run.path("eval", "eval.json")], of=m),

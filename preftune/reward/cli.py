@@ -25,22 +25,23 @@ def register(cli: click.Group, config_help: str) -> None:
         (num_labels=1), plus reward_model.json (normalisation: reference responses score mean 0,
         std 1), metrics.jsonl, metrics.json (eval_accuracy, eval_loss, eval_ece, ...) and
         checkpoints. Use it as a scorer (--reward OUT, --judge OUT) or from Python with
-        preftune.models.reward_model.RewardModel.load(OUT).score."""
+        preftune.models.reward_model.RewardModel.load(OUT).score.
+
+        --ensemble K trains K such models into OUT/member-k (bootstrap resamples, seeds --seed + k)
+        with the manifest OUT/ensemble.json: score with rm:OUT (the mean), wco(OUT) or uwo(OUT, COEF).
+        --length-head adds a head that takes the response length out of the reward (ODIN)."""
+        from preftune.reward.trainer import train_reward
+
         cfg = config_from_cli(RewardConfig, kwargs, "reward")
-        if cfg.ensemble > 1:
-            from preftune.reward.ensemble import train_ensemble
-
-            summary = train_ensemble(cfg)
-            acc = summary.get("eval_accuracy")
-            shown = (f"ensemble of {cfg.ensemble}: eval_accuracy {acc:.3f} (members {summary['member_eval_accuracy_mean']:.3f} "
-                     f"on average), disagreement {summary['eval_disagreement']:.3f}" if acc is not None
-                     else f"ensemble of {cfg.ensemble}, no eval data")
+        summary = train_reward(cfg)
+        acc = summary.get("eval_accuracy")
+        if acc is None:
+            shown = "no eval data"
+        elif cfg.ensemble > 1:
+            shown = (f"ensemble of {cfg.ensemble}: eval_accuracy {acc:.3f} (members "
+                     f"{summary['member_eval_accuracy_mean']:.3f} on average), disagreement "
+                     f"{summary['eval_disagreement']:.3f}")
         else:
-            from preftune.reward.trainer import train_reward
-
-            summary = train_reward(cfg)
-            acc = summary.get("eval_accuracy")
-            shown = (f"eval_accuracy {acc:.3f}, eval_loss {summary['eval_loss']:.4f}" if acc is not None
-                     else "no eval data")
+            shown = f"eval_accuracy {acc:.3f}, eval_loss {summary['eval_loss']:.4f}"
         if is_main_process():
             click.echo(f"reward done: {shown} -> {cfg.out}")

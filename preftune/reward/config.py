@@ -35,13 +35,23 @@ class RewardConfig(TrainConfig):
                                                     "batch element: each distinct response is scored once per "
                                                     "step and the held-out split keeps them together. "
                                                     "--batch-size then counts merged groups.")
+    length_head: bool = Field(False, description="Length-debiased reward model (ODIN): a second head trained to "
+                                                 "carry the response length and the reward (the first head) "
+                                                 "decorrelated from it; the preference loss is on their sum, "
+                                                 "and only the first is used downstream.")
+    length_coef: float = Field(1.0, ge=0, description="--length-head: weight of the correlation loss "
+                                                      "|corr(quality, length)| - corr(length head, length), "
+                                                      "computed over each batch's responses.")
     ensemble: int = Field(1, ge=1, description="Train K members (seeds --seed, --seed + 1, ...; each on a bootstrap "
                                                "resample of the training prompts) into OUT/member-K with one "
                                                "manifest, OUT/ensemble.json; score with rm:OUT (mean), wco(OUT) "
                                                "or uwo(OUT, COEF) (docs/scoring.md).")
-    bootstrap: bool | None = Field(None, description="Train on a bootstrap resample of the training prompts (drawn "
-                                                     "with --seed). [default: on for --ensemble members, off "
-                                                     "otherwise]")
+    bootstrap: bool = Field(True, description="--ensemble: train each member on a bootstrap resample of the "
+                                              "training prompts (else all members see the same prompts and "
+                                              "differ only by seed).")
+    resample_seed: int | None = Field(None, description="Train on a bootstrap resample of the training prompts "
+                                                        "drawn with this seed (--ensemble sets one per member). "
+                                                        "[default: all prompts once]")
     split_seed: int | None = Field(None, description="Seed of the held-out split of --data. [default: --seed; "
                                                      "--ensemble keeps the run's for every member, so all are "
                                                      "judged on the same pairs]")

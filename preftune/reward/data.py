@@ -30,6 +30,7 @@ class EncodedGroup:
     losers: list[int]
     margins: list[float]
     annotators: list[str | None]  # per pair
+    lengths: list[int]  # per response: its tokens, read alone (the length the reward should not reward)
 
     @property
     def tokens(self) -> int:
@@ -48,8 +49,9 @@ def encode_groups(groups: list[PreferenceGroup], rm: RewardModel, max_length: in
                 raise DataError(g.source.path, g.source.line, str(e)) from None
             skipped.append(f"{g.source}: {e}")
             continue
+        lengths = [len(rm.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in g.responses]
         encoded.append(EncodedGroup(ids, [p.winner for p in g.pairs], [p.loser for p in g.pairs],
-                                    [p.margin for p in g.pairs], [p.annotator for p in g.pairs]))
+                                    [p.margin for p in g.pairs], [p.annotator for p in g.pairs], lengths))
     return encoded, skipped
 
 
@@ -66,6 +68,11 @@ def flatten(groups: list[EncodedGroup]):
         margins += g.margins
     return (sequences, torch.tensor(winners), torch.tensor(losers), torch.tensor(group_ids),
             torch.tensor(margins, dtype=torch.float32))
+
+
+def flat_lengths(groups: list[EncodedGroup]) -> torch.Tensor:
+    """Response lengths [N] in ``flatten``'s order of sequences."""
+    return torch.tensor([n for g in groups for n in g.lengths], dtype=torch.float32)
 
 
 def read_preferences(cfg: RewardConfig) -> tuple[list[PreferenceGroup], list[PreferenceGroup], list[str]]:
@@ -93,10 +100,10 @@ def read_preferences(cfg: RewardConfig) -> tuple[list[PreferenceGroup], list[Pre
         train_groups, eval_groups = train_eval_split(groups, cfg.eval_split, split_seed)
     if not train_groups:
         raise PreftuneError(f"{cfg.data}: no training pairs (all preferences were ties, single ratings or invalid)")
-    if cfg.bootstrap:
-        train_groups = bootstrap_resample(train_groups, cfg.seed)
+    if cfg.resample_seed is not None:
+        train_groups = bootstrap_resample(train_groups, cfg.resample_seed)
         notes.append(f"bootstrap resample: {len({id(g) for g in train_groups})} distinct of {len(train_groups)} "
-                     f"training prompts (seed {cfg.seed})")
+                     f"training prompts (seed {cfg.resample_seed})")
     return train_groups, eval_groups, notes
 
 

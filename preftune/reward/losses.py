@@ -78,3 +78,10 @@ def pearson_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x, y = x.float() - x.float().mean(), y.float() - y.float().mean()
     denominator = (x.pow(2).sum() * y.pow(2).sum()).sqrt()
     return (x * y).sum() / denominator if denominator > 0 else x.new_zeros(())
+
+
+def length_correlation_loss(quality: torch.Tensor, length_score: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """ODIN's (Chen et al. 2024) disentangling term over a batch of responses:
+    ``|corr(quality, lengths)| - corr(length_score, lengths)``; minimising it ties the length head
+    to the response length and leaves the quality head (the reward) uncorrelated with it."""
+    return pearson_correlation(quality, lengths).abs() - pearson_correlation(length_score, lengths)

@@ -27,12 +27,19 @@ from preftune.reward.config import RewardConfig
 from preftune.reward.data import (
     EncodedGroup,
     encode_groups,
+    flat_lengths,
     flatten,
     read_preferences,
     read_reference,
     unique_responses,
 )
-from preftune.reward.losses import expected_calibration_error, grouped_preference_loss, pair_accuracy
+from preftune.reward.losses import (
+    expected_calibration_error,
+    grouped_preference_loss,
+    length_correlation_loss,
+    pair_accuracy,
+    pearson_correlation,
+)
 from preftune.reward.pairs import PreferenceGroup
 from preftune.training.distributed import (
     DistInfo,
@@ -47,14 +54,15 @@ from preftune.training.scaffold import Throughput, TrainingRun
 
 
 class ScoreNet(torch.nn.Module):
-    """``sequence_scores`` as a module, so DDP and FSDP can wrap it (they act in its forward)."""
+    """``sequence_scores`` as a module, so DDP and FSDP can wrap it (they act in its forward);
+    ``all_heads``: [N, 2] scores of a length-debiased model (quality, length) instead of [N]."""
 
-    def __init__(self, model, pad_id: int, sep_id: int | None = None) -> None:
+    def __init__(self, model, pad_id: int, sep_id: int | None = None, all_heads: bool = False) -> None:
         super().__init__()
-        self.model, self.pad_id, self.sep_id = model, pad_id, sep_id
+        self.model, self.pad_id, self.sep_id, self.all_heads = model, pad_id, sep_id, all_heads
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return sequence_scores(self.model, input_ids, attention_mask, sep_id=self.sep_id)
+        return sequence_scores(self.model, input_ids, attention_mask, sep_id=self.sep_id, all_heads=self.all_heads)
 
     def score(self, net, sequences) -> torch.Tensor:
         """Raw scores [N] of token-id lists through ``net`` (this module or its wrapper)."""
@@ -63,15 +71,21 @@ class ScoreNet(torch.nn.Module):
         return net(ids.to(device), mask.to(device))
 
 
-def batch_loss(score, groups: list[EncodedGroup], center_coef: float):
-    """Per-group losses [G] and the raw scores of every sequence, in one forward pass
-    (``score``: token-id lists -> scores)."""
+def batch_loss(score, groups: list[EncodedGroup], center_coef: float, length_coef: float = 0.0):
+    """Per-group losses [G], the batch's length-correlation loss (0 without a length head) and the
+    raw rewards of every sequence, in one forward pass (``score``: token-id lists -> scores [N], or
+    [N, 2] quality and length heads, whose sum the preference loss is on)."""
     sequences, w, l, gid, margin = flatten(groups)
     scores = score(sequences)
     dev = scores.device
-    losses = grouped_preference_loss(scores[w.to(dev)], scores[l.to(dev)], gid.to(dev), len(groups),
+    total, extra = scores, scores.new_zeros(())
+    if scores.dim() == 2:
+        total = scores.sum(-1)
+        extra = length_coef * length_correlation_loss(scores[:, 0], scores[:, 1], flat_lengths(groups).to(dev))
+        scores = scores[:, 0]
+    losses = grouped_preference_loss(total[w.to(dev)], total[l.to(dev)], gid.to(dev), len(groups),
                                      margin.to(dev), center_coef)
-    return losses, scores
+    return losses, extra, scores
 
 
 @torch.no_grad()
@@ -83,31 +97,36 @@ def score_sequences(score, sequences: list[list[int]], batch_size: int, info: Di
     positions = list(range(len(sequences)))
     mine = positions if everyone or not info.enabled else info.my_slice(positions)
     mine.sort(key=lambda i: len(sequences[i]))
-    found: list[tuple[int, float]] = []
+    found: list[tuple[int, float | list[float]]] = []
     for k in range(0, len(mine), batch_size):
         chunk = mine[k:k + batch_size]
         found += zip(chunk, score([sequences[i] for i in chunk]).float().cpu().tolist())
     if info.enabled and not everyone:
         found = all_gather_lists(found, info)
-    scores = torch.zeros(len(sequences), dtype=torch.float32)
-    for i, value in found:
-        scores[i] = value
-    return scores
+    return torch.tensor([value for _, value in sorted(found)], dtype=torch.float32)
 
 
 @torch.no_grad()
 def evaluate(score, groups: list[EncodedGroup], batch_size: int, info: DistInfo = DistInfo(),
              everyone: bool = False) -> dict:
     """Held-out pair accuracy, loss, calibration (ECE), accuracy per annotator, reward mean/std
-    (``score``: token-id lists -> raw scores; see ``score_sequences`` for ``info``/``everyone``)."""
+    and the correlation of the reward with response length (``score``: token-id lists -> raw scores,
+    or quality and length heads; see ``score_sequences`` for ``info``/``everyone``)."""
     sequences, w, l, gid, margin = flatten(groups)
     s = score_sequences(score, sequences, batch_size, info, everyone)
+    heads = s if s.dim() == 2 else None
+    s = s[:, 0] if heads is not None else s
     r_c, r_r = s[w], s[l]
     annotators = [a for g in groups for a in g.annotators]
     losses = grouped_preference_loss(r_c, r_r, gid, len(groups), margin)
     metrics = {"eval_loss": losses.mean().item(), "eval_accuracy": pair_accuracy(r_c, r_r).item(),
                "eval_ece": expected_calibration_error(r_c, r_r).item(), "eval_pairs": len(r_c),
-               "eval_reward_mean": s.mean().item(), "eval_reward_std": s.std().item() if len(s) > 1 else 0.0}
+               "eval_reward_mean": s.mean().item(), "eval_reward_std": s.std().item() if len(s) > 1 else 0.0,
+               "eval_length_correlation": pearson_correlation(s, flat_lengths(groups)).item()}
+    if heads is not None:  # a length head: how much of the labels it explains, with the reward
+        metrics["eval_length_head_correlation"] = pearson_correlation(heads[:, 1], flat_lengths(groups)).item()
+        both = heads.sum(-1)
+        metrics["eval_accuracy_with_length_head"] = pair_accuracy(both[w], both[l]).item()
     by_annotator: dict[str, list[int]] = defaultdict(list)
     for k, a in enumerate(annotators):
         if a is not None:
@@ -137,6 +156,7 @@ def normalise(rm: RewardModel, cfg: RewardConfig, train_groups: list[PreferenceG
     rm.model.eval()
     encoded = [rm.encode(p, r) for p, r in pairs]
     raw = score_sequences(score or rm.forward_ids, encoded, cfg.batch_size * 2, info, everyone)
+    raw = raw[:, 0] if raw.dim() == 2 else raw  # the reward head only
     rm.model.train(was_training)
     gain, bias = normalisation(raw, cfg.normalize_gain)
     rm.meta.gain, rm.meta.bias = gain, bias
@@ -150,12 +170,17 @@ def normalise(rm: RewardModel, cfg: RewardConfig, train_groups: list[PreferenceG
 
 def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: bool = False) -> dict:
     """Train a reward model (one process, or one rank under torchrun); returns the final metrics.
-    ``stop_after`` ends the run after that step (as an interruption would; used by the resume tests)."""
+    ``stop_after`` ends the run after that step (as an interruption would; used by the resume tests).
+    ``--ensemble K`` trains K members instead (``preftune.reward.ensemble``)."""
+    if cfg.ensemble > 1:
+        from preftune.reward.ensemble import train_ensemble
+
+        return train_ensemble(cfg, quiet=quiet)
     run = TrainingRun(cfg, "reward", quiet=quiet, stop_after=stop_after)
     info = run.info
     train_groups, eval_groups, notes = read_preferences(cfg)  # bad input fails before the model loads
     rm = RewardModel.from_backbone(cfg.model, device=run.device, dtype=run.weights_dtype(trained=not cfg.lora),
-                                   max_length=cfg.max_length, compute=run.precision)
+                                   max_length=cfg.max_length, compute=run.precision, length_head=cfg.length_head)
     train, skipped = encode_groups(train_groups, rm, cfg.max_length, cfg.truncate, cfg.skip_invalid)
     held, skipped_eval = encode_groups(eval_groups, rm, cfg.max_length, cfg.truncate, cfg.skip_invalid)
     if skipped or skipped_eval:
@@ -166,7 +191,7 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
     for note in notes:
         run.say(note if "skipped" not in note else f"[yellow]{note}")
     rm.model = run.with_lora(rm.model, task_type="SEQ_CLS")
-    scorer = ScoreNet(rm.model, rm.tokenizer.pad_token_id, rm.sep_id)
+    scorer = ScoreNet(rm.model, rm.tokenizer.pad_token_id, rm.sep_id, all_heads=cfg.length_head)
     net = distribute(scorer, rm.model, info, cfg.fsdp)
 
     def train_score(sequences):
@@ -205,10 +230,11 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
                 with gradient_sync(net, enabled=k == len(chunks) - 1):
                     # A rank left without groups (the end of an epoch) still takes part in the
                     # gradient all-reduce, with a pass that adds nothing.
-                    losses, s = batch_loss(train_score, chunk or batch[:1], cfg.center_coef)
-                    # Mean over the global batch's groups; DDP and FSDP average over ranks.
+                    losses, extra, s = batch_loss(train_score, chunk or batch[:1], cfg.center_coef, cfg.length_coef)
+                    # Mean over the global batch's groups; DDP and FSDP average over ranks. The
+                    # length term is each micro-batch's own correlation, averaged.
                     weight = info.world / len(batch) if chunk else 0.0
-                    (losses.sum() * weight).backward()
+                    (losses.sum() * weight + extra * (1.0 / len(chunks) if chunk else 0.0)).backward()
                 if chunk:
                     s = s.detach().double().cpu()
                     local += torch.stack([losses.detach().sum().double().cpu(), s.sum(), (s ** 2).sum(),

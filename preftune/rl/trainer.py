@@ -645,7 +645,8 @@ def train_rl(cfg: OnlineRLConfig, *, reward_fn: Callable | None = None, gold_fn:
                 "lr": scheduler.get_last_lr()[0],
             }
             if spread is not None:
-                metrics["objective/reward_uncertainty"] = all_reduce_sum(spread.sum().double(), info).item() / global_batch
+                spread_sum = all_reduce_sum(spread.sum().double(), info).item()
+                metrics["objective/reward_uncertainty"] = spread_sum / global_batch
             kl_ctl.update(mean_kl, global_batch)
             times["time/step"] = time.perf_counter() - t0
             metrics["eps"] = global_batch / times["time/step"]
