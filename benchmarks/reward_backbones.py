@@ -48,7 +48,7 @@ def minilm_dir() -> str:
 
 
 def train_one(name: str, data: str, out: str, epochs: float | None, batch_size: int, threads: int,
-              max_steps: int = 0, dtype: str = "auto") -> None:
+              max_steps: int = 0, dtype: str = "auto", ensemble: int = 1) -> None:
     """Child process: train one backbone, print its summary and peak memory as JSON."""
     from benchmarks.common import peak_rss_mb
     from preftune.reward.config import RewardConfig
@@ -61,7 +61,7 @@ def train_one(name: str, data: str, out: str, epochs: float | None, batch_size: 
         extra = {**extra, "max_steps": max_steps, "normalize_samples": 16}
     cfg = RewardConfig(model=minilm_dir() if model == "minilm" else model, data=data, out=out,
                        batch_size=batch_size, max_length=256, truncate=True, threads=threads, seed=0, dtype=dtype,
-                       **extra)
+                       ensemble=ensemble, **extra)
     t0 = time.perf_counter()
     summary = train_reward(cfg, quiet=True)
     summary["wall_seconds"] = time.perf_counter() - t0
@@ -128,11 +128,14 @@ def main() -> None:
                         "(a timing run: the accuracy is then not comparable)")
     parser.add_argument("--dtype", default="auto", help="precision of sampling and of the reward models (auto: bf16 "
                         "where the hardware has it)")
+    parser.add_argument("--ensemble", type=int, default=1, help="train each backbone as an ensemble of K "
+                        "(`preftune reward --ensemble K`) and report the mean's accuracy next to its members'")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        train_one(args.one, args.data, args.out, args.epochs, args.batch_size, args.threads, args.max_steps, args.dtype)
+        train_one(args.one, args.data, args.out, args.epochs, args.batch_size, args.threads, args.max_steps, args.dtype,
+                  args.ensemble)
         return
 
     from preftune.annotators.config import LabelConfig
@@ -191,13 +194,21 @@ def main() -> None:
     for name in args.backbones.split(","):
         cmd = [sys.executable, __file__, "--one", name, "--data", str(labels), "--out", str(out / f"rm-{name}"),
                *(["--epochs", str(args.epochs)] if args.epochs else []), "--max-steps", str(args.max_steps),
-               "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--dtype", args.dtype]
+               "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--dtype", args.dtype,
+               "--ensemble", str(args.ensemble)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
             print(f"{name}: failed\n{proc.stderr[-2000:]}")
             continue
         r = results[name] = json.loads(line[len("RESULT "):])
+        if args.ensemble > 1:
+            members = ", ".join(f"{100 * a:.1f}%" for a in r["member_eval_accuracy"])
+            print(f"{name:14s} ensemble of {args.ensemble}: mean's eval_accuracy {100 * r['eval_accuracy']:.1f}%, "
+                  f"worst case {100 * r['eval_accuracy_wco']:.1f}%, members {members} (average "
+                  f"{100 * r['member_eval_accuracy_mean']:.1f}%); eval_ece {r['eval_ece']:.3f}, disagreement "
+                  f"{r['eval_disagreement']:.3f}; {r['wall_seconds']:.0f} s, peak RSS {r['peak_rss_gb']:.2f} GB")
+            continue
         print(f"{name:14s} eval_accuracy {100 * r['eval_accuracy']:.1f}% (initial {100 * r['initial_eval_accuracy']:.1f}%), "
               f"eval_loss {r['eval_loss']:.3f}, eval_ece {r['eval_ece']:.3f}, {r['steps']} steps in "
               f"{r['train_seconds']:.0f} s of training ({r['seconds_per_step']:.1f} s/step; {r['seconds']:.0f} s with "

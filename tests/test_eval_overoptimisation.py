@@ -48,3 +48,12 @@ def test_flawed_proxy_without_kl_is_over_optimised_and_the_monitor_fires(tiny_mo
     assert best["eval/gold"] == max(gold) == alert.best_gold  # the kept checkpoint is the gold peak
     html = overoptimisation_section(evals, drop_fraction=0.3)
     assert "over-optimisation: gold reward" in html and "data:image/png;base64," in html
+
+
+def test_an_ensembles_disagreement_is_reported_next_to_proxy_and_gold():
+    rows = [{"step": s, "eval/kl": 0.5 * s, "eval/proxy": 0.1 * s, "eval/gold": 0.3, "eval/proxy_uncertainty": u}
+            for s, u in ((2, 0.125), (4, 0.25), (6, 0.5))]
+    html = overoptimisation_section(rows)
+    assert "disagreement" in html and "0.125" in html and "0.5" in html
+    assert "disagreement" not in overoptimisation_section([{k: v for k, v in r.items() if "uncertainty" not in k}
+                                                           for r in rows])

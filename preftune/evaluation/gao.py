@@ -184,4 +184,42 @@ def overoptimisation_section(ppo_rows: Sequence[dict] = (), bon_rows: Sequence[d
                                  "log n - (n-1)/n.", note=True))
     else:
         parts.append(R.paragraph("No over-optimisation data (eval/gold, eval/proxy, eval/kl rows) yet.", note=True))
+    parts += disagreement_parts(ppo_rows)
     return R.section("Over-optimisation", *parts)
+
+
+def disagreement_parts(ppo_rows: Sequence[dict]) -> list[str]:
+    """When the proxy is an ensemble: its members' disagreement on the held-out samples at each
+    evaluation, next to proxy and gold (rising disagreement is the policy leaving the data the
+    reward models agree on)."""
+    from preftune.evaluation import report as R
+
+    rows = [r for r in ppo_rows if r.get("eval/proxy_uncertainty") is not None]
+    if not rows:
+        return []
+    parts = [R.paragraph("The proxy is an ensemble of reward models: their disagreement (standard deviation "
+                         "over members, averaged over the held-out samples) as training goes.")]
+    if R.plots_available():
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        steps = [r["step"] for r in rows]
+        for key, label, style in (("eval/proxy", "proxy", "o--"), ("eval/gold", "gold", "o-")):
+            if all(r.get(key) is not None for r in rows):
+                ax.plot(steps, [r[key] for r in rows], style, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("reward")
+        twin = ax.twinx()
+        twin.plot(steps, [r["eval/proxy_uncertainty"] for r in rows], "s:", color="tab:red", label="disagreement")
+        twin.set_ylabel("members' disagreement")
+        lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
+        fig.tight_layout()
+        parts.append(R.figure(fig, "ensemble disagreement against training steps"))
+    parts.append(R.table(["step", "sqrt KL", "proxy", "gold", "disagreement"],
+                         [[r["step"], _ppo_point(r)[0], r.get("eval/proxy"), r.get("eval/gold"),
+                           r["eval/proxy_uncertainty"]] for r in rows]))
+    return parts
