@@ -321,3 +321,61 @@ def test_malformed_form_data_is_a_4xx_and_writes_nothing(env):
     with transaction(env.client.app.state.sessions) as s:
         assert s.scalars(select(Judgement)).all() == []
     assert env.export("p", "raw") == []
+
+
+def test_lease_is_bounded_huge_ids_are_404_and_a_500_keeps_the_security_headers(env, monkeypatch):
+    """Found in a browser session: lease_seconds 10**12 was accepted and broke every /next (500),
+    10**30 made the create call 500, a 23-digit assignment id answered 500, and 500s had no
+    security headers."""
+    for lease in (10 ** 12, 10 ** 30, 5):
+        r = env.client.post("/api/v1/projects", json={"name": f"p{lease}", "kind": "pairwise", "lease_seconds": lease},
+                            headers=env.auth("admin"))
+        assert r.status_code == 422 and "lease must be between 10 and 604800 seconds" in r.text, r.text
+    env.project("p", overlap=1, lease_seconds=604800)
+    env.tasks("p", pair_tasks(1))
+    assert env.next("p", "ann1") is not None  # the longest lease still works
+    for path in ("judgement", "skip"):
+        r = env.client.post(f"/api/v1/assignments/99999999999999999999999/{path}", json={"choice": "A"},
+                            headers=env.auth("ann1"))
+        assert r.status_code == 404, r.text
+    import preftune.feedback.app.api as api
+
+    def broken(*_):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(api, "project_stats", broken)
+    r = env.client.get("/api/v1/projects/p/stats", headers=env.auth("admin"))
+    assert r.status_code == 500 and r.json() == {"detail": "internal error"}
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
+    assert "content-security-policy" in r.headers
+
+
+def test_rating_ids_survive_nan_meta_is_refused_chunked_uploads_are_413_and_exports_are_named(env):
+    env.project("r", kind="rating", overlap=1)
+    env.tasks("r", [{"id": "my-rating-1", "prompt": "Q?", "response": "An answer."}])
+    a = env.next("r", "ann1")
+    assert env.judge(a["assignment_id"], "ann1", rating=2).status_code == 201
+    (row,) = env.export("r", "ratings")
+    assert row["id"].startswith("my-rating-1#")  # the import's id, then the judgement's
+
+    bad = b'[{"prompt": "q", "responses": ["a", "b"], "meta": {"score": NaN}}]'
+    env.project("p", overlap=1)
+    r = env.client.post("/api/v1/projects/p/tasks", content=bad,
+                        headers={**env.auth("admin"), "content-type": "application/json"})
+    assert r.status_code == 422 and "NaN or Infinity" in r.text, r.text
+
+    limit = env.client.app.state.settings.max_body_bytes
+
+    def chunks():  # no content-length: transfer-encoding chunked
+        for _ in range(limit // 65536 + 2):
+            yield b" " * 65536
+
+    r = env.client.post("/api/v1/projects/p/tasks", content=chunks(),
+                        headers={**env.auth("admin"), "content-type": "application/json"})
+    assert r.status_code == 413 and r.headers["x-content-type-options"] == "nosniff", r.text
+    small = env.client.post("/api/v1/projects/p/tasks", content=iter([json.dumps(pair_tasks(1)).encode()]),
+                            headers={**env.auth("admin"), "content-type": "application/json"})
+    assert small.status_code == 201, small.text  # a chunked body within the limit is read as usual
+
+    r = env.client.get("/api/v1/projects/r/export", params={"format": "raw"}, headers=env.auth("admin"))
+    assert r.headers["content-disposition"] == 'attachment; filename="r-raw.jsonl"'

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from typing import Annotated, Any, Literal
 
@@ -168,8 +169,9 @@ def export(request: Request, _: Admin, project: str,
         p = service.get_project(s, project)
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n"
                        for r in exporting.export_rows(s, p, format, counts, include_ties))
+    filename = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{project}-{format}") + ".jsonl"
     return Response(text, media_type="application/x-ndjson", headers={
-        "Content-Disposition": f'attachment; filename="{format}.jsonl"',
+        "Content-Disposition": f'attachment; filename="{filename}"',
         "X-Preftune-Counts": json.dumps(dict(counts), sort_keys=True)})
 
 

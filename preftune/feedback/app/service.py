@@ -27,6 +27,8 @@ from preftune.feedback.app.tasks import KINDS, Limits, TaskSpec, ranking_groups
 ROLES = ("admin", "annotator")
 CHOICES = ("A", "B", "tie", "both_bad")
 STRENGTHS = (1, 2, 3, 4)  # slightly, somewhat, clearly, much better
+MAX_LEASE_SECONDS = 7 * 24 * 3600  # a week: longer leases only keep tasks from other annotators
+MAX_ID = 2 ** 31 - 1  # ids are 32-bit integers in PostgreSQL; a larger one names nothing
 
 
 class FeedbackError(PreftuneError):
@@ -88,8 +90,8 @@ def create_project(session: Session, name: str, kind: str, *, overlap: int = 1, 
         raise Invalid("scale must be between 2 and 10")
     if not 0.0 <= gold_rate < 1.0:
         raise Invalid("gold rate must be at least 0 and below 1")
-    if lease_seconds < 10:
-        raise Invalid("lease must be at least 10 seconds")
+    if not 10 <= lease_seconds <= MAX_LEASE_SECONDS:
+        raise Invalid(f"lease must be between 10 and {MAX_LEASE_SECONDS} seconds (a week)")
     if session.scalar(select(Project.id).where(Project.name == name)) is not None:
         raise Conflict(f"project {name!r} already exists")
     project = Project(name=name, kind=kind, overlap=overlap, scale=scale, gold_rate=gold_rate,
@@ -232,6 +234,8 @@ def next_assignment(session: Session, project: Project, user: User,
 
 
 def own_assignment(session: Session, assignment_id: int, user: User) -> tuple[Assignment, Task, Project]:
+    if not 1 <= assignment_id <= MAX_ID:
+        raise NotFound(f"no assignment {assignment_id} for you")
     row = session.execute(select(Assignment, Task, Project).join(Task, Assignment.task_id == Task.id)
                           .join(Project, Assignment.project_id == Project.id)
                           .where(Assignment.id == assignment_id)).first()

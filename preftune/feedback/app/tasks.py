@@ -146,8 +146,14 @@ def _base_record(obj: dict, limits: Limits) -> tuple[list[dict], list[str], dict
     per_response = {k: v for k, v in obj.items()
                     if k not in RECORD_KEYS and isinstance(v, list) and len(v) == len(responses)}
     meta = obj.get("meta")
-    if meta is not None and len(json.dumps(meta)) > limits.max_meta_chars:
-        raise RecordError(f'"meta" is longer than {limits.max_meta_chars} characters as JSON')
+    if meta is not None:
+        try:
+            size = len(json.dumps(meta, allow_nan=False))
+        except ValueError:
+            raise RecordError('"meta" holds NaN or Infinity, which JSON cannot carry (exports must stay valid '
+                              'JSON)') from None
+        if size > limits.max_meta_chars:
+            raise RecordError(f'"meta" is longer than {limits.max_meta_chars} characters as JSON')
     return prompt, responses, per_response, meta
 
 
@@ -224,8 +230,10 @@ def parse_tasks(numbered: Iterable[tuple[int, Any]], kind: str, scale: int,
             rid = _record_id(obj)
             if rid is not None and len(rid) > limits.max_id_chars:
                 raise RecordError(f'"id" is longer than {limits.max_id_chars} characters')
-            if "response" in obj and "responses" not in obj and "chosen" not in obj:
-                # One sample per line: gather the candidates of each prompt.
+            if "response" in obj and "responses" not in obj and "chosen" not in obj \
+                    and not (kind == "rating" and rid is not None):
+                # One sample per line: gather the candidates of each prompt (a rating record with
+                # its own id is its own task, and keeps the id).
                 key = json.dumps(prompt, sort_keys=True)
                 group_id = obj.get("prompt_id")
                 first = samples.setdefault(key, (line, None if group_id is None else str(group_id), prompt, []))

@@ -4,6 +4,7 @@ asking (API token or session cookie), CSRF checks, security headers and the body
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -89,6 +90,10 @@ PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 's
             "base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
 
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"same-origin"),
+                    (b"x-frame-options", b"DENY")]
+
+
 class SecurityMiddleware:
     """Pure ASGI: refuse oversized bodies (413) before the app reads them, and add security
     headers (a strict Content-Security-Policy on pages: no inline script can ever run)."""
@@ -103,37 +108,75 @@ class SecurityMiddleware:
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             return await self._too_large(send)
-        received = 0
+        if length is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+            # A chunked body has no length to check: read it here (up to the limit), then replay it,
+            # so an oversized upload is a 413 and never half-parsed by the app.
+            chunks, size, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                more = message.get("more_body", False)
+                if size > self.max_body_bytes:
+                    return await self._too_large(send)
+            buffered = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            replayed = False
 
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise _TooLarge()
-            return message
+            async def replay():
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return buffered
+
+            limited_receive = replay
+        else:
+            received = 0
+
+            async def limited_receive():
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body_bytes:
+                        raise _TooLarge()
+                return message
 
         docs = scope["path"].startswith("/api/v1/docs")
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
-                extra = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"same-origin"),
-                         (b"x-frame-options", b"DENY")]
-                if not docs:
-                    extra.append((b"content-security-policy", PAGE_CSP.encode()))
+                extra = SECURITY_HEADERS + ([] if docs else [(b"content-security-policy", PAGE_CSP.encode())])
                 message["headers"] = list(message.get("headers", [])) + extra
             await send(message)
 
+        started = False
+
+        async def send_tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send_with_headers(message)
+
         try:
-            await self.app(scope, limited_receive, send_with_headers)
+            await self.app(scope, limited_receive, send_tracked)
         except _TooLarge:
             await self._too_large(send)
+        except Exception:  # a bug: logged, answered as a plain 500 that keeps the security headers
+            logging.getLogger("preftune.feedback").exception("unhandled error on %s %s", scope.get("method"),
+                                                             scope.get("path"))
+            if not started:
+                body = b'{"detail": "internal error"}'
+                await send_with_headers({"type": "http.response.start", "status": 500, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
 
     async def _too_large(self, send):
         body = json.dumps({"detail": f"request body larger than {self.max_body_bytes} bytes"}).encode()
         await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                *SECURITY_HEADERS]})
         await send({"type": "http.response.body", "body": body})
 
 
