@@ -202,6 +202,45 @@ def test_annotator_ranks_with_the_keyboard(live, page: Page):
     assert json.loads(raw)["ranking"] == [[0, 1], [2]]
 
 
+def test_keyboard_ranks_all_twelve_and_enter_on_skip_skips(live, page: Page):
+    """Found in a browser session: ranking by keyboard stopped at 9 ("1" then "0" ranked response 1
+    and cleared everything), and Enter on a focused Skip button submitted the answer instead."""
+    import httpx
+
+    admin = {"Authorization": f"Bearer {known_users()['admin'][2]}"}
+    assert httpx.post(f"{live}/api/v1/projects", json={"name": "twelve", "kind": "ranking"}, headers=admin).status_code == 201
+    r = httpx.post(f"{live}/api/v1/projects/twelve/tasks", headers=admin,
+                   json=[{"id": "t12", "prompt": "Rank", "responses": [f"answer {i}" for i in range(12)]}])
+    assert r.status_code == 201
+    login(page, live, "ann1")
+    page.goto(f"{live}/annotate/twelve")
+    expect(page.locator("kbd:text-is('12')").first).to_be_visible()
+    shown = [t.inner_text() for t in page.locator(".response .text").all()]
+    order = ["10", "12", "1", "11"] + [str(k) for k in range(2, 10)]  # every position, best first
+    for number in order:
+        for digit in number:
+            page.keyboard.press(digit)
+        page.wait_for_timeout(900 if number == "1" else 0)  # "1" alone waits: 10-12 could follow
+    for rank, number in enumerate(order, start=1):
+        expect(page.locator(f"select[name=rank_{int(number) - 1}]")).to_have_value(str(rank))
+    page.keyboard.press("Enter")
+    expect(page.locator("#all-done")).to_be_visible()
+    raw = json.loads(httpx.get(f"{live}/api/v1/projects/twelve/export", params={"format": "raw"}, headers=admin).text)
+    best_first = [shown[int(n) - 1] for n in order]
+    assert [raw["responses"][g[0]] for g in raw["ranking"]] == best_first
+
+    assert httpx.post(f"{live}/api/v1/projects", json={"name": "skipper", "kind": "pairwise"}, headers=admin).status_code == 201
+    httpx.post(f"{live}/api/v1/projects/skipper/tasks", headers=admin,
+               json=[{"id": f"s{i}", "prompt": f"Q{i}", "responses": ["a", "b"]} for i in range(2)])
+    page.goto(f"{live}/annotate/skipper")
+    page.keyboard.press("a")  # an answer is chosen, but Enter lands on the focused Skip button
+    page.focus("#skip")
+    page.keyboard.press("Enter")
+    expect(page.locator("#remaining")).to_have_text("1")
+    expect(page.locator("#done")).to_have_text("0")
+    assert httpx.get(f"{live}/api/v1/projects/skipper/export", params={"format": "raw"}, headers=admin).text == ""
+
+
 def test_admin_sees_agreement_and_exports_comparisons(live, page: Page, shots: Path, tmp_path):
     # A second annotator labels through the API, as a script would.
     import httpx

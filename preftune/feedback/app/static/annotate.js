@@ -11,6 +11,8 @@
   const status = document.getElementById("status");
   let busy = false;
   let tieNext = false;
+  let digits = "";  // a response number being typed: "1" then "0" is response 10 of 12
+  let digitTimer = null;
 
   function randomKey() {
     const bytes = new Uint8Array(16);
@@ -37,6 +39,28 @@
     const top = Math.max(0, ...used);
     selects[pos].value = String(tieNext && top > 0 ? top : top + 1);
     tieNext = false;
+  }
+
+  // A number is complete when no longer one can follow (with 12 responses "2" is, "1" may
+  // become 10-12) or after a pause.
+  function commitDigits() {
+    clearTimeout(digitTimer);
+    digitTimer = null;
+    const n = Number(digits);
+    digits = "";
+    if (n >= 1) rankByKey(n - 1);
+  }
+
+  function typeDigit(key) {
+    digits += key;
+    if (Number(digits) * 10 > rankSelects().length) commitDigits();
+    else { clearTimeout(digitTimer); digitTimer = setTimeout(commitDigits, 800); }
+  }
+
+  function clearRanks() {
+    rankSelects().forEach((s) => { s.value = ""; });
+    tieNext = false;
+    digits = "";
   }
 
   function body() {
@@ -101,6 +125,7 @@
 
   async function submit(skip) {
     if (busy) return;
+    if (digits) commitDigits();
     if (!skip && !form.checkValidity()) { form.reportValidity(); return; }
     busy = true;
     const id = document.getElementById("assignment_id").value;
@@ -132,6 +157,8 @@
   document.addEventListener("keydown", (event) => {
     if (event.altKey || event.metaKey) return;
     const typing = event.target.matches("textarea, input[type=text], select");
+    // Enter on a focused button or link does what that control does (Skip skips, Log out logs out).
+    if (event.key === "Enter" && event.target.closest("a, button")) return;
     if (event.key === "Enter" && (!typing || event.ctrlKey)) { event.preventDefault(); submit(false); return; }
     if (typing || event.ctrlKey) return;
     const key = event.key.toLowerCase();
@@ -145,8 +172,8 @@
       else if (FLAG_KEYS[key]) check("flags", FLAG_KEYS[key]);
     } else {
       if (key === "=") tieNext = true;
-      else if (key === "0" || key === "backspace") { rankSelects().forEach((s) => { s.value = ""; }); tieNext = false; }
-      else if (/^[1-9]$/.test(key)) rankByKey(Number(key) - 1);
+      else if (key === "backspace" || (key === "0" && !digits)) clearRanks();
+      else if (/^[0-9]$/.test(key)) typeDigit(key);
     }
   });
 })();
