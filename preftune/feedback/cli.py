@@ -167,8 +167,12 @@ def import_(project_name: str, file: str, db: str | None) -> None:
 @click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
 @click.option("--secure-cookies/--no-secure-cookies", default=False, show_default=True,
               help="Mark cookies Secure (when served behind HTTPS).")
+@click.option("--trusted-proxy", "trusted_proxies", multiple=True, metavar="IP",
+              help="A reverse proxy whose X-Forwarded-For / X-Forwarded-Proto headers are believed (repeatable). "
+                   "Without one these headers are ignored, so no client can pick the address the log-in limit "
+                   "counts against.")
 @db_option
-def serve(host: str, port: int, secure_cookies: bool, db: str | None) -> None:
+def serve(host: str, port: int, secure_cookies: bool, trusted_proxies: tuple[str, ...], db: str | None) -> None:
     """Serve the annotation app and the JSON API (docs at /api/v1/docs)."""
     import uvicorn
 
@@ -176,7 +180,8 @@ def serve(host: str, port: int, secure_cookies: bool, db: str | None) -> None:
 
     app = create_app(db, Settings(secure_cookies=secure_cookies))
     click.echo(f"preftune feedback on http://{host}:{port}  (API docs: /api/v1/docs; Ctrl+C stops)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=bool(trusted_proxies),
+                forwarded_allow_ips=",".join(trusted_proxies) or None)
 
 
 @annotate.command("export")

@@ -379,3 +379,13 @@ def test_rating_ids_survive_nan_meta_is_refused_chunked_uploads_are_413_and_expo
 
     r = env.client.get("/api/v1/projects/r/export", params={"format": "raw"}, headers=env.auth("admin"))
     assert r.headers["content-disposition"] == 'attachment; filename="r-raw.jsonl"'
+
+
+def test_strength_with_a_tie_is_refused_not_dropped(env):
+    env.project("p", overlap=1)
+    env.tasks("p", pair_tasks(1))
+    a = env.next("p", "ann1")
+    for choice in ("tie", "both_bad"):
+        r = env.judge(a["assignment_id"], "ann1", choice=choice, strength=3)
+        assert r.status_code == 422 and "has none" in r.text, r.text
+    assert env.judge(a["assignment_id"], "ann1", choice="tie").status_code == 201

@@ -187,3 +187,47 @@ def test_logout_ends_the_session(ready):
     csrf = page_csrf(browser.get("/").text)
     assert browser.post("/logout", data={"csrf_token": csrf}, follow_redirects=False).status_code == 303
     assert browser.get("/", follow_redirects=False).status_code == 303
+
+
+def test_login_timing_does_not_tell_which_names_exist(ready):
+    """Found in a browser session: a wrong password for a real user took 0.23 s (argon2), an
+    unknown name 0.005 s. Both now pay for one argon2 verification."""
+    import time
+
+    c = ready.client
+    token = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text).group(1)
+
+    def seconds(user: str) -> float:
+        ready.client.app.state.limiter = type(ready.client.app.state.limiter)(100, 60)  # no lock-out here
+        t = time.perf_counter()
+        r = c.post("/login", data={"username": user, "password": "guess", "csrf_token": token}, follow_redirects=False)
+        assert r.status_code == 401 and "Wrong user name or password" in r.text
+        return time.perf_counter() - t
+
+    seconds("nobody-at-all")  # the first call builds the stand-in hash
+    known = sorted(seconds("ann1") for _ in range(3))[1]
+    unknown = sorted(seconds(f"nobody-{k}") for k in range(3))[1]
+    assert unknown > 0.5 * known, (unknown, known)
+
+
+def test_forwarded_for_is_ignored_unless_a_proxy_is_trusted(tmp_path):
+    from click.testing import CliRunner
+
+    from preftune.cli import cli
+
+    help_text = CliRunner().invoke(cli, ["annotate", "serve", "--help"]).output
+    assert "--trusted-proxy IP" in help_text
+    import uvicorn
+
+    seen = {}
+    original = uvicorn.run
+    try:
+        uvicorn.run = lambda app, **kw: seen.update(kw)
+        db = str(tmp_path / "app.db")
+        CliRunner().invoke(cli, ["annotate", "init", "--db", db])
+        CliRunner().invoke(cli, ["annotate", "serve", "--db", db])
+        assert seen["proxy_headers"] is False
+        CliRunner().invoke(cli, ["annotate", "serve", "--db", db, "--trusted-proxy", "10.0.0.5"])
+        assert seen["proxy_headers"] is True and seen["forwarded_allow_ips"] == "10.0.0.5"
+    finally:
+        uvicorn.run = original

@@ -21,7 +21,7 @@ from preftune.errors import DataError
 from preftune.feedback.app import service
 from preftune.feedback.app.api import progress_for
 from preftune.feedback.app.models import Project, Task, User, WebSession
-from preftune.feedback.app.security import new_secret, same_secret, verify_password
+from preftune.feedback.app.security import new_secret, same_secret, verify_no_user, verify_password
 from preftune.feedback.app.stats import project_stats
 from preftune.feedback.app.tasks import numbered_json_lines, parse_tasks
 from preftune.feedback.app.web import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Caller, identify, start_session, tx
@@ -106,7 +106,7 @@ def login(request: Request, username: str = Form("", max_length=100), password: 
         return response
     with tx(request) as s:
         user = s.scalar(select(User).where(User.name == username))
-        if user is None or not verify_password(user.password_hash, password):
+        if not (verify_password(user.password_hash, password) if user is not None else verify_no_user(password)):
             limiter.failed(*keys)
             return login_page(request, next, "Wrong user name or password.")
         cookie, _ = start_session(s, user, settings.session_hours)

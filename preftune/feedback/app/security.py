@@ -20,6 +20,18 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
+_DUMMY_HASH: list[str] = []
+
+
+def verify_no_user(password: str) -> bool:
+    """As long as a failing ``verify_password``, for a name that has no user: the log-in's timing
+    must not tell which names exist. Always False."""
+    if not _DUMMY_HASH:
+        _DUMMY_HASH.append(hash_password(new_secret(16)))
+    verify_password(_DUMMY_HASH[0], password)
+    return False
+
+
 def verify_password(password_hash: str, password: str) -> bool:
     try:
         return _hasher.verify(password_hash, password)

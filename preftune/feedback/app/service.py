@@ -279,8 +279,8 @@ def _validate(kind: str, scale: int, order: list[int], body: dict[str, Any], lim
         strength = body.get("strength")
         if strength is not None and (isinstance(strength, bool) or strength not in STRENGTHS):
             raise Invalid("strength must be 1, 2, 3 or 4")
-        if choice in ("tie", "both_bad"):
-            strength = None  # no direction to be strong about
+        if choice in ("tie", "both_bad") and strength is not None:  # refused, never silently dropped
+            raise Invalid(f"strength says how much better A or B is; a {choice.replace('_', ' ')} has none")
         label = str(order[0 if choice == "A" else 1]) if choice in ("A", "B") else choice
         out.update(choice=choice, label=label, strength=strength)
     elif kind == "ranking":

@@ -149,6 +149,11 @@
     if (kind !== "pairwise") return;
     const choice = new FormData(form).get("choice");
     form.querySelectorAll(".response").forEach((card, i) => card.classList.toggle("picked", choice === "AB"[i]));
+    const directionless = choice === "tie" || choice === "both_bad";  // strength is how much A or B wins by
+    form.querySelectorAll('input[name="strength"]').forEach((s) => {
+      s.disabled = directionless;
+      if (directionless) s.checked = false;
+    });
   });
 
   const FLAG_KEYS = { h: "hallucination", m: "harmful", i: "ignores_instruction", u: "unhelpful", o: "other" };
