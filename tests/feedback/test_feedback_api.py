@@ -136,7 +136,8 @@ def test_export_comparisons_read_by_foundation_reader(env, tmp_path):
     for user, choices in answers.items():
         for c in choices:
             a = env.next("p", user)
-            assert env.judge(a["assignment_id"], user, choice=c, strength=2).status_code == 201
+            strength = 2 if c in ("A", "B") else None  # a tie has no strength
+            assert env.judge(a["assignment_id"], user, choice=c, strength=strength).status_code == 201
     r = env.client.get("/api/v1/projects/p/export", params={"format": "comparisons"}, headers=env.auth("admin"))
     counts = json.loads(r.headers["X-Preftune-Counts"])
     assert counts == {"comparisons": 6, "tie_excluded": 1, "both_bad_excluded": 1}
@@ -389,3 +390,22 @@ def test_strength_with_a_tie_is_refused_not_dropped(env):
         r = env.judge(a["assignment_id"], "ann1", choice=choice, strength=3)
         assert r.status_code == 422 and "has none" in r.text, r.text
     assert env.judge(a["assignment_id"], "ann1", choice="tie").status_code == 201
+
+
+def test_names_are_normalised_and_unshowable_ones_refused(env):
+    """Found in a browser session: look-alike and control-character names were accepted, and a
+    project named ".." was created and then unreachable."""
+    def create(name: str):
+        return env.client.post("/api/v1/projects", json={"name": name, "kind": "pairwise"}, headers=env.auth("admin"))
+
+    for name, why in [("..", "dots only"), (".", "dots only"), ("a\u200bb", "U+200B"), ("evil\u202etxt", "U+202E"),
+                      ("nul\x00byte", "U+0000"), ("two\nlines", "U+000A"), ("b\u043ess", "Cyrillic and Latin"),
+                      ("a/b", "'/'"), ("   ", "1 to 100")]:
+        r = create(name)
+        assert r.status_code == 422 and why in r.text, (name, r.text)
+        user = env.client.post("/api/v1/users", json={"name": name, "role": "annotator"}, headers=env.auth("admin"))
+        assert user.status_code == 422, (name, user.text)
+    assert create("\uff44\uff45\uff4d\uff4f").status_code == 201  # full-width "demo": stored as NFKC "demo"
+    assert create("demo").status_code == 409
+    assert env.client.get("/api/v1/projects/%EF%BD%84emo/stats", headers=env.auth("admin")).status_code == 200
+    assert create("Привет").status_code == 201 and create("日本語のプロジェクト").status_code == 201  # one script: fine

@@ -7,14 +7,15 @@ shortcuts and loads the next task through the JSON API without reloading the pag
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
-from starlette.concurrency import run_in_threadpool
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from preftune.data.records import RATING_FLAGS, RecordError
 from preftune.errors import DataError
@@ -105,7 +106,7 @@ def login(request: Request, username: str = Form("", max_length=100), password: 
         response.headers["Retry-After"] = str(int(wait) + 1)
         return response
     with tx(request) as s:
-        user = s.scalar(select(User).where(User.name == username))
+        user = s.scalar(select(User).where(User.name == unicodedata.normalize("NFKC", username).strip()))
         if not (verify_password(user.password_hash, password) if user is not None else verify_no_user(password)):
             limiter.failed(*keys)
             return login_page(request, next, "Wrong user name or password.")

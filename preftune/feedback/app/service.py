@@ -10,6 +10,7 @@ Concurrency: everything that counts assignments of a task first locks the projec
 from __future__ import annotations
 
 import random
+import unicodedata
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -59,12 +60,33 @@ class NewUser:
     token: str
 
 
+CONFUSABLE_SCRIPTS = ("LATIN", "CYRILLIC", "GREEK")  # letters that look alike across these three
+
+
+def clean_name(raw: str, what: str) -> str:
+    """A user or project name as stored and looked up: NFKC-normalised and stripped. Refused:
+    empty or over 100 characters, control and invisible characters (NUL, newline, zero-width
+    space, right-to-left override), a name of dots only (unreachable as a URL segment), '/', and
+    letters of more than one of Latin, Cyrillic and Greek (a Cyrillic "о" in "bоss")."""
+    name = unicodedata.normalize("NFKC", raw).strip()
+    if not name or len(name) > 100:
+        raise Invalid(f"{what} must be 1 to 100 characters")
+    hidden = next((c for c in name if unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp")),
+                  None)
+    if hidden is not None:
+        raise Invalid(f"{what} must not contain control or invisible characters (U+{ord(hidden):04X})")
+    if "/" in name or set(name) == {"."}:
+        raise Invalid(f"{what} must not contain '/' or be made of dots only (it is part of URLs)")
+    scripts = {unicodedata.name(c, "").split(" ")[0] for c in name if c.isalpha()} & set(CONFUSABLE_SCRIPTS)
+    if len(scripts) > 1:
+        raise Invalid(f"{what} mixes {' and '.join(sorted(s.title() for s in scripts))} letters, which look alike")
+    return name
+
+
 def create_user(session: Session, name: str, role: str, password: str | None = None) -> NewUser:
     if role not in ROLES:
         raise Invalid(f"role must be one of {', '.join(ROLES)}")
-    name = name.strip()
-    if not name or len(name) > 100:
-        raise Invalid("user name must be 1 to 100 characters")
+    name = clean_name(name, "user name")
     if session.scalar(select(User.id).where(User.name == name)) is not None:
         raise Conflict(f"user {name!r} already exists")
     password = password or new_secret(12)
@@ -77,11 +99,7 @@ def create_user(session: Session, name: str, role: str, password: str | None = N
 
 def create_project(session: Session, name: str, kind: str, *, overlap: int = 1, scale: int = 3,
                    gold_rate: float = 0.0, lease_seconds: int = 600) -> Project:
-    name = name.strip()
-    if not name or len(name) > 100:
-        raise Invalid("project name must be 1 to 100 characters")
-    if "/" in name:
-        raise Invalid("project name must not contain '/' (it is part of URLs)")
+    name = clean_name(name, "project name")
     if kind not in KINDS:
         raise Invalid(f"kind must be one of {', '.join(KINDS)}")
     if not 1 <= overlap <= 100:
@@ -102,6 +120,7 @@ def create_project(session: Session, name: str, kind: str, *, overlap: int = 1, 
 
 
 def get_project(session: Session, name: str, *, lock: bool = False) -> Project:
+    name = unicodedata.normalize("NFKC", name).strip()
     query = select(Project).where(Project.name == name)
     if lock:
         query = query.with_for_update()  # no-op on SQLite, which holds the write lock already
