@@ -409,3 +409,16 @@ def test_names_are_normalised_and_unshowable_ones_refused(env):
     assert create("demo").status_code == 409
     assert env.client.get("/api/v1/projects/%EF%BD%84emo/stats", headers=env.auth("admin")).status_code == 200
     assert create("Привет").status_code == 201 and create("日本語のプロジェクト").status_code == 201  # one script: fine
+
+
+def test_ranking_agreement_says_it_counts_response_pairs(env):
+    """Found in a browser session: the ranking agreement card called response pairs "items"."""
+    env.project("r", kind="ranking", overlap=2)
+    env.tasks("r", [{"id": "one", "prompt": "Rank", "responses": ["x", "y", "z"]}])
+    for user in ("ann1", "ann2"):
+        a = env.next("r", user)
+        assert env.judge(a["assignment_id"], user, ranking=[0, 1, 2]).status_code == 201
+    agreement = env.client.get("/api/v1/projects/r/stats", headers=env.auth("admin")).json()["agreement"]
+    assert (agreement["items"], agreement["item_kind"], agreement["tasks"]) == (3, "response pairs", 1)
+    page = env.login("admin").get("/admin/projects/r")
+    assert "Over 3 response pairs (of 1 tasks) judged by two or more annotators" in page.text

@@ -241,6 +241,35 @@ def test_keyboard_ranks_all_twelve_and_enter_on_skip_skips(live, page: Page):
     assert httpx.get(f"{live}/api/v1/projects/skipper/export", params={"format": "raw"}, headers=admin).text == ""
 
 
+def test_a_lost_lease_moves_on_to_the_next_task(live, page: Page):
+    """Found in a browser session: after the lease ran out and the task went to someone else,
+    Submit repeated the error until the annotator found S."""
+    import httpx
+
+    admin = {"Authorization": f"Bearer {known_users()['admin'][2]}"}
+    assert httpx.post(f"{live}/api/v1/projects", json={"name": "lease", "kind": "pairwise", "lease_seconds": 10},
+                      headers=admin).status_code == 201
+    httpx.post(f"{live}/api/v1/projects/lease/tasks", headers=admin,
+               json=[{"id": f"l{i}", "prompt": f"Lease question {i}", "responses": ["a", "b"]} for i in range(3)])
+    login(page, live, "ann1")
+    page.goto(f"{live}/annotate/lease")
+    first = page.locator("#prompt").inner_text()
+    time.sleep(10.5)  # the lease runs out ...
+    ann2 = {"Authorization": f"Bearer {known_users()['ann2'][2]}"}
+    while True:  # ... and ann2 skips the others (they stay open for ann1) until it gets ann1's task
+        taken = httpx.get(f"{live}/api/v1/projects/lease/next", headers=ann2).json()
+        if taken["prompt"] in first:
+            break
+        httpx.post(f"{live}/api/v1/assignments/{taken['assignment_id']}/skip", headers=ann2)
+    page.keyboard.press("a")
+    page.keyboard.press("Enter")
+    expect(page.locator("#status")).to_contain_text("here is the next task")
+    expect(page.locator("#prompt")).not_to_have_text(first)
+    page.keyboard.press("b")
+    page.keyboard.press("Enter")
+    expect(page.locator("#done")).to_have_text("1")
+
+
 def test_admin_sees_agreement_and_exports_comparisons(live, page: Page, shots: Path, tmp_path):
     # A second annotator labels through the API, as a script would.
     import httpx

@@ -112,7 +112,7 @@ def test_label_stats_and_export_round_trip(db, tmp_path):
     assert stats["progress"] == {"tasks": 4, "gold_tasks": 0, "judgements_needed": 8, "done": 8, "in_progress": 0,
                                  "remaining": 0, "tasks_complete": 4}
     text = run("annotate", "stats", "demo", "--db", db).output
-    assert "percent agreement 0.750" in text and "Cohen's kappa ann1 / ann2: 0.500 on 4 items" in text
+    assert "percent agreement 0.750" in text and "Cohen's kappa ann1 / ann2: 0.500 on 4 tasks" in text
     out = tmp_path / "comparisons.jsonl"
     r = run("annotate", "export", "demo", "--format", "comparisons", "--out", str(out), "--db", db)
     assert "wrote 8 comparisons records" in r.output

@@ -91,7 +91,9 @@ def project_stats(session: Session, project: Project) -> dict[str, Any]:
                      "tasks_complete": complete},
         "annotators": annotators,
         "agreement": {
-            "items": len(multi),
+            "items": len(multi),  # what agreement is measured on: tasks, or a ranking's response pairs
+            "item_kind": "response pairs" if project.kind == "ranking" else "tasks",
+            "tasks": len({k[0] if isinstance(k, tuple) else k for k in multi}),
             "percent_agreement": _round(agreement.percent_agreement(multi)),
             "fleiss_kappa": _round(agreement.fleiss_from_units(multi)),
             "krippendorff_alpha": _round(agreement.krippendorff_alpha(
@@ -120,12 +122,13 @@ def format_stats(stats: dict[str, Any]) -> str:
         gold = f"{f(s['gold_accuracy'])} ({s['gold_done']})" if s["gold_done"] else "-"
         lines.append(f"{name:<20} {s['done']:>6} {s['in_progress']:>6} {s['skipped']:>7} {gold:>9} "
                      f"{f(s['median_seconds']):>9}")
-    lines += ["", f"agreement over {a['items']} items with 2+ judgements:",
+    over = a["item_kind"] + (f" of {a['tasks']} task{'s' * (a['tasks'] != 1)}" if a["item_kind"] != "tasks" else "")
+    lines += ["", f"agreement over {a['items']} {over} with 2+ judgements:",
               f"  percent agreement {f(a['percent_agreement'])}   Fleiss' kappa {f(a['fleiss_kappa'])}   "
               f"Krippendorff's alpha ({a['alpha_level']}) {f(a['krippendorff_alpha'])}"]
     for c in a["cohen_kappa"]:
         lines.append(f"  Cohen's kappa {c['annotators'][0]} / {c['annotators'][1]}: {f(c['kappa'])} "
-                     f"on {c['items']} items")
+                     f"on {c['items']} {a['item_kind']}")
     if stats["position_bias"]:
         b = stats["position_bias"]
         lines.append(f"position bias: first-shown response chosen in {f(b['rate'])} of {b['decisive']} "

@@ -88,7 +88,11 @@
     });
     if (response.status === 204) return null;
     const json = await response.json().catch(() => ({}));
-    if (!response.ok) throw new Error(json.detail || `HTTP ${response.status}`);
+    if (!response.ok) {
+      const error = new Error(json.detail || `HTTP ${response.status}`);
+      error.status = response.status;
+      throw error;
+    }
     return json;
   }
 
@@ -129,12 +133,16 @@
     if (!skip && !form.checkValidity()) { form.reportValidity(); return; }
     busy = true;
     const id = document.getElementById("assignment_id").value;
+    const next = () => api("GET", `/api/v1/projects/${encodeURIComponent(project)}/next`);
     try {
       if (skip) await api("POST", `/api/v1/assignments/${id}/skip`);
       else await api("POST", `/api/v1/assignments/${id}/judgement`, body());
-      show(await api("GET", `/api/v1/projects/${encodeURIComponent(project)}/next`));
+      show(await next());
     } catch (err) {
-      showError(err.message);
+      if (err.status === 409) {  // the lease ran out and the task went to someone else: move on
+        try { show(await next()); } catch (again) { showError(again.message); return; }
+        showError(`${err.message}; here is the next task.`);
+      } else showError(err.message);
     } finally {
       busy = false;
     }
