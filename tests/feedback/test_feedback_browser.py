@@ -270,6 +270,36 @@ def test_a_lost_lease_moves_on_to_the_next_task(live, page: Page):
     expect(page.locator("#done")).to_have_text("1")
 
 
+def test_an_expired_session_keeps_the_answer_and_leads_back_to_log_in(live, page: Page):
+    """Found in a browser session: with the session gone the annotator saw "authentication
+    required: send Authorization: Bearer TOKEN", had no way back, and lost the chosen answer."""
+    import httpx
+
+    admin = {"Authorization": f"Bearer {known_users()['admin'][2]}"}
+    assert httpx.post(f"{live}/api/v1/projects", json={"name": "session", "kind": "pairwise"},
+                      headers=admin).status_code == 201
+    httpx.post(f"{live}/api/v1/projects/session/tasks", headers=admin,
+               json=[{"id": "q", "prompt": "Session question", "responses": ["a", "b"]}])
+    login(page, live, "ann1")
+    page.goto(f"{live}/annotate/session")
+    page.keyboard.press("b")
+    page.keyboard.press("4")
+    page.context.clear_cookies()  # the session ends (expired, or logged out elsewhere)
+    page.keyboard.press("Enter")
+    expect(page.locator("#status")).to_contain_text("Your session has expired")
+    page.click("#status a:text('Log in again')")
+    page.fill("input[name=username]", "ann1")
+    page.fill("input[name=password]", known_users()["ann1"][1])
+    page.click("button[type=submit]")
+    expect(page).to_have_url(f"{live}/annotate/session")
+    expect(page.locator("input[name=choice][value=B]")).to_be_checked()  # the draft is back
+    expect(page.locator("input[name=strength][value='4']")).to_be_checked()
+    page.keyboard.press("Enter")
+    expect(page.locator("#all-done")).to_be_visible()
+    raw = json.loads(httpx.get(f"{live}/api/v1/projects/session/export", params={"format": "raw"}, headers=admin).text)
+    assert (raw["choice"], raw["strength"]) == ("B", 4)
+
+
 def test_admin_sees_agreement_and_exports_comparisons(live, page: Page, shots: Path, tmp_path):
     # A second annotator labels through the API, as a script would.
     import httpx

@@ -231,3 +231,19 @@ def test_forwarded_for_is_ignored_unless_a_proxy_is_trusted(tmp_path):
         assert seen["proxy_headers"] is True and seen["forwarded_allow_ips"] == "10.0.0.5"
     finally:
         uvicorn.run = original
+
+
+def test_a_form_sent_with_an_expired_session_returns_to_its_page_after_log_in(ready):
+    """Found in a browser session: without JavaScript, logging in again landed on a 405 page
+    (the form's POST-only action)."""
+    ready.project("late")
+    ready.tasks("late", [{"id": "t", "prompt": "Late question?", "responses": ["a", "b"]}])
+    anonymous = ready.client
+    r = anonymous.post("/annotate/late/submit", data={"choice": "A"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/login?next=/annotate/late"
+    r = anonymous.post("/admin/projects/late/import", data={}, follow_redirects=False)
+    assert r.headers["location"] == "/login?next=/admin/projects/late"
+    assert anonymous.get("/annotate/late", follow_redirects=False).headers["location"] == "/login?next=/annotate/late"
+    c = ready.login("ann1")
+    page = c.get("/annotate/late")
+    assert page.status_code == 200 and "Late question?" in page.text

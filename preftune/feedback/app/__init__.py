@@ -66,7 +66,10 @@ def create_app(db_url: str | None = None, settings: Settings | None = None) -> F
 
     @app.exception_handler(pages.LoginRequired)
     async def login_required(request: Request, exc: pages.LoginRequired):
-        return RedirectResponse(f"/login?next={quote(exc.path)}", status_code=303)
+        # After the log-in the browser GETs `next`: a form's action (POST only) would be a 405, so
+        # a form sent with an expired session comes back to the page it was sent from.
+        target = exc.path if request.method == "GET" else pages.page_of(exc.path)
+        return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
 
     @app.exception_handler(pages.PageForbidden)
     async def forbidden(request: Request, exc: pages.PageForbidden):

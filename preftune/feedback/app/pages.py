@@ -71,6 +71,19 @@ def _number(text: str, what: str, kind: type):
         raise service.Invalid(f"{what} must be a number") from None
 
 
+def page_of(action: str) -> str:
+    """The page whose form posts to ``action``: /annotate/P for /annotate/P/submit and /skip,
+    /admin/projects/P for its forms, /admin for the rest of the admin's, else /."""
+    parts = action.rstrip("/").split("/")
+    if len(parts) >= 4 and parts[1] == "annotate":
+        return "/".join(parts[:3])
+    if len(parts) >= 4 and parts[1:3] == ["admin", "projects"]:
+        return "/".join(parts[:4])
+    if parts[1:3] == ["admin", "users"]:
+        return "/admin/users"
+    return "/admin" if parts[1:2] == ["admin"] else "/"
+
+
 def _safe_next(target: str | None) -> str:
     """Only same-site paths after log-in (no open redirect)."""
     # Browsers read "/\\host" as "//host": refuse backslashes too.

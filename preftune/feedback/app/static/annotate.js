@@ -39,6 +39,7 @@
     const top = Math.max(0, ...used);
     selects[pos].value = String(tieNext && top > 0 ? top : top + 1);
     tieNext = false;
+    saveDraft();
   }
 
   // A number is complete when no longer one can follow (with 12 responses "2" is, "1" may
@@ -61,6 +62,44 @@
     rankSelects().forEach((s) => { s.value = ""; });
     tieNext = false;
     digits = "";
+    saveDraft();
+  }
+
+  // A draft of the current assignment's answer survives a reload and a new log-in (localStorage,
+  // this browser only); it is dropped once the judgement is in.
+  const draftKey = () => `preftune-draft:${project}:${document.getElementById("assignment_id").value}`;
+
+  function saveDraft() {
+    const fields = Array.from(form.elements).filter((e) => e.name && e.name !== "client_key" && e.name !== "csrf_token"
+                                                      && e.name !== "assignment_id")
+      .map((e) => [e.name, e.value, e.type === "radio" || e.type === "checkbox" ? e.checked : null]);
+    try { localStorage.setItem(draftKey(), JSON.stringify(fields)); } catch (e) { /* storage off: no draft */ }
+  }
+
+  function restoreDraft() {
+    let fields = null;
+    try { fields = JSON.parse(localStorage.getItem(draftKey()) || "null"); } catch (e) { fields = null; }
+    if (!Array.isArray(fields)) return;
+    fields.forEach(([name, value, checked]) => {
+      form.querySelectorAll(`[name="${CSS.escape(name)}"]`).forEach((e) => {
+        if (checked === null) e.value = value;
+        else if (e.value === value) e.checked = checked;
+      });
+    });
+    form.dispatchEvent(new Event("change", { bubbles: true }));
+  }
+
+  function dropDraft() {
+    try { localStorage.removeItem(draftKey()); } catch (e) { /* nothing stored */ }
+  }
+
+  function sessionExpired() {
+    status.replaceChildren("Your session has expired; your answer is kept as a draft. ");
+    const link = document.createElement("a");
+    link.href = `/login?next=${encodeURIComponent(window.location.pathname)}`;
+    link.textContent = "Log in again";
+    status.append(link);
+    status.hidden = false;
   }
 
   function body() {
@@ -137,9 +176,11 @@
     try {
       if (skip) await api("POST", `/api/v1/assignments/${id}/skip`);
       else await api("POST", `/api/v1/assignments/${id}/judgement`, body());
+      dropDraft();
       show(await next());
     } catch (err) {
-      if (err.status === 409) {  // the lease ran out and the task went to someone else: move on
+      if (err.status === 401) { saveDraft(); sessionExpired(); }
+      else if (err.status === 409) {  // the lease ran out and the task went to someone else: move on
         try { show(await next()); } catch (again) { showError(again.message); return; }
         showError(`${err.message}; here is the next task.`);
       } else showError(err.message);
@@ -152,6 +193,10 @@
     event.preventDefault();
     submit(event.submitter && event.submitter.id === "skip");
   });
+
+  form.addEventListener("change", saveDraft);
+  form.addEventListener("input", saveDraft);
+  restoreDraft();
 
   form.addEventListener("change", () => {
     if (kind !== "pairwise") return;
