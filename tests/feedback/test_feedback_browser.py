@@ -329,3 +329,39 @@ def test_admin_sees_agreement_and_exports_comparisons(live, page: Page, shots: P
     page.goto(f"{live}/admin")
     page.screenshot(path=str(shots / "admin-projects.png"), full_page=True)
     shutil.copy(path, Path(os.environ.get("PREFTUNE_BROWSER_EXPORT", tmp_path / "export.jsonl")))
+
+
+def test_phone_width_dark_mode_and_accessible_names(live, browser, shots: Path):
+    """At 390 px no page scrolls sideways; dark mode follows the system; every rank selector and
+    response card has a name a screen reader can say; text direction follows the text."""
+    import httpx
+
+    admin = {"Authorization": f"Bearer {known_users()['admin'][2]}"}
+    assert httpx.post(f"{live}/api/v1/projects", json={"name": "phone", "kind": "ranking"}, headers=admin).status_code == 201
+    httpx.post(f"{live}/api/v1/projects/phone/tasks", headers=admin,
+               json=[{"id": "p", "prompt": "مرحبا، كيف حالك؟ " * 5, "responses": ["word " * 400, "short", "x" * 300]}])
+    for scheme in ("light", "dark"):
+        context = browser.new_context(viewport={"width": 390, "height": 844}, color_scheme=scheme)
+        page = context.new_page()
+        for user, paths in (("ann1", ["/", "/annotate/phone"]),
+                            ("admin", ["/admin", "/admin/projects/greetings", "/admin/projects/twelve", "/admin/users"])):
+            login(page, live, user)
+            for path in paths:
+                page.goto(f"{live}{path}")
+                overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+                wide = page.evaluate("""Array.from(document.querySelectorAll('body *')).filter(
+                    e => e.getBoundingClientRect().right > document.documentElement.clientWidth + 0.5
+                         && !e.closest('table'))
+                    .slice(0, 5).map(e => e.tagName + '.' + e.className + ' ' + e.getBoundingClientRect().right)""")
+                assert overflow <= 0, (scheme, path, overflow, wide)
+            page.context.clear_cookies()
+        login(page, live, "ann1")
+        page.goto(f"{live}/annotate/phone")
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert (background == "rgb(13, 17, 23)") == (scheme == "dark"), background
+        for letter in "ABC":
+            expect(page.get_by_role("combobox", name=f"Rank of response {letter.lower()}")).to_be_visible()
+            expect(page.get_by_role("article", name=f"Response {letter}")).to_be_visible()
+        assert page.locator("#prompt .text").first.get_attribute("dir") == "auto"
+        page.screenshot(path=str(shots / f"annotator-phone-{scheme}.png"), full_page=True)
+        context.close()

@@ -155,6 +155,7 @@
       renderText(role, m.role);
       const text = document.createElement("div");
       text.className = "text";
+      text.dir = "auto";
       renderText(text, m.content);
       div.append(role, text);
       return div;
