@@ -186,6 +186,7 @@ def main() -> None:
     p.add_argument("--length-head", action="store_true", help="length-debiased proxies (--length-head)")
     p.add_argument("--objectives", default=",".join(OBJECTIVES), help="which to optimise with PPO")
     p.add_argument("--skip-ppo", action="store_true")
+    p.add_argument("--skip-bon", action="store_true")
     args = p.parse_args()
 
     from preftune.data.jsonl import read_jsonl, write_jsonl
@@ -202,7 +203,7 @@ def main() -> None:
         here.mkdir(exist_ok=True)
         result = {"seed": seed, "proxies": train_proxies(run, here, args, seed)}
         print(f"seed {seed}: proxies {json.dumps(result['proxies'])}", flush=True)
-        result["bon"] = best_of_n(run, here / "ensemble", prompts, args, seed)
+        result["bon"] = {} if args.skip_bon else best_of_n(run, here / "ensemble", prompts, args, seed)
         gc.collect()
         result["ppo"] = {}
         if not args.skip_ppo:
@@ -215,7 +216,7 @@ def main() -> None:
         result["seconds"] = time.perf_counter() - t
         per_seed.append(result)
         (out / "overoptimisation.json").write_text(json.dumps({"args": vars(args), "seeds": per_seed}, indent=1))
-    summary = {"bon": summarise(per_seed, "bon", list(OBJECTIVES))}
+    summary = {} if args.skip_bon else {"bon": summarise(per_seed, "bon", list(OBJECTIVES))}
     if not args.skip_ppo:
         summary["ppo"] = summarise(per_seed, "ppo", args.objectives.split(","))
     (out / "overoptimisation.json").write_text(json.dumps({"args": vars(args), "summary": summary,
