@@ -37,6 +37,7 @@ BACKBONES = {
     # name: (model, extra reward options)
     "minilm": ("minilm", {"lr": 1e-4, "epochs": 2}),
     "minilm-lora": ("minilm", {"lora": True, "lora_r": 16, "lr": 5e-4, "epochs": 2}),
+    "minilm-head": ("minilm", {"head_only": True, "lr": 1e-3, "epochs": 2}),
     "smollm2-lora": ("smollm2-135m-instruct", {"lora": True, "lora_r": 16, "lr": 3e-4, "epochs": 1}),
     "smollm2-full": ("smollm2-135m-instruct", {"lr": 3e-5, "epochs": 1, "grad_accum": 2}),
 }

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from conftest import write_lines
 from preftune.cli import cli
 from preftune.data.records import CandidateSet
+from preftune.errors import PreftuneError
 from preftune.annotators.simulated import noise_ceiling, simulate_labels
 from preftune.models.tiny import save_tiny
 from preftune.models.reward_model import RewardModel
@@ -223,3 +224,16 @@ def test_length_head_takes_the_length_out_of_the_reward(tmp_path, synthetic_mode
     assert logits.shape == (2, 2)
     ours = rm.raw_scores(["Write a review."] * 2, ["great day", "the cat sat by the river all day long"])
     assert torch.allclose(logits[:, 0], ours, atol=1e-5)
+
+
+def test_head_only_trains_the_head_and_leaves_the_trunk(tmp_path, synthetic_model_dir):
+    _small_data(tmp_path)
+    summary = train_reward(config(tmp_path, synthetic_model_dir, head_only=True, max_steps=3, eval_split=0.25,
+                                  lr=1e-2), quiet=True)
+    assert summary["steps"] == 3
+    before, after = _weights(synthetic_model_dir), _weights(tmp_path / "rm")
+    trunk = [k for k in after if not k.startswith("score")]
+    assert trunk and all(torch.equal(after[k], before[k]) for k in trunk)
+    assert summary["eval_loss"] != summary["initial_eval_loss"]  # the trunk is frozen: the head moved
+    with pytest.raises(PreftuneError, match="choose one"):
+        train_reward(config(tmp_path, synthetic_model_dir, head_only=True, lora=True, max_steps=1), quiet=True)

@@ -35,6 +35,9 @@ class RewardConfig(TrainConfig):
                                                     "batch element: each distinct response is scored once per "
                                                     "step and the held-out split keeps them together. "
                                                     "--batch-size then counts merged groups.")
+    head_only: bool = Field(False, description="Train only the score head on the frozen backbone (a linear "
+                                               "probe: the cheapest member of an --ensemble, K heads on one "
+                                               "trunk). Not with --lora.")
     length_head: bool = Field(False, description="Length-debiased reward model (ODIN): a second head trained to "
                                                  "carry the response length and the reward (the first head) "
                                                  "decorrelated from it; the preference loss is on their sum, "

@@ -165,6 +165,17 @@ def normalise(rm: RewardModel, cfg: RewardConfig, train_groups: list[PreferenceG
     return rm.meta.normalisation
 
 
+def freeze_all_but_head(model) -> int:
+    """Only the sequence-classification head trains (``score`` of causal LMs, ``classifier`` of
+    encoders); returns its parameter count."""
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if not isinstance(head, torch.nn.Module):
+        raise PreftuneError(f"--head-only: {type(model).__name__} has no score or classifier head")
+    model.requires_grad_(False)
+    head.requires_grad_(True)
+    return sum(p.numel() for p in head.parameters())
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -179,7 +190,10 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
     run = TrainingRun(cfg, "reward", quiet=quiet, stop_after=stop_after)
     info = run.info
     train_groups, eval_groups, notes = read_preferences(cfg)  # bad input fails before the model loads
-    rm = RewardModel.from_backbone(cfg.model, device=run.device, dtype=run.weights_dtype(trained=not cfg.lora),
+    if cfg.head_only and cfg.lora:
+        raise PreftuneError("--head-only trains the score head alone; --lora would train adapters too: choose one")
+    trunk_trained = not (cfg.lora or cfg.head_only)
+    rm = RewardModel.from_backbone(cfg.model, device=run.device, dtype=run.weights_dtype(trained=trunk_trained),
                                    max_length=cfg.max_length, compute=run.precision, length_head=cfg.length_head)
     train, skipped = encode_groups(train_groups, rm, cfg.max_length, cfg.truncate, cfg.skip_invalid)
     held, skipped_eval = encode_groups(eval_groups, rm, cfg.max_length, cfg.truncate, cfg.skip_invalid)
@@ -191,6 +205,8 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
     for note in notes:
         run.say(note if "skipped" not in note else f"[yellow]{note}")
     rm.model = run.with_lora(rm.model, task_type="SEQ_CLS")
+    if cfg.head_only:
+        freeze_all_but_head(rm.model)
     scorer = ScoreNet(rm.model, rm.tokenizer.pad_token_id, rm.sep_id, all_heads=cfg.length_head)
     net = distribute(scorer, rm.model, info, cfg.fsdp)
 
