@@ -57,7 +57,7 @@ def subset_by_prompt(src: Path, dst: Path, n_prompts: int, seed: int) -> int:
 def train_proxies(run: Path, out: Path, args, seed: int) -> dict:
     from preftune.models.loading import bundled_minilm_path
     from preftune.reward.config import RewardConfig
-    from preftune.reward.trainer import train_reward
+    from preftune.reward.fit import fit_reward
 
     data = out / "rm_train.jsonl"
     records = subset_by_prompt(run / "data" / "rm_train.jsonl", data, args.train_prompts, seed)
@@ -66,7 +66,7 @@ def train_proxies(run: Path, out: Path, args, seed: int) -> dict:
                        batch_size=8, max_length=128, ensemble=args.members, seed=seed, threads=args.threads,
                        length_head=args.length_head, resume=True)
     t = time.perf_counter()
-    summary = train_reward(cfg, quiet=True)
+    summary = fit_reward(cfg, quiet=True)
     return {"records": records, "seconds": time.perf_counter() - t,
             **{k: summary[k] for k in ("eval_accuracy", "eval_accuracy_wco", "member_eval_accuracy",
                                        "eval_disagreement", "eval_length_correlation") if k in summary}}

@@ -54,7 +54,7 @@ def train_one(name: str, data: str, out: str, epochs: float | None, batch_size: 
     """Child process: train one backbone, print its summary and peak memory as JSON."""
     from benchmarks.common import peak_rss_mb
     from preftune.reward.config import RewardConfig
-    from preftune.reward.trainer import train_reward
+    from preftune.reward.fit import fit_reward
 
     model, extra = BACKBONES[name]
     if epochs:
@@ -65,7 +65,7 @@ def train_one(name: str, data: str, out: str, epochs: float | None, batch_size: 
                        batch_size=batch_size, max_length=256, truncate=True, threads=threads, seed=0, dtype=dtype,
                        ensemble=ensemble, **extra)
     t0 = time.perf_counter()
-    summary = train_reward(cfg, quiet=True)
+    summary = fit_reward(cfg, quiet=True)
     summary["wall_seconds"] = time.perf_counter() - t0
     summary["peak_rss_gb"] = peak_rss_mb() / 1024
     print("RESULT " + json.dumps(summary))

@@ -204,3 +204,26 @@ def test_compare_refuses_an_unfinished_run_in_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["compare", "--run", str(tmp_path)])
     assert result.exit_code != 0 and "has not finished its first stages" in result.output
     assert "Traceback" not in result.output
+
+
+def test_quick_run_with_a_reward_ensemble(tmp_path, quick_run_without_probes):
+    """[reward] ensemble = 2: the main job trains two members, PPO optimises their mean and logs
+    their disagreement, and the report shows it next to proxy and gold."""
+    from preftune.pipeline.cli import quick_files
+
+    out = tmp_path / "quick"
+    shutil.copytree(quick_run_without_probes, out)
+    for stage in ("rm", "ppo"):  # the stages to run again; the rest is reused
+        shutil.rmtree(out / stage)
+    config = tmp_path / "ensemble.toml"
+    config.write_text(Path(quick_files()["config"]).read_text().replace("[reward]\n", "[reward]\nensemble = 2\n"))
+    result = CliRunner().invoke(cli, ["run", "--quick", "--config", str(config), "--out", str(out), "--no-probes"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "rm" / "ensemble.json").read_text())["members"] == ["member-0", "member-1"]
+    reward = json.loads((out / "stages.json").read_text())["reward"]["summary"]
+    assert reward["members"] == 2 and reward["eval_disagreement"] > 0 and "rm_gold_agreement" in reward
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["objective/reward_uncertainty"] > 0 for r in rows)
+    assert any("eval/proxy_uncertainty" in r for r in rows)
+    assert "The proxy is an ensemble of reward models" in (out / "report.html").read_text()

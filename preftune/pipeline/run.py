@@ -215,7 +215,7 @@ def reward_data(run: Run, eval_split: float, seed: int) -> tuple[Path, Path | No
 
 def stage_reward(run: Run, base: str) -> dict:
     from preftune.reward.config import RewardConfig
-    from preftune.reward.trainer import train_reward
+    from preftune.reward.fit import fit_reward
 
     cfg = run.stage_config(RewardConfig, "reward", model=resolve_backbone(run, base), data="",
                            out=str(run.path("rm")))
@@ -224,7 +224,7 @@ def stage_reward(run: Run, base: str) -> dict:
         cfg = cfg.model_copy(update={"data": str(train_path), "eval_data": str(eval_path) if eval_path else None})
     else:
         cfg = cfg.model_copy(update={"data": str(reward_data(run, 0.0, cfg.seed)[0])})
-    summary = train_reward(cfg, quiet=run.quiet)
+    summary = fit_reward(cfg, quiet=run.quiet)
     return {**summary, **gold_on_held_out(cfg, run.cfg.gold)}
 
 

@@ -30,10 +30,10 @@ def register(cli: click.Group, config_help: str) -> None:
         --ensemble K trains K such models into OUT/member-k (bootstrap resamples, seeds --seed + k)
         with the manifest OUT/ensemble.json: score with rm:OUT (the mean), wco(OUT) or uwo(OUT, COEF).
         --length-head adds a head that takes the response length out of the reward (ODIN)."""
-        from preftune.reward.trainer import train_reward
+        from preftune.reward.fit import fit_reward
 
         cfg = config_from_cli(RewardConfig, kwargs, "reward")
-        summary = train_reward(cfg)
+        summary = fit_reward(cfg)
         acc = summary.get("eval_accuracy")
         if acc is None:
             shown = "no eval data"

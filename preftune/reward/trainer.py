@@ -182,11 +182,7 @@ def freeze_all_but_head(model) -> int:
 def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: bool = False) -> dict:
     """Train a reward model (one process, or one rank under torchrun); returns the final metrics.
     ``stop_after`` ends the run after that step (as an interruption would; used by the resume tests).
-    ``--ensemble K`` trains K members instead (``preftune.reward.ensemble``)."""
-    if cfg.ensemble > 1:
-        from preftune.reward.ensemble import train_ensemble
-
-        return train_ensemble(cfg, quiet=quiet)
+    One model whatever ``--ensemble`` says: ``preftune.reward.fit.fit_reward`` trains ensembles."""
     run = TrainingRun(cfg, "reward", quiet=quiet, stop_after=stop_after)
     info = run.info
     train_groups, eval_groups, notes = read_preferences(cfg)  # bad input fails before the model loads
