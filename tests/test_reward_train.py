@@ -9,12 +9,12 @@ import torch
 from click.testing import CliRunner
 
 from conftest import write_lines
+from preftune.annotators.simulated import noise_ceiling, simulate_labels
 from preftune.cli import cli
 from preftune.data.records import CandidateSet
 from preftune.errors import PreftuneError
-from preftune.annotators.simulated import noise_ceiling, simulate_labels
-from preftune.models.tiny import save_tiny
 from preftune.models.reward_model import RewardModel
+from preftune.models.tiny import save_tiny
 from preftune.reward.config import RewardConfig
 from preftune.reward.trainer import train_reward
 
