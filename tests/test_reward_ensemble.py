@@ -133,3 +133,14 @@ def test_ensemble_trains_saves_loads_and_scores(tmp_path, synthetic_model_dir): 
     again = train_ensemble(cfg.model_copy(update={"resume": True}), quiet=True)
     assert (tmp_path / "ens" / "member-0" / "model.safetensors").stat().st_mtime_ns == before
     assert again["member_eval_accuracy"] == summary["member_eval_accuracy"]
+
+
+def test_a_broken_manifest_is_a_one_line_error(tmp_path):
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    for text, message in [("{not json", "invalid ensemble manifest"), ('{"members": []}', "has no members"),
+                          ('{"members": ["member-0"], "colour": 1}', "invalid ensemble manifest"),
+                          ('{"members": ["member-0"]}', "not a preftune reward model")]:
+        (ens / "ensemble.json").write_text(text)
+        with pytest.raises(PreftuneError, match=message):
+            load_scorer(f"wco({ens})")
