@@ -39,6 +39,7 @@ def annotate() -> None:
     \b
     preftune annotate init                       create or migrate the database
     preftune annotate add-user alice --role annotator
+    preftune annotate set-password alice         (also rotate-token, set-role, lock-user)
     preftune annotate project create demo --kind pairwise --overlap 3
     preftune annotate import demo tasks.jsonl
     preftune annotate serve                      http://127.0.0.1:8000
@@ -65,7 +66,7 @@ def init(db: str | None) -> None:
 @click.argument("name")
 @click.option("--role", type=click.Choice(["admin", "annotator"]), default="annotator", show_default=True,
               help="admins import, export, manage users and see statistics; annotators label.")
-@click.option("--password", default=None, help="Set this password instead of a generated one.")
+@click.option("--password", default=None, help="Set this password (10+ characters) instead of a generated one.")
 @db_option
 def add_user(name: str, role: str, password: str | None, db: str | None) -> None:
     """Create a user; prints {"user", "role", "password", "token"} as JSON (shown only once:
@@ -78,6 +79,65 @@ def add_user(name: str, role: str, password: str | None, db: str | None) -> None
         new = create_user(s, name, role, password)
         out = {"user": new.user.name, "role": new.user.role, "password": new.password, "token": new.token}
     click.echo(json.dumps(out))
+
+
+@annotate.command("set-password")
+@click.argument("name")
+@click.option("--password", default=None, help="This password (10+ characters) instead of a generated one.")
+@db_option
+def set_password_cmd(name: str, password: str | None, db: str | None) -> None:
+    """Give a user a new password (printed once); their browser sessions end."""
+    from preftune.feedback.app.db import transaction
+    from preftune.feedback.app.service import set_password
+
+    _, sessions = _open(db)
+    with transaction(sessions) as s:
+        new = set_password(s, name, password)
+    click.echo(json.dumps({"user": name, "password": new}))
+
+
+@annotate.command("rotate-token")
+@click.argument("name")
+@db_option
+def rotate_token_cmd(name: str, db: str | None) -> None:
+    """Give a user a new API token (printed once); the old one stops working."""
+    from preftune.feedback.app.db import transaction
+    from preftune.feedback.app.service import rotate_token
+
+    _, sessions = _open(db)
+    with transaction(sessions) as s:
+        token = rotate_token(s, name)
+    click.echo(json.dumps({"user": name, "token": token}))
+
+
+@annotate.command("set-role")
+@click.argument("name")
+@click.argument("role", type=click.Choice(["admin", "annotator"]))
+@db_option
+def set_role_cmd(name: str, role: str, db: str | None) -> None:
+    """Make a user an admin or an annotator (the last admin stays one)."""
+    from preftune.feedback.app.db import transaction
+    from preftune.feedback.app.service import set_role
+
+    _, sessions = _open(db)
+    with transaction(sessions) as s:
+        set_role(s, name, role)
+    click.echo(f"{name} is now {'an admin' if role == 'admin' else 'an annotator'}")
+
+
+@annotate.command("lock-user")
+@click.argument("name")
+@db_option
+def lock_user_cmd(name: str, db: str | None) -> None:
+    """Disable a user: their sessions end and their password and token stop working (their
+    judgements stay). set-password and rotate-token open the account again."""
+    from preftune.feedback.app.db import transaction
+    from preftune.feedback.app.service import lock_user
+
+    _, sessions = _open(db)
+    with transaction(sessions) as s:
+        ended = lock_user(s, name)
+    click.echo(f"{name} is locked ({ended} browser session(s) ended)")
 
 
 @annotate.group("project")

@@ -171,3 +171,32 @@ def test_exported_comparisons_train_a_reward_model(db, tmp_path, tiny_model_dir)
     run("reward", "--model", str(tiny_model_dir), "--data", str(out), "--out", str(tmp_path / "rm"), "--max-steps", "2",
         "--batch-size", "4")
     assert (tmp_path / "rm" / "metrics.json").exists()
+
+
+def test_account_management(db):
+    """Passwords (with a minimum policy), token rotation, roles (never the last admin) and locking."""
+    from preftune.feedback.app.security import token_hash, verify_password
+
+    assert "at least 10 characters" in run("annotate", "add-user", "bob", "--password", "short", "--db", db,
+                                           ok=False).output
+    assert "too easy" in run("annotate", "add-user", "bob", "--password", "aaaaaaaaaaaa", "--db", db, ok=False).output
+    boss = json.loads(run("annotate", "add-user", "boss", "--role", "admin", "--db", db).output)
+    bob = json.loads(run("annotate", "add-user", "bob", "--password", "correct horse", "--db", db).output)
+    _, sessions = open_database(db)
+
+    def user(name):
+        with transaction(sessions) as s:
+            u = s.query(User).filter_by(name=name).one()
+            return u.role, u.password_hash, u.token_hash
+
+    new = json.loads(run("annotate", "set-password", "bob", "--db", db).output)["password"]
+    assert verify_password(user("bob")[1], new) and not verify_password(user("bob")[1], "correct horse")
+    token = json.loads(run("annotate", "rotate-token", "bob", "--db", db).output)["token"]
+    assert user("bob")[2] == token_hash(token) != token_hash(bob["token"])
+    assert "is the only admin" in run("annotate", "set-role", "boss", "annotator", "--db", db, ok=False).output
+    run("annotate", "set-role", "bob", "admin", "--db", db)
+    run("annotate", "set-role", "boss", "annotator", "--db", db)
+    assert user("boss")[0] == "annotator" and user("bob")[0] == "admin"
+    assert "locked" in run("annotate", "lock-user", "boss", "--db", db).output
+    assert not verify_password(user("boss")[1], boss["password"]) and user("boss")[2] != token_hash(boss["token"])
+    assert "no user named 'nobody'" in run("annotate", "rotate-token", "nobody", "--db", db, ok=False).output

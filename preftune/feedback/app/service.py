@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from preftune.data.records import RATING_FLAGS
 from preftune.errors import PreftuneError
-from preftune.feedback.app.models import Assignment, Judgement, Project, Task, User, utcnow
+from preftune.feedback.app.models import Assignment, Judgement, Project, Task, User, WebSession, utcnow
 from preftune.feedback.app.security import hash_password, new_secret, token_hash
 from preftune.feedback.app.tasks import KINDS, Limits, TaskSpec, ranking_groups
 
@@ -89,12 +89,76 @@ def create_user(session: Session, name: str, role: str, password: str | None = N
     name = clean_name(name, "user name")
     if session.scalar(select(User.id).where(User.name == name)) is not None:
         raise Conflict(f"user {name!r} already exists")
-    password = password or new_secret(12)
+    password = checked_password(password, name) if password is not None else new_secret(12)
     token = new_secret(32)
     user = User(name=name, role=role, password_hash=hash_password(password), token_hash=token_hash(token))
     session.add(user)
     session.flush()
     return NewUser(user, password, token)
+
+
+MIN_PASSWORD_CHARS = 10
+
+
+def checked_password(password: str, name: str) -> str:
+    """A password people choose: at least 10 characters, not the user name, not one character repeated."""
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise Invalid(f"a password needs at least {MIN_PASSWORD_CHARS} characters (leave it out to get a generated one)")
+    if password.strip().lower() == name.lower() or len(set(password)) < 3:
+        raise Invalid("that password is too easy to guess (the user name, or one or two characters repeated)")
+    return password
+
+
+def get_user(session: Session, name: str) -> User:
+    user = session.scalar(select(User).where(User.name == unicodedata.normalize("NFKC", name).strip()))
+    if user is None:
+        raise NotFound(f"no user named {name!r}")
+    return user
+
+
+def end_sessions(session: Session, user: User) -> int:
+    """Log the user out everywhere; returns how many browser sessions ended."""
+    rows = session.scalars(select(WebSession).where(WebSession.user_id == user.id)).all()
+    for row in rows:
+        session.delete(row)
+    return len(rows)
+
+
+def set_password(session: Session, name: str, password: str | None = None) -> str:
+    """A new password (``password``, or a generated one, returned); the user's browser sessions end."""
+    user = get_user(session, name)
+    password = checked_password(password, user.name) if password is not None else new_secret(12)
+    user.password_hash = hash_password(password)
+    end_sessions(session, user)
+    return password
+
+
+def rotate_token(session: Session, name: str) -> str:
+    """A new API token (returned); the old one stops working at once."""
+    user = get_user(session, name)
+    token = new_secret(32)
+    user.token_hash = token_hash(token)
+    return token
+
+
+def set_role(session: Session, name: str, role: str) -> User:
+    if role not in ROLES:
+        raise Invalid(f"role must be one of {', '.join(ROLES)}")
+    user = get_user(session, name)
+    if user.role == "admin" and role != "admin" and session.scalar(
+            select(func.count(User.id)).where(User.role == "admin")) == 1:
+        raise Conflict(f"{user.name} is the only admin: make another admin first")
+    user.role = role
+    return user
+
+
+def lock_user(session: Session, name: str) -> int:
+    """Disable an account: its sessions end and its password and token are replaced by secrets
+    nobody knows (its judgements stay). ``set-password`` and ``rotate-token`` open it again."""
+    user = get_user(session, name)
+    user.password_hash = hash_password(new_secret(24))
+    user.token_hash = token_hash(new_secret(32))
+    return end_sessions(session, user)
 
 
 def create_project(session: Session, name: str, kind: str, *, overlap: int = 1, scale: int = 3,
