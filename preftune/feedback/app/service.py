@@ -103,7 +103,8 @@ MIN_PASSWORD_CHARS = 10
 def checked_password(password: str, name: str) -> str:
     """A password people choose: at least 10 characters, not the user name, not one character repeated."""
     if len(password) < MIN_PASSWORD_CHARS:
-        raise Invalid(f"a password needs at least {MIN_PASSWORD_CHARS} characters (leave it out to get a generated one)")
+        raise Invalid(f"a password needs at least {MIN_PASSWORD_CHARS} characters (leave it out to get a "
+                      f"generated one)")
     if password.strip().lower() == name.lower() or len(set(password)) < 3:
         raise Invalid("that password is too easy to guess (the user name, or one or two characters repeated)")
     return password
