@@ -7,7 +7,6 @@ shortcuts and loads the next task through the JSON API without reloading the pag
 
 from __future__ import annotations
 
-import unicodedata
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
@@ -119,7 +118,7 @@ def login(request: Request, username: str = Form("", max_length=100), password: 
         response.headers["Retry-After"] = str(int(wait) + 1)
         return response
     with tx(request) as s:
-        user = s.scalar(select(User).where(User.name == unicodedata.normalize("NFKC", username).strip()))
+        user = s.scalar(select(User).where(User.name == service.normal_name(username)))
         if not (verify_password(user.password_hash, password) if user is not None else verify_no_user(password)):
             limiter.failed(*keys)
             return login_page(request, next, "Wrong user name or password.")

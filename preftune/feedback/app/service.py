@@ -63,12 +63,17 @@ class NewUser:
 CONFUSABLE_SCRIPTS = ("LATIN", "CYRILLIC", "GREEK")  # letters that look alike across these three
 
 
+def normal_name(raw: str) -> str:
+    """A name as stored and looked up: NFKC-normalised, stripped."""
+    return unicodedata.normalize("NFKC", raw).strip()
+
+
 def clean_name(raw: str, what: str) -> str:
     """A user or project name as stored and looked up: NFKC-normalised and stripped. Refused:
     empty or over 100 characters, control and invisible characters (NUL, newline, zero-width
     space, right-to-left override), a name of dots only (unreachable as a URL segment), '/', and
     letters of more than one of Latin, Cyrillic and Greek (a Cyrillic "о" in "bоss")."""
-    name = unicodedata.normalize("NFKC", raw).strip()
+    name = normal_name(raw)
     if not name or len(name) > 100:
         raise Invalid(f"{what} must be 1 to 100 characters")
     hidden = next((c for c in name if unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp")),
@@ -111,7 +116,7 @@ def checked_password(password: str, name: str) -> str:
 
 
 def get_user(session: Session, name: str) -> User:
-    user = session.scalar(select(User).where(User.name == unicodedata.normalize("NFKC", name).strip()))
+    user = session.scalar(select(User).where(User.name == normal_name(name)))
     if user is None:
         raise NotFound(f"no user named {name!r}")
     return user
@@ -185,7 +190,7 @@ def create_project(session: Session, name: str, kind: str, *, overlap: int = 1, 
 
 
 def get_project(session: Session, name: str, *, lock: bool = False) -> Project:
-    name = unicodedata.normalize("NFKC", name).strip()
+    name = normal_name(name)
     query = select(Project).where(Project.name == name)
     if lock:
         query = query.with_for_update()  # no-op on SQLite, which holds the write lock already
