@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 import click
 
@@ -156,9 +157,11 @@ def project() -> None:
               help="Share of assignments drawn from gold (known-answer) tasks, for quality control.")
 @click.option("--lease", "lease_seconds", type=int, default=600, show_default=True,
               help="Seconds an assignment stays reserved for its annotator before it may go to someone else.")
+@click.option("--guidelines", type=click.Path(exists=True, dir_okay=False),
+              help="A markdown file of guidelines shown to annotators above every task.")
 @db_option
 def project_create(name: str, kind: str, overlap: int, scale: int, gold_rate: float, lease_seconds: int,
-                   db: str | None) -> None:
+                   guidelines: str | None, db: str | None) -> None:
     """Create a project holding tasks of one kind."""
     from preftune.feedback.app.db import transaction
     from preftune.feedback.app.service import create_project
@@ -166,8 +169,30 @@ def project_create(name: str, kind: str, overlap: int, scale: int, gold_rate: fl
     _, sessions = _open(db)
     with transaction(sessions) as s:
         p = create_project(s, name, kind, overlap=overlap, scale=scale, gold_rate=gold_rate,
-                           lease_seconds=lease_seconds)
+                           lease_seconds=lease_seconds, guidelines=_read_text(guidelines) if guidelines else "")
     click.echo(f"project {p.name}: {p.kind}, overlap {p.overlap}" + (f", scale 1-{p.scale}" if kind == "rating" else ""))
+
+
+@project.command("guidelines")
+@click.argument("name")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@db_option
+def project_guidelines(name: str, file: str, db: str | None) -> None:
+    """Replace a project's guidelines with a markdown FILE (an empty file removes them)."""
+    from preftune.feedback.app.db import transaction
+    from preftune.feedback.app.service import set_guidelines
+
+    _, sessions = _open(db)
+    with transaction(sessions) as s:
+        p = set_guidelines(s, name, _read_text(file))
+    click.echo(f"project {p.name}: guidelines of {len(p.guidelines)} characters")
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise click.ClickException(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 @project.command("list")

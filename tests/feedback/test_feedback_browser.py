@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -137,7 +138,7 @@ def test_annotator_labels_pairwise_with_mouse_and_keyboard(live, page: Page, dia
     page.evaluate("window.__same_page = true")  # survives only if the page is not reloaded
 
     def current():
-        return [t.inner_text() for t in page.locator(".response .text").all()]
+        return [t.inner_text() for t in page.locator(".response .text.raw").all()]
 
     def label_current(by_keyboard: bool) -> None:
         texts = current()
@@ -171,7 +172,7 @@ def test_annotator_labels_pairwise_with_mouse_and_keyboard(live, page: Page, dia
 def test_annotator_rates_a_response(live, page: Page, shots: Path):
     login(page, live, "ann1")
     page.goto(f"{live}/annotate/ratings")
-    expect(page.locator(".response .text")).to_have_text("Sydney is the capital of Australia.")
+    expect(page.locator(".response .text.md")).to_have_text("Sydney is the capital of Australia.")
     page.keyboard.press("1")
     page.keyboard.press("h")
     expect(page.locator("input[name=flags][value=hallucination]")).to_be_checked()
@@ -191,7 +192,7 @@ def test_annotator_ranks_with_the_keyboard(live, page: Page):
     assert r.status_code == 201
     login(page, live, "ann1")
     page.goto(f"{live}/annotate/order")
-    texts = [t.inner_text() for t in page.locator(".response .text").all()]
+    texts = [t.inner_text() for t in page.locator(".response .text.raw").all()]
     pos = {t: str(i + 1) for i, t in enumerate(texts)}
     for key in (pos["good"], "=", pos["also good"], pos["bad"]):  # best first, "=" ties with the previous
         page.keyboard.press(key)
@@ -215,7 +216,7 @@ def test_keyboard_ranks_all_twelve_and_enter_on_skip_skips(live, page: Page):
     login(page, live, "ann1")
     page.goto(f"{live}/annotate/twelve")
     expect(page.locator("kbd:text-is('12')").first).to_be_visible()
-    shown = [t.inner_text() for t in page.locator(".response .text").all()]
+    shown = [t.inner_text() for t in page.locator(".response .text.raw").all()]
     order = ["10", "12", "1", "11"] + [str(k) for k in range(2, 10)]  # every position, best first
     for number in order:
         for digit in number:
@@ -365,3 +366,83 @@ def test_phone_width_dark_mode_and_accessible_names(live, browser, shots: Path):
         assert page.locator("#prompt .text").first.get_attribute("dir") == "auto"
         page.screenshot(path=str(shots / f"annotator-phone-{scheme}.png"), full_page=True)
         context.close()
+
+
+HOSTILE_MARKDOWN = ("**Bold** claim with `code` and\n```python\nprint('hi')\n```\n"
+                    "<script>window.__ran = 1; alert('md')</script> <img src=x onerror=\"window.__ran = 2\">\n"
+                    "[click](javascript:window.__ran=3) ![pixel](http://127.0.0.1:9/p.png) <svg onload=alert(4)>")
+
+
+def test_markdown_is_rendered_and_hostile_content_never_runs(live, page: Page, dialogs, shots: Path):
+    import httpx
+
+    admin = {"Authorization": f"Bearer {known_users()['admin'][2]}"}
+    assert httpx.post(f"{live}/api/v1/projects", headers=admin,
+                      json={"name": "md", "kind": "pairwise", "guidelines": "Prefer **correct** code."}).status_code == 201
+    httpx.post(f"{live}/api/v1/projects/md/tasks", headers=admin,
+               json=[{"id": f"m{i}", "prompt": f"Write *code* {i}", "responses": [HOSTILE_MARKDOWN, "plain answer"]}
+                     for i in range(2)])
+    login(page, live, "ann1")
+    page.goto(f"{live}/annotate/md")
+    expect(page.locator("#guidelines strong")).to_have_text("correct")
+
+    def check_rendering():
+        card = page.locator(".response", has_text="Bold claim")
+        expect(card.locator(".text.md strong")).to_have_text("Bold")
+        expect(card.locator(".text.md pre code")).to_have_text("print('hi')\n")
+        assert "monospace" in page.evaluate("getComputedStyle(document.querySelector('.text.md pre code')).fontFamily")
+        assert card.locator(".text.md script, .text.md img, .text.md svg, .text.md a[href^='javascript']").count() == 0
+        expect(card.locator(".text.md")).to_contain_text("<script>window.__ran = 1")  # shown, as text
+        expect(page.locator("#prompt .text.md em")).to_have_text("code")
+
+    check_rendering()
+    page.screenshot(path=str(shots / "annotator-markdown.png"), full_page=True)
+    page.click("label:has-text('A is better')")
+    page.click("#submit")  # the next task arrives through the API (?html=true) and is rendered by the script
+    expect(page.locator("#done")).to_have_text("1")
+    check_rendering()
+    page.click("text=click")  # a refused link is plain text: clicking does nothing
+    # "Plain text" shows exactly what the model wrote, and is remembered
+    page.check("#plain")
+    card = page.locator(".response", has_text="Bold claim")
+    expect(card.locator(".text.raw")).to_be_visible()
+    expect(card.locator(".text.md")).to_be_hidden()
+    assert card.locator(".text.raw").inner_text() == HOSTILE_MARKDOWN
+    page.reload()
+    expect(page.locator("#plain")).to_be_checked()
+    page.uncheck("#plain")
+    assert page.evaluate("window.__ran") is None and dialogs == []
+
+
+def test_skip_can_be_undone_and_the_lease_counts_down(live, page: Page):
+    import httpx
+
+    admin = {"Authorization": f"Bearer {known_users()['admin'][2]}"}
+    assert httpx.post(f"{live}/api/v1/projects", headers=admin,
+                      json={"name": "undo", "kind": "pairwise", "lease_seconds": 90}).status_code == 201
+    httpx.post(f"{live}/api/v1/projects/undo/tasks", headers=admin,
+               json=[{"id": f"u{i}", "prompt": f"Question {i}", "responses": [f"a{i}", f"b{i}"]} for i in range(3)])
+    login(page, live, "ann2")
+    page.goto(f"{live}/annotate/undo")
+    lease = page.locator("#lease-left")
+    expect(lease).to_have_text(re.compile(r"^1:[23]\d$"))  # 90 s: 1:30 down
+    first = page.locator("#prompt .text.raw").inner_text()
+    page.wait_for_timeout(2100)
+    assert lease.inner_text() < "1:29"
+    expect(page.locator("#undo")).to_be_hidden()
+    page.keyboard.press("s")
+    expect(page.locator("#undo")).to_be_visible()
+    expect(page.locator("#prompt .text.raw")).not_to_have_text(first)
+    page.keyboard.press("z")  # the skipped task comes back
+    expect(page.locator("#prompt .text.raw")).to_have_text(first)
+    expect(page.locator("#undo")).to_be_hidden()
+    expect(page.locator("#remaining")).to_have_text("3")
+    page.keyboard.press("s")  # and by the button
+    page.click("#undo-skip")
+    expect(page.locator("#prompt .text.raw")).to_have_text(first)
+    page.keyboard.press("a")
+    page.keyboard.press("Enter")
+    expect(page.locator("#done")).to_have_text("1")
+    expect(page.locator("#undo")).to_be_hidden()  # nothing to undo after a judgement
+    raw = httpx.get(f"{live}/api/v1/projects/undo/export", params={"format": "raw"}, headers=admin).text
+    assert json.loads(raw)["prompt"][-1]["content"] == first

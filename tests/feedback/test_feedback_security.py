@@ -18,11 +18,13 @@ PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/api/v1/openapi.json")
 ADMIN = {("POST", "/api/v1/projects"), ("POST", "/api/v1/users"), ("POST", "/api/v1/projects/{project}/tasks"),
          ("GET", "/api/v1/projects/{project}/export"), ("GET", "/api/v1/projects/{project}/stats"),
          ("GET", "/admin"), ("POST", "/admin/projects"), ("GET", "/admin/projects/{project}"),
-         ("POST", "/admin/projects/{project}/import"), ("GET", "/admin/users"), ("POST", "/admin/users")}
+         ("POST", "/admin/projects/{project}/import"), ("GET", "/admin/users"), ("POST", "/admin/users"),
+         ("PUT", "/api/v1/projects/{project}/guidelines"), ("POST", "/admin/projects/{project}/guidelines")}
 ANY_USER = {("GET", "/api/v1/me"), ("GET", "/api/v1/projects"), ("GET", "/api/v1/projects/{project}/next"),
             ("POST", "/api/v1/assignments/{assignment_id}/judgement"), ("POST", "/api/v1/assignments/{assignment_id}/skip"),
+            ("POST", "/api/v1/assignments/{assignment_id}/unskip"),
             ("GET", "/"), ("GET", "/annotate/{project}"), ("POST", "/annotate/{project}/submit"),
-            ("POST", "/annotate/{project}/skip"), ("POST", "/logout")}
+            ("POST", "/annotate/{project}/skip"), ("POST", "/annotate/{project}/unskip"), ("POST", "/logout")}
 
 
 def all_routes(app, prefix: str = "") -> set[tuple[str, str]]:
@@ -86,7 +88,7 @@ def test_annotators_cannot_touch_others_assignments(ready):
     # ann2 gets its own assignment with no trace of ann1's label.
     b = ready.next("p", "ann2")
     assert set(b) == {"assignment_id", "task_id", "kind", "project", "prompt", "messages", "responses", "scale",
-                      "expires_at", "progress"}
+                      "expires_at", "seconds_left", "progress"}
 
 
 XSS = ["<script>alert('x')</script>", '<img src=x onerror="alert(1)">', '<a href="javascript:alert(1)">click me</a>']

@@ -47,6 +47,11 @@ class ProjectIn(BaseModel):
     scale: int = 3
     gold_rate: float = 0.0
     lease_seconds: int = 600
+    guidelines: str = Field("", max_length=service.MAX_GUIDELINES, description="markdown shown to annotators")
+
+
+class GuidelinesIn(BaseModel):
+    guidelines: str = Field(..., max_length=service.MAX_GUIDELINES, description="markdown shown to annotators")
 
 
 class UserIn(BaseModel):
@@ -70,7 +75,7 @@ class JudgementIn(BaseModel):
 
 def _project_json(p: Project) -> dict[str, Any]:
     return {"name": p.name, "kind": p.kind, "overlap": p.overlap, "scale": p.scale, "gold_rate": p.gold_rate,
-            "lease_seconds": p.lease_seconds}
+            "lease_seconds": p.lease_seconds, "guidelines": p.guidelines}
 
 
 def progress_for(s, p: Project, user: User) -> dict[str, int]:
@@ -98,6 +103,12 @@ def create_project(request: Request, _: Admin, body: ProjectIn) -> dict[str, Any
         return _project_json(service.create_project(s, **body.model_dump()))
 
 
+@router.put("/projects/{project}/guidelines", summary="Replace a project's guidelines (admin)")
+def set_guidelines(request: Request, _: Admin, project: str, body: GuidelinesIn) -> dict[str, Any]:
+    with tx(request) as s:
+        return _project_json(service.set_guidelines(s, project, body.guidelines))
+
+
 @router.post("/users", status_code=201, summary="Create a user (admin); answers the credentials once")
 def create_user(request: Request, _: Admin, body: UserIn) -> dict[str, Any]:
     with tx(request) as s:
@@ -121,7 +132,9 @@ def import_tasks(request: Request, _: Admin, project: str, records: list[Any] = 
 
 @router.get("/projects/{project}/next", summary="My next assignment (204 when nothing is left)",
             responses={204: {"description": "nothing left for you in this project"}})
-def next_task(request: Request, user: AnyUser, project: str):
+def next_task(request: Request, user: AnyUser, project: str,
+              html: bool = Query(False, description="add the prompt and responses rendered from markdown "
+                                                    "as safe HTML (what the annotate page shows)")):
     # Search without the write lock, then claim under it: the lock is held for milliseconds.
     with tx(request, readonly=True) as s:
         p = service.get_project(s, project)
@@ -136,7 +149,7 @@ def next_task(request: Request, user: AnyUser, project: str):
     else:
         with tx(request, readonly=True) as s:
             task = s.get(Task, assignment.task_id)
-    body = service.assignment_json(assignment, task, p)
+    body = service.assignment_json(assignment, task, p, html=html)
     with tx(request, readonly=True) as s:
         body["progress"] = progress_for(s, p, user)
     return body
@@ -157,6 +170,16 @@ def skip(request: Request, user: AnyUser, assignment_id: int) -> dict[str, Any]:
     with tx(request) as s:
         service.skip_assignment(s, assignment_id, user)
     return {"assignment_id": assignment_id, "status": "skipped"}
+
+
+@router.post("/assignments/{assignment_id}/unskip",
+             summary="Take a skip back: the assignment again, as /next answers it (409 if the task is gone)")
+def unskip(request: Request, user: AnyUser, assignment_id: int, html: bool = Query(False)) -> dict[str, Any]:
+    with tx(request) as s:
+        assignment, task, p = service.unskip_assignment(s, assignment_id, user)
+        body = service.assignment_json(assignment, task, p, html=html)
+        body["progress"] = progress_for(s, p, user)
+    return body
 
 
 @router.get("/projects/{project}/export", summary="Export labels as JSONL (admin)",

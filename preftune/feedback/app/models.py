@@ -54,6 +54,7 @@ class Project(Base):
     scale: Mapped[int] = mapped_column(Integer, default=3)
     gold_rate: Mapped[float] = mapped_column(Float, default=0.0)
     lease_seconds: Mapped[int] = mapped_column(Integer, default=600)
+    guidelines: Mapped[str] = mapped_column(Text, default="", server_default="")  # markdown, shown to annotators
     created_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
 
 

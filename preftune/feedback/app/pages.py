@@ -1,4 +1,5 @@
-"""Server-rendered pages (Jinja2, autoescaped: model output is always shown as text).
+"""Server-rendered pages (Jinja2, autoescaped: model output is shown as text, or as markdown rendered
+to safe HTML by ``markdown.py``, never as the HTML it may contain).
 
 Every form carries a CSRF token; the log-in form uses a double-submit cookie since there is no
 session yet. The annotate page works as plain forms; ``static/annotate.js`` adds keyboard
@@ -20,6 +21,7 @@ from preftune.data.records import RATING_FLAGS, RecordError
 from preftune.errors import DataError
 from preftune.feedback.app import service
 from preftune.feedback.app.api import progress_for
+from preftune.feedback.app.markdown import render_markdown
 from preftune.feedback.app.models import Project, Task, User, WebSession
 from preftune.feedback.app.security import new_secret, same_secret, verify_no_user, verify_password
 from preftune.feedback.app.stats import project_stats
@@ -28,6 +30,7 @@ from preftune.feedback.app.web import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Caller,
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+templates.env.filters["markdown"] = render_markdown
 
 FLAG_KEYS = {"hallucination": "h", "harmful": "m", "ignores_instruction": "i", "unhelpful": "u", "other": "o"}
 STRENGTH_NAMES = {1: "slightly", 2: "somewhat", 3: "clearly", 4: "much"}
@@ -154,7 +157,7 @@ def home(request: Request):
 
 
 @router.get("/annotate/{project}")
-def annotate(request: Request, project: str, message: str | None = None):
+def annotate(request: Request, project: str, message: str | None = None, skipped: str | None = None):
     with tx(request) as s:
         caller = _caller(request, s)
         p = service.get_project(s, project)
@@ -163,7 +166,8 @@ def annotate(request: Request, project: str, message: str | None = None):
         view = service.assignment_json(assignment, task, p) if assignment else None
         return render(request, "annotate.html", caller, project=p, task=view, progress=progress_for(s, p, caller.user),
                       client_key=new_secret(12), flags=[(f, FLAG_KEYS[f]) for f in RATING_FLAGS],
-                      strengths=STRENGTH_NAMES, message=message)
+                      strengths=STRENGTH_NAMES, message=message,
+                      skipped=skipped if skipped and skipped.isdigit() else None)
 
 
 @router.post("/annotate/{project}/submit")
@@ -204,6 +208,15 @@ def annotate_skip(request: Request, project: str, assignment_id: str = Form(""),
         caller = _caller(request, s)
         _check_csrf(caller, csrf_token)
         service.skip_assignment(s, _number(assignment_id, "assignment", int), caller.user)
+    return RedirectResponse(f"/annotate/{quote(project)}?skipped={quote(assignment_id)}", status_code=303)
+
+
+@router.post("/annotate/{project}/unskip")
+def annotate_unskip(request: Request, project: str, assignment_id: str = Form(""), csrf_token: str = Form("")):
+    with tx(request) as s:
+        caller = _caller(request, s)
+        _check_csrf(caller, csrf_token)
+        service.unskip_assignment(s, _number(assignment_id, "assignment", int), caller.user)
     return RedirectResponse(f"/annotate/{quote(project)}", status_code=303)
 
 
@@ -238,6 +251,16 @@ def admin_project(request: Request, project: str, message: str | None = None):
         caller = _caller(request, s, admin=True)
         p = service.get_project(s, project)
         return render(request, "admin_project.html", caller, project=p, stats=project_stats(s, p), message=message)
+
+
+@router.post("/admin/projects/{project}/guidelines")
+def admin_guidelines(request: Request, project: str, guidelines: str = Form("", max_length=service.MAX_GUIDELINES),
+                     csrf_token: str = Form("")):
+    with tx(request) as s:
+        caller = _caller(request, s, admin=True)
+        _check_csrf(caller, csrf_token)
+        service.set_guidelines(s, project, guidelines)
+    return RedirectResponse(f"/admin/projects/{quote(project)}?message={quote('Guidelines saved')}", status_code=303)
 
 
 @router.post("/admin/projects/{project}/import")

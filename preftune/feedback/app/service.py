@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from preftune.data.records import RATING_FLAGS
 from preftune.errors import PreftuneError
+from preftune.feedback.app.markdown import render_markdown
 from preftune.feedback.app.models import Assignment, Judgement, Project, Task, User, WebSession, utcnow
 from preftune.feedback.app.security import hash_password, new_secret, token_hash
 from preftune.feedback.app.tasks import KINDS, Limits, TaskSpec, ranking_groups
@@ -30,6 +31,7 @@ CHOICES = ("A", "B", "tie", "both_bad")
 STRENGTHS = (1, 2, 3, 4)  # slightly, somewhat, clearly, much better
 MAX_LEASE_SECONDS = 7 * 24 * 3600  # a week: longer leases only keep tasks from other annotators
 MAX_ID = 2 ** 31 - 1  # ids are 32-bit integers in PostgreSQL; a larger one names nothing
+MAX_GUIDELINES = 100_000  # characters of markdown
 
 
 class FeedbackError(PreftuneError):
@@ -168,7 +170,7 @@ def lock_user(session: Session, name: str) -> int:
 
 
 def create_project(session: Session, name: str, kind: str, *, overlap: int = 1, scale: int = 3,
-                   gold_rate: float = 0.0, lease_seconds: int = 600) -> Project:
+                   gold_rate: float = 0.0, lease_seconds: int = 600, guidelines: str = "") -> Project:
     name = clean_name(name, "project name")
     if kind not in KINDS:
         raise Invalid(f"kind must be one of {', '.join(KINDS)}")
@@ -183,8 +185,24 @@ def create_project(session: Session, name: str, kind: str, *, overlap: int = 1, 
     if session.scalar(select(Project.id).where(Project.name == name)) is not None:
         raise Conflict(f"project {name!r} already exists")
     project = Project(name=name, kind=kind, overlap=overlap, scale=scale, gold_rate=gold_rate,
-                      lease_seconds=lease_seconds)
+                      lease_seconds=lease_seconds, guidelines=checked_guidelines(guidelines))
     session.add(project)
+    session.flush()
+    return project
+
+
+def checked_guidelines(text: str) -> str:
+    if len(text) > MAX_GUIDELINES:
+        raise Invalid(f"guidelines are {len(text)} characters; at most {MAX_GUIDELINES} are kept")
+    if "\x00" in text:
+        raise Invalid("guidelines contain a NUL character")
+    return text.replace("\r\n", "\n")
+
+
+def set_guidelines(session: Session, name: str, text: str) -> Project:
+    """Replace a project's guidelines (markdown; annotators see them from their next page)."""
+    project = get_project(session, name)
+    project.guidelines = checked_guidelines(text)
     session.flush()
     return project
 
@@ -342,6 +360,30 @@ def skip_assignment(session: Session, assignment_id: int, user: User) -> None:
     session.flush()
 
 
+def unskip_assignment(session: Session, assignment_id: int, user: User) -> tuple[Assignment, Task, Project]:
+    """Take a skip back: the task is leased to the user again, unless other annotators have filled
+    its slots meanwhile (409). The task handed out after the skip goes back to the pool."""
+    assignment, task, project = own_assignment(session, assignment_id, user)
+    project = get_project(session, project.name, lock=True)
+    session.refresh(assignment)
+    if assignment.status != "skipped":
+        raise Conflict("this assignment was not skipped")
+    now = utcnow()
+    if not task.is_gold:
+        taken = session.scalar(select(func.count(Assignment.id)).where(
+            Assignment.task_id == task.id, Assignment.id != assignment.id, _active(now)))
+        if taken >= project.overlap:
+            raise Conflict("this task has gone to other annotators since it was skipped")
+    for other in session.scalars(select(Assignment).where(  # unjudged, so nothing is lost
+            Assignment.project_id == project.id, Assignment.user_id == user.id, Assignment.status == "leased",
+            Assignment.id != assignment.id)):
+        session.delete(other)
+    assignment.status, assignment.leased_at = "leased", now
+    assignment.expires_at = now + timedelta(seconds=project.lease_seconds)
+    session.flush()
+    return assignment, task, project
+
+
 # ---------------------------------------------------------------- judgements
 
 
@@ -443,13 +485,20 @@ def submit_judgement(session: Session, assignment_id: int, user: User, body: dic
 # ---------------------------------------------------------------- JSON views
 
 
-def assignment_json(assignment: Assignment, task: Task, project: Project) -> dict[str, Any]:
-    """What the annotator sees: responses in the order shown to them ("A" is the first)."""
-    return {"assignment_id": assignment.id, "task_id": task.ext_id, "kind": project.kind,
+def assignment_json(assignment: Assignment, task: Task, project: Project, html: bool = False) -> dict[str, Any]:
+    """What the annotator sees: responses in the order shown to them ("A" is the first); with
+    ``html``, also the messages and responses rendered from markdown (safe HTML)."""
+    responses = [task.responses[i] for i in assignment.shown_order]
+    body = {"assignment_id": assignment.id, "task_id": task.ext_id, "kind": project.kind,
             "project": project.name, "prompt": task.prompt[-1]["content"] if len(task.prompt) == 1 else task.prompt,
-            "messages": task.prompt, "responses": [task.responses[i] for i in assignment.shown_order],
+            "messages": task.prompt, "responses": responses,
             "scale": project.scale if project.kind == "rating" else None,
-            "expires_at": assignment.expires_at.isoformat() + "Z"}
+            "expires_at": assignment.expires_at.isoformat() + "Z",
+            "seconds_left": max(0, int((assignment.expires_at - utcnow()).total_seconds()))}
+    if html:
+        body["html"] = {"messages": [str(render_markdown(m["content"])) for m in task.prompt],
+                        "responses": [str(render_markdown(r)) for r in responses]}
+    return body
 
 
 def judgement_json(j: Judgement, assignment: Assignment) -> dict[str, Any]:

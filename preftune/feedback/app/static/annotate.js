@@ -1,5 +1,6 @@
-// Keyboard shortcuts and page-less submits for the annotate page. Everything from the server
-// is written with textContent: model output is never parsed as HTML.
+// Keyboard shortcuts, page-less submits, the lease countdown and undoing a skip on the annotate
+// page. Model output is written with textContent, or as the HTML the server rendered from its
+// markdown (markdown.py: raw HTML is never passed through, so no markup of the model's gets here).
 (function () {
   "use strict";
   const section = document.getElementById("task");
@@ -139,6 +140,49 @@
     container.textContent = text;
   }
 
+  // Both views of a text: the server's markdown rendering and the plain text ("Plain text").
+  function fillText(parent, text, html) {
+    parent.querySelector(".text.md").innerHTML = html;
+    renderText(parent.querySelector(".text.raw"), text);
+  }
+
+  const plain = document.getElementById("plain");
+  try { plain.checked = localStorage.getItem("preftune-plain") === "1"; } catch (e) { /* storage off */ }
+  plain.addEventListener("change", () => {
+    try { localStorage.setItem("preftune-plain", plain.checked ? "1" : "0"); } catch (e) { /* storage off */ }
+  });
+
+  // The lease: counted down from the seconds the server gave (the browser's clock may be off).
+  const lease = document.getElementById("lease");
+  let leaseEnd = 0;
+  let leaseTimer = null;
+
+  function clock(seconds) {
+    if (seconds >= 3600) return `${Math.floor(seconds / 3600)} h ${Math.floor((seconds % 3600) / 60)} min`;
+    return `${Math.floor(seconds / 60)}:${String(seconds % 60).padStart(2, "0")}`;
+  }
+
+  function tickLease() {
+    const left = Math.max(0, Math.round((leaseEnd - Date.now()) / 1000));
+    lease.classList.toggle("low", left < 60);
+    if (left > 0) {
+      lease.replaceChildren(Object.assign(document.createElement("span"), { id: "lease-left", textContent: clock(left) }),
+                            " left for this task");
+    } else {
+      lease.textContent = "Time is up: the task may go to another annotator (your answer still counts if nobody has taken it)";
+      clearInterval(leaseTimer);
+    }
+  }
+
+  function startLease(seconds) {
+    if (!lease) return;
+    leaseEnd = Date.now() + 1000 * seconds;
+    clearInterval(leaseTimer);
+    tickLease();
+    leaseTimer = setInterval(tickLease, 1000);
+  }
+  if (lease) startLease(Number(lease.dataset.secondsLeft));
+
   function show(next) {
     const cards = form.querySelectorAll(".response");
     if (!next) { window.location.reload(); return; }  // all done: the server renders that page
@@ -147,20 +191,24 @@
     document.getElementById("assignment_id").value = next.assignment_id;
     document.getElementById("client_key").value = randomKey();
     const prompt = document.getElementById("prompt");
-    prompt.replaceChildren(...next.messages.map((m) => {
+    prompt.replaceChildren(...next.messages.map((m, i) => {
       const div = document.createElement("div");
       div.className = "msg";
       const role = document.createElement("span");
       role.className = "role";
       renderText(role, m.role);
-      const text = document.createElement("div");
-      text.className = "text";
-      text.dir = "auto";
-      renderText(text, m.content);
-      div.append(role, text);
+      div.append(role);
+      for (const view of ["md", "raw"]) {
+        const text = document.createElement("div");
+        text.className = `text ${view}`;
+        text.dir = "auto";
+        div.append(text);
+      }
+      fillText(div, m.content, next.html.messages[i]);
       return div;
     }));
-    cards.forEach((card, i) => { renderText(card.querySelector(".text"), next.responses[i]); card.classList.remove("picked"); });
+    cards.forEach((card, i) => { fillText(card, next.responses[i], next.html.responses[i]); card.classList.remove("picked"); });
+    startLease(next.seconds_left);
     document.getElementById("done").textContent = next.progress.done;
     document.getElementById("remaining").textContent = next.progress.remaining;
     status.hidden = true;
@@ -173,12 +221,16 @@
     if (!skip && !form.checkValidity()) { form.reportValidity(); return; }
     busy = true;
     const id = document.getElementById("assignment_id").value;
-    const next = () => api("GET", `/api/v1/projects/${encodeURIComponent(project)}/next`);
+    const next = () => api("GET", `/api/v1/projects/${encodeURIComponent(project)}/next?html=true`);
     try {
       if (skip) await api("POST", `/api/v1/assignments/${id}/skip`);
       else await api("POST", `/api/v1/assignments/${id}/judgement`, body());
       dropDraft();
-      show(await next());
+      const shown = await next();
+      undoForm.hidden = !skip;
+      if (skip) document.getElementById("undo-id").value = id;
+      if (skip && !shown) { window.location.href = `${window.location.pathname}?skipped=${id}`; return; }
+      show(shown);
     } catch (err) {
       if (err.status === 401) { saveDraft(); sessionExpired(); }
       else if (err.status === 409) {  // the lease ran out and the task went to someone else: move on
@@ -189,6 +241,23 @@
       busy = false;
     }
   }
+
+  // Undo the last skip: that task comes back (the one shown since returns to the pool).
+  const undoForm = document.getElementById("undo");
+  async function undoSkip() {
+    if (busy || undoForm.hidden) return;
+    busy = true;
+    try {
+      show(await api("POST", `/api/v1/assignments/${document.getElementById("undo-id").value}/unskip?html=true`));
+      undoForm.hidden = true;
+    } catch (err) {
+      if (err.status === 401) sessionExpired();
+      else { showError(err.message); undoForm.hidden = true; }
+    } finally {
+      busy = false;
+    }
+  }
+  undoForm.addEventListener("submit", (event) => { event.preventDefault(); undoSkip(); });
 
   form.addEventListener("submit", (event) => {
     event.preventDefault();
@@ -222,6 +291,7 @@
     if (typing || event.ctrlKey) return;
     const key = event.key.toLowerCase();
     if (key === "s") { event.preventDefault(); submit(true); return; }
+    if (key === "z" && !undoForm.hidden) { event.preventDefault(); undoSkip(); return; }
     if (kind === "pairwise") {
       if (CHOICE_KEYS[key]) check("choice", CHOICE_KEYS[key]);
       else if ("1234".includes(key) && key.length === 1) check("strength", key);
