@@ -446,3 +446,15 @@ def test_skip_can_be_undone_and_the_lease_counts_down(live, page: Page):
     expect(page.locator("#undo")).to_be_hidden()  # nothing to undo after a judgement
     raw = httpx.get(f"{live}/api/v1/projects/undo/export", params={"format": "raw"}, headers=admin).text
     assert json.loads(raw)["prompt"][-1]["content"] == first
+
+
+def test_api_docs_render_offline_under_the_strict_csp(live, page: Page):
+    """Swagger UI comes from the app itself (no CDN) and runs under the pages' Content-Security-Policy."""
+    requests, violations = [], []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
+    response = page.goto(f"{live}/api/v1/docs")
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    expect(page.locator(".opblock-summary-path", has_text="/api/v1/projects/{project}/next").first).to_be_visible()
+    assert all(url.startswith(live) for url in requests), [u for u in requests if not u.startswith(live)]
+    assert violations == []

@@ -200,3 +200,23 @@ def test_account_management(db):
     assert "locked" in run("annotate", "lock-user", "boss", "--db", db).output
     assert not verify_password(user("boss")[1], boss["password"]) and user("boss")[2] != token_hash(boss["token"])
     assert "no user named 'nobody'" in run("annotate", "rotate-token", "nobody", "--db", db, ok=False).output
+
+
+def test_project_guidelines_from_a_file(db, tmp_path):
+    first = tmp_path / "first.md"
+    first.write_text("# Guidelines\r\nPrefer *short* answers.\r\n")
+    run("annotate", "project", "create", "g", "--kind", "pairwise", "--guidelines", str(first), "--db", db)
+    _, sessions = open_database(db)
+    with transaction(sessions) as s:
+        assert get_project(s, "g").guidelines == "# Guidelines\nPrefer *short* answers.\n"
+    second = tmp_path / "second.md"
+    second.write_text("Be kind.")
+    assert "guidelines of 8 characters" in run("annotate", "project", "guidelines", "g", str(second), "--db", db).output
+    with transaction(sessions) as s:
+        assert get_project(s, "g").guidelines == "Be kind."
+    latin1 = tmp_path / "latin1.md"
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    out = run("annotate", "project", "guidelines", "g", str(latin1), "--db", db, ok=False).output
+    assert "latin1.md: not UTF-8 text" in out and "Traceback" not in out
+    assert "no project named 'h'" in run("annotate", "project", "guidelines", "h", str(second), "--db", db,
+                                         ok=False).output

@@ -31,11 +31,33 @@ def _validation_message(exc: RequestValidationError) -> str:
     return f"{where}: {err.get('msg')}"
 
 
+def _serve_api_docs(app: FastAPI) -> None:
+    """Swagger UI at /api/v1/docs from files installed with the app (fastapi-offline ships them):
+    no CDN, and the page runs under the same strict Content-Security-Policy as every other page."""
+    from importlib.resources import files
+
+    from fastapi.responses import HTMLResponse
+
+    try:
+        assets = files("fastapi_offline") / "static"
+    except ModuleNotFoundError:
+        return  # the JSON schema is still at /api/v1/openapi.json
+    app.mount("/api/v1/docs/static", StaticFiles(directory=str(assets)), name="docs-static")
+
+    @app.get("/api/v1/docs", include_in_schema=False)
+    def api_docs() -> HTMLResponse:
+        return HTMLResponse(
+            '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>preftune feedback API</title>'
+            '<link rel="stylesheet" href="/api/v1/docs/static/swagger-ui.css"></head><body>'
+            '<div id="swagger-ui"></div><script src="/api/v1/docs/static/swagger-ui-bundle.js"></script>'
+            '<script src="/static/api-docs.js"></script></body></html>')
+
+
 def create_app(db_url: str | None = None, settings: Settings | None = None) -> FastAPI:
     from preftune.feedback.app import api, pages
 
     engine, sessions = open_database(db_url)
-    app = FastAPI(title="preftune feedback", version="1", docs_url="/api/v1/docs",
+    app = FastAPI(title="preftune feedback", version="1", docs_url=None,
                   openapi_url="/api/v1/openapi.json", redoc_url=None, swagger_ui_oauth2_redirect_url=None,
                   description="Push candidates, pull labels. Authenticate with `Authorization: Bearer TOKEN` "
                               "(printed by `preftune annotate add-user`).")
@@ -45,6 +67,7 @@ def create_app(db_url: str | None = None, settings: Settings | None = None) -> F
     app.include_router(api.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
+    _serve_api_docs(app)
     app.add_middleware(SecurityMiddleware, max_body_bytes=app.state.settings.max_body_bytes)
 
     def error_page(request: Request, status: int, message: str):

@@ -144,11 +144,9 @@ class SecurityMiddleware:
                         raise _TooLarge()
                 return message
 
-        docs = scope["path"].startswith("/api/v1/docs")
-
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
-                extra = SECURITY_HEADERS + ([] if docs else [(b"content-security-policy", PAGE_CSP.encode())])
+                extra = SECURITY_HEADERS + [(b"content-security-policy", PAGE_CSP.encode())]
                 message["headers"] = list(message.get("headers", [])) + extra
             await send(message)
 
