@@ -133,7 +133,8 @@ def test_a_skip_can_be_taken_back(env):
     env.project("u", overlap=1)
     env.tasks("u", pair_tasks(2))
     first = env.next("u", "ann1")
-    assert env.client.post(f"/api/v1/assignments/{first['assignment_id']}/skip", headers=env.auth("ann1")).status_code == 200
+    r = env.client.post(f"/api/v1/assignments/{first['assignment_id']}/skip", headers=env.auth("ann1"))
+    assert r.status_code == 200
     second = env.next("u", "ann1")
     assert second["task_id"] != first["task_id"]
     r = unskip(env, first["assignment_id"], "ann1")
