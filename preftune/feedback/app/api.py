@@ -22,7 +22,19 @@ from preftune.feedback.app.stats import project_stats
 from preftune.feedback.app.tasks import parse_tasks
 from preftune.feedback.app.web import api_caller, tx
 
-router = APIRouter(prefix="/api/v1")
+
+class ErrorOut(BaseModel):
+    detail: str = Field(..., description="one line saying what is wrong")
+
+
+# Every error is {"detail": "one line"}, validation errors included (not FastAPI's list of errors).
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut, "description": description} for status, description in (
+        (400, "bad request"), (401, "authentication required"), (403, "not allowed for this user"),
+        (404, "no such project or assignment (for this user)"), (409, "conflicts with the current state"),
+        (413, "request body too large"), (422, "invalid request"))}
+
+router = APIRouter(prefix="/api/v1", responses=ERRORS)
 
 
 def any_user(request: Request) -> User:
