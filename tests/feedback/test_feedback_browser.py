@@ -458,3 +458,37 @@ def test_api_docs_render_offline_under_the_strict_csp(live, page: Page):
     expect(page.locator(".opblock-summary-path", has_text="/api/v1/projects/{project}/next").first).to_be_visible()
     assert all(url.startswith(live) for url in requests), [u for u in requests if not u.startswith(live)]
     assert violations == []
+
+
+def test_an_annotator_changes_a_recent_judgement(live, page: Page):
+    import httpx
+
+    admin = {"Authorization": f"Bearer {known_users()['admin'][2]}"}
+    assert httpx.post(f"{live}/api/v1/projects", headers=admin, json={"name": "revisit", "kind": "pairwise"}).status_code == 201
+    httpx.post(f"{live}/api/v1/projects/revisit/tasks", headers=admin,
+               json=[{"id": f"v{i}", "prompt": f"Question {i}", "responses": [f"a{i}", f"b{i}"]} for i in range(2)])
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    login(page, live, "ann3")
+    page.goto(f"{live}/annotate/revisit")
+    page.keyboard.press("a")
+    page.keyboard.press("2")
+    page.keyboard.press("Enter")
+    expect(page.locator("#done")).to_have_text("1")
+    page.click("text=Your judgements")
+    expect(page.locator("#judgements tbody tr")).to_have_count(1)
+    expect(page.locator("#judgements")).to_contain_text("A is better (somewhat)")
+    page.click("#judgements >> text=Change")
+    expect(page.locator("#revising")).to_be_visible()
+    expect(page.locator('input[name=choice][value="A"]')).to_be_checked()
+    expect(page.locator('input[name=strength][value="2"]')).to_be_checked()
+    page.keyboard.press("b")  # the same keys as when annotating
+    page.keyboard.press("4")
+    page.keyboard.press("Enter")
+    expect(page.locator("p.notice", has_text="Judgement changed")).to_be_visible()
+    expect(page.locator("#judgements")).to_contain_text("B is better (much)")
+    expect(page.locator("#judgements")).to_contain_text("changed 1x")
+    raw = json.loads(httpx.get(f"{live}/api/v1/projects/revisit/export", params={"format": "raw"}, headers=admin).text)
+    assert (raw["choice"], raw["strength"], raw["revisions"][0]["choice"]) == ("B", 4, "A")
+    assert [e for e in errors if "Failed to load resource" not in e] == []  # (no favicon)

@@ -187,6 +187,6 @@ def test_the_guidelines_migration_upgrades_an_existing_database(tmp_path):
                           "VALUES ('old', 'pairwise', 1, 3, 0, 600, '2026-01-01')"))
     assert "guidelines" not in {c["name"] for c in inspect(engine).get_columns("projects")}
     before, after = migrate(engine)
-    assert (before, after) == ("0001", "0002")
+    assert (before, after) == ("0001", "0003")
     with engine.begin() as conn:
         assert conn.execute(text("SELECT name, guidelines FROM projects")).all() == [("old", "")]

@@ -22,7 +22,9 @@ ADMIN = {("POST", "/api/v1/projects"), ("POST", "/api/v1/users"), ("POST", "/api
          ("PUT", "/api/v1/projects/{project}/guidelines"), ("POST", "/admin/projects/{project}/guidelines")}
 ANY_USER = {("GET", "/api/v1/me"), ("GET", "/api/v1/projects"), ("GET", "/api/v1/projects/{project}/next"),
             ("POST", "/api/v1/assignments/{assignment_id}/judgement"), ("POST", "/api/v1/assignments/{assignment_id}/skip"),
-            ("POST", "/api/v1/assignments/{assignment_id}/unskip"),
+            ("POST", "/api/v1/assignments/{assignment_id}/unskip"), ("GET", "/api/v1/projects/{project}/judgements"),
+            ("PUT", "/api/v1/judgements/{judgement_id}"), ("GET", "/annotate/{project}/judgements"),
+            ("GET", "/annotate/{project}/judgements/{judgement_id}"), ("POST", "/annotate/{project}/judgements/{judgement_id}"),
             ("GET", "/"), ("GET", "/annotate/{project}"), ("POST", "/annotate/{project}/submit"),
             ("POST", "/annotate/{project}/skip"), ("POST", "/annotate/{project}/unskip"), ("POST", "/logout")}
 
@@ -38,7 +40,7 @@ def all_routes(app, prefix: str = "") -> set[tuple[str, str]]:
 
 
 def url(path: str) -> str:
-    return path.replace("{project}", "p").replace("{assignment_id}", "1")
+    return path.replace("{project}", "p").replace("{assignment_id}", "1").replace("{judgement_id}", "1")
 
 
 def refused(response, page: bool) -> bool:

@@ -177,6 +177,25 @@ def submit(request: Request, user: AnyUser, assignment_id: int, body: JudgementI
     return JSONResponse(content, status_code=201 if created else 200)
 
 
+@router.get("/projects/{project}/judgements", summary="My recent judgements in a project, newest first")
+def my_judgements(request: Request, user: AnyUser, project: str,
+                  limit: int = Query(20, ge=1, le=200)) -> list[dict[str, Any]]:
+    with tx(request, readonly=True) as s:
+        p = service.get_project(s, project)
+        return [{**service.judgement_json(j, a), "task_id": t.ext_id, "messages": t.prompt,
+                 "responses": [t.responses[i] for i in a.shown_order], "revisions": service.revision_count(s, j)}
+                for j, a, t in service.recent_judgements(s, p, user, limit)]
+
+
+@router.put("/judgements/{judgement_id}", summary="Change my judgement (exports use the latest; "
+                                                 "the earlier answer is kept)")
+def revise(request: Request, user: AnyUser, judgement_id: int, body: JudgementIn) -> dict[str, Any]:
+    with tx(request) as s:
+        judgement, assignment = service.revise_judgement(s, judgement_id, user, body.model_dump(),
+                                                         request.app.state.settings.limits)
+        return {**service.judgement_json(judgement, assignment), "revisions": service.revision_count(s, judgement)}
+
+
 @router.post("/assignments/{assignment_id}/skip", summary="Skip an assignment")
 def skip(request: Request, user: AnyUser, assignment_id: int) -> dict[str, Any]:
     with tx(request) as s:

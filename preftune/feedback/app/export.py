@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from preftune.data.records import Comparison, Rating, to_json, to_trl_json
-from preftune.feedback.app.models import Assignment, Judgement, Project, Task, User
+from preftune.feedback.app.models import Assignment, Judgement, JudgementRevision, Project, Task, User
 from preftune.feedback.app.service import Invalid
 
 FORMATS = ("comparisons", "trl", "raw", "ratings")
@@ -65,7 +65,12 @@ def ratings(session: Session, project: Project, counts: Counter) -> Iterator[dic
 
 
 def raw(session: Session, project: Project, counts: Counter) -> Iterator[dict]:
-    """Every judgement with everything known about it, including the order it was shown in."""
+    """Every judgement with everything known about it, including the order it was shown in and,
+    for an answer its annotator changed, the earlier answers (``revisions``, oldest first)."""
+    earlier: dict[int, list[dict]] = {}
+    for r in session.scalars(select(JudgementRevision).join(Judgement, JudgementRevision.judgement_id == Judgement.id)
+                             .where(Judgement.project_id == project.id).order_by(JudgementRevision.id)):
+        earlier.setdefault(r.judgement_id, []).append({**r.previous, "until": r.revised_at.isoformat() + "Z"})
     for j, task, annotator, order in _judged(session, project):
         counts["judgements"] += 1
         row: dict[str, Any] = {
@@ -76,6 +81,8 @@ def raw(session: Session, project: Project, counts: Counter) -> Iterator[dict]:
             "gold": task.gold if task.is_gold else None, "gold_correct": j.gold_correct,
             "seconds": j.seconds, "client_key": j.client_key, "created_at": j.created_at.isoformat() + "Z",
         }
+        if j.revised_at is not None:
+            row.update(revised_at=j.revised_at.isoformat() + "Z", revisions=earlier.get(j.id, []))
         if task.meta is not None:
             row["meta"] = task.meta
         yield row

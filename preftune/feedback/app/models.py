@@ -2,7 +2,8 @@
 
 Who judged what is kept as assignments (a task leased to one annotator, with the order in which
 its responses were shown) and judgements (what the annotator answered, in the task's own
-response order so that exports need no bookkeeping).
+response order so that exports need no bookkeeping; answers they changed later keep their
+earlier versions as revisions).
 """
 
 from __future__ import annotations
@@ -109,3 +110,15 @@ class Judgement(Base):
     gold_correct: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # lease to submit
     created_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+    revised_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)  # last changed by its annotator
+
+
+class JudgementRevision(Base):
+    """An answer its annotator later changed: the judgement holds the latest, these the earlier ones."""
+
+    __tablename__ = "judgement_revisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    judgement_id: Mapped[int] = mapped_column(ForeignKey("judgements.id", ondelete="CASCADE"), index=True)
+    previous: Mapped[dict[str, Any]] = mapped_column(JSON)  # the answer's fields before the change
+    revised_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)

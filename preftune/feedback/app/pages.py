@@ -185,21 +185,72 @@ def _submit_form(request: Request, project: str, form):
             assignment_id = int(form.get("assignment_id", ""))
         except ValueError:
             raise service.Invalid("the form has no assignment") from None
-        body = {"client_key": form.get("client_key") or None, "rationale": form.get("rationale") or None}
-        if p.kind == "pairwise":
-            strength = form.get("strength")
-            body.update(choice=form.get("choice"), strength=int(strength) if strength and strength.isdigit() else None)
-        elif p.kind == "rating":
-            rating = form.get("rating", "")
-            body.update(rating=int(rating) if rating.isdigit() else None, flags=form.getlist("flags"))
-        else:
-            ranks: dict[int, list[int]] = {}
-            for key, value in form.multi_items():
-                if key.startswith("rank_") and key[5:].isdigit() and value.isdigit():
-                    ranks.setdefault(int(value), []).append(int(key[5:]))
-            body["ranking"] = [sorted(ranks[r]) for r in sorted(ranks)]
+        body = {"client_key": form.get("client_key") or None, **_answer_from_form(p, form)}
         service.submit_judgement(s, assignment_id, caller.user, body, request.app.state.settings.limits)
     return RedirectResponse(f"/annotate/{quote(project)}", status_code=303)
+
+
+def _answer_from_form(p: Project, form) -> dict:
+    """The answer fields of an annotate form, as the API takes them (positions as shown)."""
+    body: dict = {"rationale": form.get("rationale") or None}
+    if p.kind == "pairwise":
+        strength = form.get("strength")
+        body.update(choice=form.get("choice"), strength=int(strength) if strength and strength.isdigit() else None)
+    elif p.kind == "rating":
+        rating = form.get("rating", "")
+        body.update(rating=int(rating) if rating.isdigit() else None, flags=form.getlist("flags"))
+    else:
+        ranks: dict[int, list[int]] = {}
+        for key, value in form.multi_items():
+            if key.startswith("rank_") and key[5:].isdigit() and value.isdigit():
+                ranks.setdefault(int(value), []).append(int(key[5:]))
+        body["ranking"] = [sorted(ranks[r]) for r in sorted(ranks)]
+    return body
+
+
+@router.get("/annotate/{project}/judgements")
+def annotate_history(request: Request, project: str, message: str | None = None):
+    with tx(request) as s:
+        caller = _caller(request, s)
+        p = service.get_project(s, project)
+        rows = [(service.judgement_json(j, a), t, service.revision_count(s, j))
+                for j, a, t in service.recent_judgements(s, p, caller.user, limit=50)]
+        return render(request, "history.html", caller, project=p, rows=rows, message=message,
+                      strengths=STRENGTH_NAMES)
+
+
+@router.get("/annotate/{project}/judgements/{judgement_id}")
+def annotate_revise_page(request: Request, project: str, judgement_id: int):
+    with tx(request) as s:
+        caller = _caller(request, s)
+        j, a, t, p = service.own_judgement(s, judgement_id, caller.user)
+        if p.name != service.normal_name(project):
+            raise service.NotFound(f"no judgement {judgement_id} of yours in project {project!r}")
+        answer = service.judgement_json(j, a)
+        answer["ranks"] = {pos: rank for rank, group in enumerate(answer["ranking"] or [], start=1) for pos in group}
+        view = service.assignment_json(a, t, p)
+        return render(request, "annotate.html", caller, project=p, task=view, progress=progress_for(s, p, caller.user),
+                      client_key="", flags=[(f, FLAG_KEYS[f]) for f in RATING_FLAGS], strengths=STRENGTH_NAMES,
+                      message=None, skipped=None, answer=answer)
+
+
+@router.post("/annotate/{project}/judgements/{judgement_id}")
+async def annotate_revise(request: Request, project: str, judgement_id: int):
+    form = await request.form()
+    return await run_in_threadpool(_revise_form, request, project, judgement_id, form)
+
+
+def _revise_form(request: Request, project: str, judgement_id: int, form):
+    with tx(request) as s:
+        caller = _caller(request, s)
+        _check_csrf(caller, form.get("csrf_token"))
+        p = service.get_project(s, project)
+        if service.own_judgement(s, judgement_id, caller.user)[3].id != p.id:
+            raise service.NotFound(f"no judgement {judgement_id} of yours in project {project!r}")
+        service.revise_judgement(s, judgement_id, caller.user, _answer_from_form(p, form),
+                                 request.app.state.settings.limits)
+    return RedirectResponse(f"/annotate/{quote(project)}/judgements?message={quote('Judgement changed')}",
+                            status_code=303)
 
 
 @router.post("/annotate/{project}/skip")

@@ -22,7 +22,16 @@ from sqlalchemy.orm import Session
 from preftune.data.records import RATING_FLAGS
 from preftune.errors import PreftuneError
 from preftune.feedback.app.markdown import render_markdown
-from preftune.feedback.app.models import Assignment, Judgement, Project, Task, User, WebSession, utcnow
+from preftune.feedback.app.models import (
+    Assignment,
+    Judgement,
+    JudgementRevision,
+    Project,
+    Task,
+    User,
+    WebSession,
+    utcnow,
+)
 from preftune.feedback.app.security import hash_password, new_secret, token_hash
 from preftune.feedback.app.tasks import KINDS, Limits, TaskSpec, ranking_groups
 
@@ -482,6 +491,55 @@ def submit_judgement(session: Session, assignment_id: int, user: User, body: dic
     return judgement, True
 
 
+ANSWER_FIELDS = ("choice", "label", "strength", "ranking", "rating", "flags", "rationale")
+
+
+def own_judgement(session: Session, judgement_id: int, user: User) -> tuple[Judgement, Assignment, Task, Project]:
+    if not 1 <= judgement_id <= MAX_ID:
+        raise NotFound(f"no judgement {judgement_id} of yours")
+    row = session.execute(select(Judgement, Assignment, Task, Project)
+                          .join(Assignment, Judgement.assignment_id == Assignment.id)
+                          .join(Task, Judgement.task_id == Task.id).join(Project, Judgement.project_id == Project.id)
+                          .where(Judgement.id == judgement_id)).first()
+    if row is None or row[0].user_id != user.id:  # someone else's looks exactly like a missing one
+        raise NotFound(f"no judgement {judgement_id} of yours")
+    return row[0], row[1], row[2], row[3]
+
+
+def revise_judgement(session: Session, judgement_id: int, user: User, body: dict[str, Any],
+                     limits: Limits = Limits()) -> tuple[Judgement, Assignment]:
+    """Change one's own judgement. Exports use the latest answer; each earlier one is kept as a
+    revision (an unchanged answer adds none)."""
+    judgement, assignment, task, project = own_judgement(session, judgement_id, user)
+    validated = _validate(project.kind, project.scale, assignment.shown_order, body, limits)
+    answer = {k: validated.get(k) for k in ANSWER_FIELDS}
+    previous = {k: getattr(judgement, k) for k in ANSWER_FIELDS}
+    if answer != previous:
+        now = utcnow()
+        session.add(JudgementRevision(judgement_id=judgement.id, previous=previous, revised_at=now))
+        for k, v in answer.items():
+            setattr(judgement, k, v)
+        judgement.gold_correct = grade(project.kind, task.gold, answer) if task.is_gold else None
+        judgement.revised_at = now
+        session.flush()
+    return judgement, assignment
+
+
+def recent_judgements(session: Session, project: Project, user: User,
+                      limit: int = 20) -> list[tuple[Judgement, Assignment, Task]]:
+    """The user's latest judgements in the project, newest first."""
+    return [tuple(row) for row in session.execute(
+        select(Judgement, Assignment, Task).join(Assignment, Judgement.assignment_id == Assignment.id)
+        .join(Task, Judgement.task_id == Task.id)
+        .where(Judgement.project_id == project.id, Judgement.user_id == user.id)
+        .order_by(Judgement.id.desc()).limit(limit))]
+
+
+def revision_count(session: Session, judgement: Judgement) -> int:
+    return session.scalar(select(func.count(JudgementRevision.id))
+                          .where(JudgementRevision.judgement_id == judgement.id)) or 0
+
+
 # ---------------------------------------------------------------- JSON views
 
 
@@ -507,4 +565,5 @@ def judgement_json(j: Judgement, assignment: Assignment) -> dict[str, Any]:
     ranking = None if j.ranking is None else [sorted(where[i] for i in g) for g in j.ranking]
     return {"judgement_id": j.id, "assignment_id": j.assignment_id, "client_key": j.client_key,
             "choice": j.choice, "strength": j.strength, "ranking": ranking, "rating": j.rating,
-            "flags": j.flags, "rationale": j.rationale, "created_at": j.created_at.isoformat() + "Z"}
+            "flags": j.flags, "rationale": j.rationale, "created_at": j.created_at.isoformat() + "Z",
+            "revised_at": None if j.revised_at is None else j.revised_at.isoformat() + "Z"}

@@ -10,6 +10,7 @@
   const project = section.dataset.project;
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
   const status = document.getElementById("status");
+  const revising = section.dataset.mode === "revise";  // changing an earlier judgement: a plain form post
   let busy = false;
   let tieNext = false;
   let digits = "";  // a response number being typed: "1" then "0" is response 10 of 12
@@ -71,6 +72,7 @@
   const draftKey = () => `preftune-draft:${project}:${document.getElementById("assignment_id").value}`;
 
   function saveDraft() {
+    if (revising) return;
     const fields = Array.from(form.elements).filter((e) => e.name && e.name !== "client_key" && e.name !== "csrf_token"
                                                       && e.name !== "assignment_id")
       .map((e) => [e.name, e.value, e.type === "radio" || e.type === "checkbox" ? e.checked : null]);
@@ -78,6 +80,7 @@
   }
 
   function restoreDraft() {
+    if (revising) return;
     let fields = null;
     try { fields = JSON.parse(localStorage.getItem(draftKey()) || "null"); } catch (e) { fields = null; }
     if (!Array.isArray(fields)) return;
@@ -218,6 +221,12 @@
   async function submit(skip) {
     if (busy) return;
     if (digits) commitDigits();
+    if (revising) {
+      // the prototype's submit: the form's own `submit` is shadowed by the button of that id
+      if (!skip && form.checkValidity()) HTMLFormElement.prototype.submit.call(form);
+      else if (!skip) form.reportValidity();
+      return;
+    }
     if (!skip && !form.checkValidity()) { form.reportValidity(); return; }
     busy = true;
     const id = document.getElementById("assignment_id").value;
