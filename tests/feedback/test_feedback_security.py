@@ -19,14 +19,17 @@ ADMIN = {("POST", "/api/v1/projects"), ("POST", "/api/v1/users"), ("POST", "/api
          ("GET", "/api/v1/projects/{project}/export"), ("GET", "/api/v1/projects/{project}/stats"),
          ("GET", "/admin"), ("POST", "/admin/projects"), ("GET", "/admin/projects/{project}"),
          ("POST", "/admin/projects/{project}/import"), ("GET", "/admin/users"), ("POST", "/admin/users"),
-         ("PUT", "/api/v1/projects/{project}/guidelines"), ("POST", "/admin/projects/{project}/guidelines")}
+         ("PUT", "/api/v1/projects/{project}/guidelines"), ("POST", "/admin/projects/{project}/guidelines"),
+         ("POST", "/admin/users/{name}/password"), ("POST", "/admin/users/{name}/token"),
+         ("POST", "/admin/users/{name}/role"), ("POST", "/admin/users/{name}/lock")}
 ANY_USER = {("GET", "/api/v1/me"), ("GET", "/api/v1/projects"), ("GET", "/api/v1/projects/{project}/next"),
             ("POST", "/api/v1/assignments/{assignment_id}/judgement"), ("POST", "/api/v1/assignments/{assignment_id}/skip"),
             ("POST", "/api/v1/assignments/{assignment_id}/unskip"), ("GET", "/api/v1/projects/{project}/judgements"),
             ("PUT", "/api/v1/judgements/{judgement_id}"), ("GET", "/annotate/{project}/judgements"),
             ("GET", "/annotate/{project}/judgements/{judgement_id}"), ("POST", "/annotate/{project}/judgements/{judgement_id}"),
             ("GET", "/"), ("GET", "/annotate/{project}"), ("POST", "/annotate/{project}/submit"),
-            ("POST", "/annotate/{project}/skip"), ("POST", "/annotate/{project}/unskip"), ("POST", "/logout")}
+            ("POST", "/annotate/{project}/skip"), ("POST", "/annotate/{project}/unskip"), ("POST", "/logout"),
+            ("GET", "/account"), ("POST", "/account/password"), ("POST", "/account/token")}
 
 
 def all_routes(app, prefix: str = "") -> set[tuple[str, str]]:
@@ -40,7 +43,7 @@ def all_routes(app, prefix: str = "") -> set[tuple[str, str]]:
 
 
 def url(path: str) -> str:
-    return path.replace("{project}", "p").replace("{assignment_id}", "1").replace("{judgement_id}", "1")
+    return path.replace("{project}", "p").replace("{assignment_id}", "1").replace("{judgement_id}", "1").replace("{name}", "ann2")
 
 
 def refused(response, page: bool) -> bool:

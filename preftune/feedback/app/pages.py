@@ -83,6 +83,8 @@ def page_of(action: str) -> str:
         return "/".join(parts[:4])
     if parts[1:3] == ["admin", "users"]:
         return "/admin/users"
+    if parts[1:2] == ["account"]:
+        return "/account"
     return "/admin" if parts[1:2] == ["admin"] else "/"
 
 
@@ -339,11 +341,97 @@ def admin_import(request: Request, project: str, file: UploadFile | None = File(
 
 
 @router.get("/admin/users")
-def admin_users(request: Request):
+def admin_users(request: Request, message: str | None = None):
     with tx(request) as s:
         caller = _caller(request, s, admin=True)
         users = list(s.scalars(select(User).order_by(User.name)))
-        return render(request, "admin_users.html", caller, users=users, created=None)
+        return render(request, "admin_users.html", caller, users=users, created=None, message=message)
+
+
+def _secret_page(request: Request, caller: Caller, s, **shown) -> HTMLResponse:
+    """The users page showing new credentials once (only their hashes are stored)."""
+    users = list(s.scalars(select(User).order_by(User.name)))
+    response = render(request, "admin_users.html", caller, users=users, created=shown)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@router.post("/admin/users/{name}/password")
+def admin_reset_password(request: Request, name: str, csrf_token: str = Form("")):
+    with tx(request) as s:
+        caller = _caller(request, s, admin=True)
+        _check_csrf(caller, csrf_token)
+        password = service.set_password(s, name)
+        user = service.get_user(s, name)
+        return _secret_page(request, caller, s, user=user.name, role=user.role, password=password,
+                            what="New password for")
+
+
+@router.post("/admin/users/{name}/token")
+def admin_rotate_token(request: Request, name: str, csrf_token: str = Form("")):
+    with tx(request) as s:
+        caller = _caller(request, s, admin=True)
+        _check_csrf(caller, csrf_token)
+        token = service.rotate_token(s, name)
+        user = service.get_user(s, name)
+        return _secret_page(request, caller, s, user=user.name, role=user.role, token=token,
+                            what="New API token for")
+
+
+@router.post("/admin/users/{name}/role")
+def admin_set_role(request: Request, name: str, role: str = Form(""), csrf_token: str = Form("")):
+    with tx(request) as s:
+        caller = _caller(request, s, admin=True)
+        _check_csrf(caller, csrf_token)
+        user = service.set_role(s, name, role)
+        message = f"{user.name} is now {user.role}"
+    return RedirectResponse(f"/admin/users?message={quote(message)}", status_code=303)
+
+
+@router.post("/admin/users/{name}/lock")
+def admin_lock_user(request: Request, name: str, csrf_token: str = Form("")):
+    with tx(request) as s:
+        caller = _caller(request, s, admin=True)
+        _check_csrf(caller, csrf_token)
+        if service.get_user(s, name).id == caller.user.id:
+            raise service.Conflict("you cannot lock yourself out")
+        ended = service.lock_user(s, name)
+        message = f"{service.normal_name(name)} is locked ({ended} browser session(s) ended); a new password opens it"
+    return RedirectResponse(f"/admin/users?message={quote(message)}", status_code=303)
+
+
+# ---------------------------------------------------------------- everyone's own account
+
+
+@router.get("/account")
+def account(request: Request, message: str | None = None):
+    with tx(request) as s:
+        caller = _caller(request, s)
+        return render(request, "account.html", caller, message=message, token=None)
+
+
+@router.post("/account/password")
+def account_password(request: Request, current: str = Form("", max_length=1000), new: str = Form("", max_length=1000),
+                     again: str = Form("", max_length=1000), csrf_token: str = Form("")):
+    with tx(request) as s:
+        caller = _caller(request, s)
+        _check_csrf(caller, csrf_token)
+        if new != again:
+            raise service.Invalid("the two new passwords differ")
+        service.change_own_password(s, caller.user, current, new, keep=caller.session)
+    message = "Password changed; your other browser sessions were logged out"
+    return RedirectResponse(f"/account?message={quote(message)}", status_code=303)
+
+
+@router.post("/account/token")
+def account_token(request: Request, csrf_token: str = Form("")):
+    with tx(request) as s:
+        caller = _caller(request, s)
+        _check_csrf(caller, csrf_token)
+        token = service.rotate_token(s, caller.user.name)
+        response = render(request, "account.html", caller, message=None, token=token)
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @router.post("/admin/users")
@@ -353,9 +441,5 @@ def admin_create_user(request: Request, name: str = Form(""), role: str = Form("
         caller = _caller(request, s, admin=True)
         _check_csrf(caller, csrf_token)
         new = service.create_user(s, name, role)
-        created = {"user": new.user.name, "role": new.user.role, "password": new.password, "token": new.token}
-        users = list(s.scalars(select(User).order_by(User.name)))
-        # Shown once: only hashes are stored.
-        response = render(request, "admin_users.html", caller, users=users, created=created)
-    response.headers["Cache-Control"] = "no-store"
-    return response
+        return _secret_page(request, caller, s, user=new.user.name, role=new.user.role, password=new.password,
+                            token=new.token, what="Created")

@@ -32,7 +32,7 @@ from preftune.feedback.app.models import (
     WebSession,
     utcnow,
 )
-from preftune.feedback.app.security import hash_password, new_secret, token_hash
+from preftune.feedback.app.security import hash_password, new_secret, token_hash, verify_password
 from preftune.feedback.app.tasks import KINDS, Limits, TaskSpec, ranking_groups
 
 ROLES = ("admin", "annotator")
@@ -148,6 +148,16 @@ def set_password(session: Session, name: str, password: str | None = None) -> st
     user.password_hash = hash_password(password)
     end_sessions(session, user)
     return password
+
+
+def change_own_password(session: Session, user: User, current: str, new: str, keep: WebSession | None) -> None:
+    """A user's own change: the current password is needed; their other browser sessions end."""
+    if not verify_password(user.password_hash, current):
+        raise Invalid("the current password is wrong")
+    user.password_hash = hash_password(checked_password(new, user.name))
+    for row in session.scalars(select(WebSession).where(WebSession.user_id == user.id)).all():
+        if keep is None or row.id != keep.id:
+            session.delete(row)
 
 
 def rotate_token(session: Session, name: str) -> str:
