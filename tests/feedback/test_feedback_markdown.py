@@ -175,18 +175,28 @@ def test_the_no_script_skip_page_offers_undo(env):
     assert r.status_code == 200 and f'id="assignment_id" value="{assignment}"' in r.text
 
 
-def test_the_guidelines_migration_upgrades_an_existing_database(tmp_path):
+def test_an_existing_database_upgrades_with_its_data(tmp_path):
+    """A database of the first schema, with a judged task, migrated to the newest: guidelines
+    empty, each task's remaining judgements and the project's open tasks counted from what it holds."""
     from alembic import command
 
-    from preftune.feedback.app.db import _alembic_config, migrate
+    from preftune.feedback.app.db import _alembic_config, head_revision, migrate
 
     engine = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
     command.upgrade(_alembic_config(engine), "0001")
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO projects (name, kind, overlap, scale, gold_rate, lease_seconds, created_at) "
-                          "VALUES ('old', 'pairwise', 1, 3, 0, 600, '2026-01-01')"))
+        for sql in ("INSERT INTO projects VALUES (1, 'old', 'pairwise', 2, 3, 0, 600, '2026-01-01')",
+                    "INSERT INTO users VALUES (1, 'ann', 'annotator', 'x', 'y', '2026-01-01')",
+                    "INSERT INTO tasks VALUES (1, 1, 't1', '[]', '[\"a\", \"b\"]', 0, NULL, NULL, '2026-01-01')",
+                    "INSERT INTO tasks VALUES (2, 1, 't2', '[]', '[\"a\", \"b\"]', 0, NULL, NULL, '2026-01-01')",
+                    "INSERT INTO tasks VALUES (3, 1, 'g', '[]', '[\"a\", \"b\"]', 1, '\"0\"', NULL, '2026-01-01')",
+                    "INSERT INTO assignments VALUES (1, 1, 1, 1, '[0, 1]', 'done', '2026-01-01', '2026-01-02', NULL)",
+                    "INSERT INTO judgements (id, assignment_id, task_id, user_id, project_id, client_key, choice, label,"
+                    " created_at) VALUES (1, 1, 1, 1, 1, 'k', 'A', '0', '2026-01-01')"):
+            conn.execute(text(sql))
     assert "guidelines" not in {c["name"] for c in inspect(engine).get_columns("projects")}
-    before, after = migrate(engine)
-    assert (before, after) == ("0001", "0003")
+    assert migrate(engine) == ("0001", head_revision(engine))
     with engine.begin() as conn:
-        assert conn.execute(text("SELECT name, guidelines FROM projects")).all() == [("old", "")]
+        assert conn.execute(text("SELECT name, guidelines, open_tasks FROM projects")).all() == [("old", "", 2)]
+        assert conn.execute(text("SELECT ext_id, needed FROM tasks ORDER BY id")).all() == [
+            ("t1", 1), ("t2", 2), ("g", 0)]

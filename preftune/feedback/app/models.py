@@ -56,12 +56,16 @@ class Project(Base):
     gold_rate: Mapped[float] = mapped_column(Float, default=0.0)
     lease_seconds: Mapped[int] = mapped_column(Integer, default=600)
     guidelines: Mapped[str] = mapped_column(Text, default="", server_default="")  # markdown, shown to annotators
+    open_tasks: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # regular tasks with needed > 0
     created_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
 
 
 class Task(Base):
     __tablename__ = "tasks"
-    __table_args__ = (UniqueConstraint("project_id", "ext_id"),)
+    # The queue: a project's tasks that still need judgements, closest to complete first, read in
+    # index order, so finding the next task costs the same in a project of any size.
+    __table_args__ = (UniqueConstraint("project_id", "ext_id"),
+                      Index("ix_tasks_queue", "project_id", "is_gold", "needed", "id"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
@@ -69,6 +73,7 @@ class Task(Base):
     prompt: Mapped[list[dict[str, str]]] = mapped_column(JSON)  # chat messages
     responses: Mapped[list[str]] = mapped_column(JSON)
     is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
+    needed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # overlap minus judgements
     gold: Mapped[Any] = mapped_column(JSON, nullable=True)  # canonical known answer (see tasks.py)
     meta: Mapped[Any] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)

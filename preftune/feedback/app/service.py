@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -248,7 +248,7 @@ def add_tasks(session: Session, project: Project, specs: list[TaskSpec]) -> Impo
     error (naming the line) when it differs. Nothing is written if any record is rejected."""
     existing = {t.ext_id: t for t in session.scalars(
         select(Task).where(Task.project_id == project.id, Task.ext_id.in_([s.ext_id for s in specs])))}
-    added = unchanged = 0
+    added = unchanged = regular = 0
     for spec in specs:
         old = existing.get(spec.ext_id)
         if old is not None:
@@ -258,10 +258,21 @@ def add_tasks(session: Session, project: Project, specs: list[TaskSpec]) -> Impo
             unchanged += 1
             continue
         session.add(Task(project_id=project.id, ext_id=spec.ext_id, prompt=spec.prompt, responses=spec.responses,
-                         is_gold=spec.is_gold, gold=spec.gold, meta=spec.meta))
+                         is_gold=spec.is_gold, gold=spec.gold, meta=spec.meta,
+                         needed=0 if spec.is_gold else project.overlap))
         added += 1
+        regular += not spec.is_gold
     session.flush()
+    _count_open(session, project, regular)
     return ImportResult(added, unchanged)
+
+
+def _count_open(session: Session, project: Project, change: int) -> None:
+    """``project.open_tasks += change``, in SQL so that concurrent writers never lose an update."""
+    if change:
+        session.execute(update(Project).where(Project.id == project.id)
+                        .values(open_tasks=Project.open_tasks + change))
+        session.expire(project, ["open_tasks"])
 
 
 # ---------------------------------------------------------------- assignment
@@ -272,30 +283,30 @@ def _active(now):
     return or_(Assignment.status == "done", and_(Assignment.status == "leased", Assignment.expires_at > now))
 
 
-def _slots_taken(now):
-    return (select(func.count(Assignment.id)).where(Assignment.task_id == Task.id, _active(now))
-            .correlate(Task).scalar_subquery())
+def _unseen(user: User, now):
+    """Tasks this user has never been given (an expired lease of theirs may be renewed)."""
+    return ~exists().where(Assignment.task_id == Task.id, Assignment.user_id == user.id,
+                           ~and_(Assignment.status == "leased", Assignment.expires_at <= now))
 
 
-def _available(project: Project, user: User, now, gold: bool):
-    """Tasks this user may take: never seen by them (an expired lease of theirs may be renewed)
-    and, for regular tasks, still short of ``overlap`` judgements."""
-    seen = exists().where(Assignment.task_id == Task.id, Assignment.user_id == user.id,
-                          ~and_(Assignment.status == "leased", Assignment.expires_at <= now))
-    query = select(Task).where(Task.project_id == project.id, Task.is_gold == gold, ~seen)
-    if not gold:
-        query = query.where(_slots_taken(now) < project.overlap)
-    return query
+def _queue(project: Project, user: User, now):
+    """Regular tasks this user may take, closest to complete first: read along the queue index
+    (project, regular, needed, id), so the cost does not grow with the project. A task has room
+    while its live leases are fewer than the judgements it still needs."""
+    leased = (select(func.count(Assignment.id)).where(Assignment.task_id == Task.id, Assignment.status == "leased",
+                                                     Assignment.expires_at > now).correlate(Task).scalar_subquery())
+    return (select(Task).where(Task.project_id == project.id, Task.is_gold.is_(False), Task.needed > 0,
+                               _unseen(user, now), leased < Task.needed)
+            .order_by(Task.needed, Task.id))
 
 
 def remaining_for(session: Session, project: Project, user: User) -> int:
-    """Regular tasks left for this user: the one they hold now plus those they could be given."""
-    now = utcnow()
-    available = session.scalar(select(func.count()).select_from(_available(project, user, now, gold=False).subquery()))
-    holding = session.scalar(select(func.count(Assignment.id)).join(Task, Assignment.task_id == Task.id).where(
-        Assignment.project_id == project.id, Assignment.user_id == user.id, Assignment.status == "leased",
-        Assignment.expires_at > now, Task.is_gold.is_(False)))
-    return (available or 0) + (holding or 0)
+    """Regular tasks still open that this user has not judged or skipped: the one they hold and
+    those they may be given (some of these may be leased to others right now)."""
+    closed = session.scalar(select(func.count(Assignment.id)).join(Task, Assignment.task_id == Task.id).where(
+        Assignment.project_id == project.id, Assignment.user_id == user.id,
+        Assignment.status.in_(("done", "skipped")), Task.is_gold.is_(False), Task.needed > 0)) or 0
+    return max(0, project.open_tasks - closed)
 
 
 def current_lease(session: Session, project: Project, user: User) -> Assignment | None:
@@ -307,9 +318,7 @@ def current_lease(session: Session, project: Project, user: User) -> Assignment 
 def find_candidates(session: Session, project: Project, user: User, limit: int = 8) -> list[int]:
     """Regular tasks this user may take, closest to complete first (so fully judged items
     accumulate early). Needs no lock: ``claim`` re-checks the one it takes."""
-    now = utcnow()
-    return list(session.scalars(_available(project, user, now, gold=False).with_only_columns(Task.id)
-                                .order_by(_slots_taken(now).desc(), Task.id).limit(limit)))
+    return list(session.scalars(_queue(project, user, utcnow()).with_only_columns(Task.id).limit(limit)))
 
 
 def claim(session: Session, project: Project, user: User, candidates: list[int],
@@ -325,16 +334,16 @@ def claim(session: Session, project: Project, user: User, candidates: list[int],
     shuffled = rng.sample(candidates, len(candidates))  # concurrent callers spread over the candidates
     task = None
     for task_id in shuffled:
-        task = session.scalar(_available(project, user, now, gold=False).where(Task.id == task_id))
+        task = session.scalar(_queue(project, user, now).where(Task.id == task_id))
         if task is not None:
             break
     if task is None:
-        task = session.scalar(_available(project, user, now, gold=False)
-                              .order_by(_slots_taken(now).desc(), Task.id).limit(1))
+        task = session.scalar(_queue(project, user, now).limit(1))
     if task is None:
         return None
     if project.gold_rate > 0 and rng.random() < project.gold_rate:
-        gold_task = session.scalar(_available(project, user, now, gold=True).order_by(func.random()).limit(1))
+        gold_task = session.scalar(select(Task).where(Task.project_id == project.id, Task.is_gold.is_(True),
+                                                      _unseen(user, now)).order_by(func.random()).limit(1))
         task = gold_task or task
     order = list(range(len(task.responses)))
     rng.shuffle(order)  # recorded, so position bias can be measured
@@ -498,6 +507,11 @@ def submit_judgement(session: Session, assignment_id: int, user: User, body: dic
             session.flush()
     except IntegrityError:
         raise Conflict("this assignment is already judged") from None
+    if not task.is_gold:  # one judgement fewer needed; the task leaves the queue at zero
+        session.execute(update(Task).where(Task.id == task.id).values(needed=Task.needed - 1))
+        session.expire(task, ["needed"])
+        if task.needed == 0:
+            _count_open(session, project, -1)
     return judgement, True
 
 
