@@ -94,7 +94,8 @@ def measure(db_url: str, n_tasks: int, annotators: int, warm: int, calls: int) -
             for token in tokens.values():
                 one(token, record=False)
         for token in list(tokens.values())[:annotators // 2]:  # and some tasks leased, not judged yet
-            assert client.get("/api/v1/projects/size/next", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+            r = client.get("/api/v1/projects/size/next", headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 200, r.text
         names = list(tokens.values())[annotators // 2:]
         for k in range(calls):
             one(names[k % len(names)], record=True)

@@ -197,6 +197,7 @@ def test_an_existing_database_upgrades_with_its_data(tmp_path):
     assert "guidelines" not in {c["name"] for c in inspect(engine).get_columns("projects")}
     assert migrate(engine) == ("0001", head_revision(engine))
     with engine.begin() as conn:
-        assert conn.execute(text("SELECT name, guidelines, open_tasks FROM projects")).all() == [("old", "", 2)]
+        projects = conn.execute(text("SELECT name, guidelines, open_tasks FROM projects")).all()
+        assert projects == [("old", "", 2)]
         assert conn.execute(text("SELECT ext_id, needed FROM tasks ORDER BY id")).all() == [
             ("t1", 1), ("t2", 2), ("g", 0)]
