@@ -101,6 +101,14 @@ class Server:
                 time.sleep(0.1)
         raise RuntimeError("server did not start in time")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux /proc; 0 elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
@@ -183,6 +191,8 @@ def run(db_url: str, annotators: int, tasks: int, overlap: int, crash_after: int
     threads = [threading.Thread(target=annotate_until_done, args=(base, tokens[f"annotator{i:03d}"], results, deadline,
                                                                   on_ack), daemon=True) for i in range(annotators)]
     t0 = time.perf_counter()
+    cpu0 = os.times()
+    server_cpu = 0.0
     try:
         for t in threads:
             t.start()
@@ -192,6 +202,7 @@ def run(db_url: str, annotators: int, tasks: int, overlap: int, crash_after: int
                 if not any(t.is_alive() for t in threads):
                     break
             if crashed.is_set():
+                server_cpu += server.cpu_seconds()
                 server.kill()  # mid-load: requests are in flight
                 acked_before = len(results.acked)
                 time.sleep(0.5)
@@ -200,6 +211,8 @@ def run(db_url: str, annotators: int, tasks: int, overlap: int, crash_after: int
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()) + 5)
         wall = time.perf_counter() - t0
+        server_cpu += server.cpu_seconds()
+        cpu1 = os.times()
         r = httpx.get(f"{base}/api/v1/projects/load/export", params={"format": "raw"},
                       headers={"Authorization": f"Bearer {tokens['admin']}"}, timeout=120)
         r.raise_for_status()
@@ -223,6 +236,11 @@ def run(db_url: str, annotators: int, tasks: int, overlap: int, crash_after: int
         "submit_p50_ms": round(1000 * percentile(results.latencies, 50), 1),
         "submit_p95_ms": round(1000 * percentile(results.latencies, 95), 1),
         "submit_p99_ms": round(1000 * percentile(results.latencies, 99), 1),
+        # where the 2 cores went, per acknowledged judgement (a next + a submit): the server and
+        # this process's simulated annotators share the machine
+        "server_cpu_ms_per_judgement": round(1000 * server_cpu / max(1, len(results.acked)), 2),
+        "client_cpu_ms_per_judgement": round(1000 * ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system))
+                                             / max(1, len(results.acked)), 2),
     }
 
 
