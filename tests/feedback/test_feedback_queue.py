@@ -33,14 +33,9 @@ def test_judgements_use_up_tasks_and_the_project_counts_its_open_ones(env):
     assert remaining(env, "q", "ann1") == 3  # the one held counts as left
     env.judge(a["assignment_id"], "ann1", choice="A")
     assert counts(env, "q")[1][a["task_id"]] == 1 and remaining(env, "q", "ann1") == 2
-    with transaction(env.client.app.state.sessions, readonly=True) as s:  # closest to complete first
-        p = s.scalar(select(Project).where(Project.name == "q"))
-        first = s.get(Task, service.find_candidates(s, p, s.scalar(select(User).where(User.name == "ann2")))[0])
-        assert first.ext_id == a["task_id"]
-    with transaction(env.client.app.state.sessions) as s:
-        p = s.scalar(select(Project).where(Project.name == "q"))
-        b_id = service.claim(s, p, s.scalar(select(User).where(User.name == "ann2")), [first.id]).id
-    env.judge(b_id, "ann2", choice="B")
+    b = env.next("q", "ann2")
+    assert b["task_id"] == a["task_id"]  # closest to complete first
+    env.judge(b["assignment_id"], "ann2", choice="B")
     open_tasks, needed = counts(env, "q")
     assert open_tasks == 2 and needed[a["task_id"]] == 0
     assert remaining(env, "q", "ann3") == 2

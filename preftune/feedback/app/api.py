@@ -147,24 +147,14 @@ def import_tasks(request: Request, _: Admin, project: str, records: list[Any] = 
 def next_task(request: Request, user: AnyUser, project: str,
               html: bool = Query(False, description="add the prompt and responses rendered from markdown "
                                                     "as safe HTML (what the annotate page shows)")):
-    # Search without the write lock, then claim under it: the lock is held for milliseconds.
-    with tx(request, readonly=True) as s:
+    with tx(request) as s:  # one short write transaction: the lease, its task, the progress line
         p = service.get_project(s, project)
-        assignment = service.current_lease(s, p, user)
-        candidates = [] if assignment else service.find_candidates(s, p, user)
-    if assignment is None:
-        with tx(request) as s:
-            assignment = service.claim(s, p, user, candidates)
-            task = assignment and s.get(Task, assignment.task_id)
+        assignment = service.next_assignment(s, p, user)
         if assignment is None:
             return Response(status_code=204)
-    else:
-        with tx(request, readonly=True) as s:
-            task = s.get(Task, assignment.task_id)
-    body = service.assignment_json(assignment, task, p, html=html)
-    with tx(request, readonly=True) as s:
-        body["progress"] = progress_for(s, p, user)
-    return body
+        task = s.get(Task, assignment.task_id)
+        progress = progress_for(s, p, user)
+    return {**service.assignment_json(assignment, task, p, html=html), "progress": progress}
 
 
 @router.post("/assignments/{assignment_id}/judgement", status_code=201,

@@ -315,30 +315,19 @@ def current_lease(session: Session, project: Project, user: User) -> Assignment 
         Assignment.status == "leased", Assignment.expires_at > utcnow()).order_by(Assignment.id).limit(1))
 
 
-def find_candidates(session: Session, project: Project, user: User, limit: int = 8) -> list[int]:
-    """Regular tasks this user may take, closest to complete first (so fully judged items
-    accumulate early). Needs no lock: ``claim`` re-checks the one it takes."""
-    return list(session.scalars(_queue(project, user, utcnow()).with_only_columns(Task.id).limit(limit)))
-
-
-def claim(session: Session, project: Project, user: User, candidates: list[int],
-          rng: random.Random | None = None) -> Assignment | None:
-    """Lease one of ``candidates`` (or, if others took them all meanwhile, whatever is left) to
-    the user. The project lock is held only for the cheap re-check and the insert."""
+def next_assignment(session: Session, project: Project, user: User,
+                    rng: random.Random | None = None) -> Assignment | None:
+    """The user's current lease in this project, else a new one on the queue's first task with
+    room for them; None when nothing is left. Gold tasks are mixed in at ``project.gold_rate``
+    while regular work remains. Runs under the project's lock (one indexed read and an insert),
+    so two annotators asking at once never both take a task's last slot."""
     rng = rng or random.Random()
     project = get_project(session, project.name, lock=True)
     current = current_lease(session, project, user)
-    if current is not None:  # e.g. two tabs asking at once
+    if current is not None:  # e.g. a reload, or two tabs asking at once
         return current
     now = utcnow()
-    shuffled = rng.sample(candidates, len(candidates))  # concurrent callers spread over the candidates
-    task = None
-    for task_id in shuffled:
-        task = session.scalar(_queue(project, user, now).where(Task.id == task_id))
-        if task is not None:
-            break
-    if task is None:
-        task = session.scalar(_queue(project, user, now).limit(1))
+    task = session.scalar(_queue(project, user, now).limit(1))
     if task is None:
         return None
     if project.gold_rate > 0 and rng.random() < project.gold_rate:
@@ -358,14 +347,6 @@ def claim(session: Session, project: Project, user: User, candidates: list[int],
     session.add(assignment)
     session.flush()
     return assignment
-
-
-def next_assignment(session: Session, project: Project, user: User,
-                    rng: random.Random | None = None) -> Assignment | None:
-    """The user's current lease in this project, else a new one; None when nothing is left.
-    Gold tasks are mixed in at ``project.gold_rate`` while regular work remains."""
-    return current_lease(session, project, user) or claim(session, project, user,
-                                                          find_candidates(session, project, user), rng)
 
 
 def own_assignment(session: Session, assignment_id: int, user: User) -> tuple[Assignment, Task, Project]:

@@ -259,6 +259,7 @@
     try {
       show(await api("POST", `/api/v1/assignments/${document.getElementById("undo-id").value}/unskip?html=true`));
       undoForm.hidden = true;
+      document.activeElement.blur();  // not left on the hidden Undo button, where Enter would do nothing
     } catch (err) {
       if (err.status === 401) sessionExpired();
       else { showError(err.message); undoForm.hidden = true; }
