@@ -79,8 +79,8 @@ class Server:
     """``preftune annotate serve`` in a child process (its click command called directly, which
     skips importing the training stages)."""
 
-    def __init__(self, db_url: str, port: int, log: Path) -> None:
-        self.db_url, self.port, self.log = db_url, port, log
+    def __init__(self, db_url: str, port: int, log: Path, workers: int = 1) -> None:
+        self.db_url, self.port, self.log, self.workers = db_url, port, log, workers
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> None:
@@ -88,7 +88,7 @@ class Server:
                "OMP_NUM_THREADS": "1"}
         code = "import sys; from preftune.feedback.cli import annotate; annotate(sys.argv[1:])"
         self.proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--db", self.db_url,
-                                      "--port", str(self.port)], env=env, cwd=ROOT,
+                                      "--port", str(self.port), "--workers", str(self.workers)], env=env, cwd=ROOT,
                                      stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -102,12 +102,20 @@ class Server:
         raise RuntimeError("server did not start in time")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (Linux /proc; 0 elsewhere)."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return 0.0
+        """User + system CPU time of the server and its worker processes so far (Linux /proc;
+        0 elsewhere)."""
+        stats = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])))  # ppid, ticks
+            except (OSError, IndexError, ValueError):
+                continue
+        tree, ticks = {self.proc.pid}, 0
+        for _ in range(3):  # the server, its workers (and anything they start)
+            tree |= {pid for pid, (ppid, _) in stats.items() if ppid in tree}
+        ticks = sum(stats[pid][1] for pid in tree if pid in stats)
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -131,9 +139,13 @@ class Results:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def annotate_until_done(base: str, token: str, results: Results, deadline: float, on_ack=None) -> None:
-    """One simulated annotator: next, judge, repeat; retries through connection failures with
-    the same client key until acknowledged, and stops at 204 or the deadline."""
+def annotate_until_done(base: str, token: str, results: Results, deadline: float, on_ack=None,
+                        think: tuple[float, float] = (0.0, 0.0)) -> None:
+    """One simulated annotator: next, think, judge, repeat; retries through connection failures
+    with the same client key until acknowledged, and stops at 204 or the deadline."""
+    import random
+
+    rng = random.Random(token)
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
         pending = None  # (assignment, body) submitted but not acknowledged yet
@@ -148,6 +160,8 @@ def annotate_until_done(base: str, token: str, results: Results, deadline: float
                     pending = (a, {"choice": "A" if hash(a["task_id"]) % 3 else "B", "strength": 2,
                                    "client_key": uuid.uuid4().hex})
                 a, body = pending
+                if think[1] > 0:
+                    time.sleep(rng.uniform(*think))
                 t0 = time.perf_counter()
                 r = client.post(f"/api/v1/assignments/{a['assignment_id']}/judgement", json=body)
                 elapsed = time.perf_counter() - t0
@@ -174,10 +188,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(db_url: str, annotators: int, tasks: int, overlap: int, crash_after: int = 0,
-        time_limit: float = 600.0, workdir: Path | None = None) -> dict:
+        time_limit: float = 600.0, workdir: Path | None = None, workers: int = 1,
+        think: tuple[float, float] = (0.0, 0.0)) -> dict:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="feedback-load-"))
     tokens = prepare(db_url, annotators, tasks, overlap)
-    server = Server(db_url, free_port(), workdir / "server.log")
+    server = Server(db_url, free_port(), workdir / "server.log", workers)
     server.start()
     base = f"http://127.0.0.1:{server.port}"
     results = Results()
@@ -189,7 +204,8 @@ def run(db_url: str, annotators: int, tasks: int, overlap: int, crash_after: int
 
     deadline = time.monotonic() + time_limit
     threads = [threading.Thread(target=annotate_until_done, args=(base, tokens[f"annotator{i:03d}"], results, deadline,
-                                                                  on_ack), daemon=True) for i in range(annotators)]
+                                                                  on_ack, think), daemon=True)
+               for i in range(annotators)]
     t0 = time.perf_counter()
     cpu0 = os.times()
     server_cpu = 0.0
@@ -223,7 +239,8 @@ def run(db_url: str, annotators: int, tasks: int, overlap: int, crash_after: int
     per_task = Counter(row["task_id"] for row in rows)
     missing = [k for k in results.acked if exported[k] != 1]
     return {
-        "db": db_url.split("://")[0], "annotators": annotators, "tasks": tasks, "overlap": overlap,
+        "db": db_url.split("://")[0], "workers": workers, "think_s": list(think), "annotators": annotators,
+        "tasks": tasks, "overlap": overlap,
         "acknowledged": len(results.acked), "exported": len(rows),
         "acknowledged_missing_or_duplicated": len(missing),
         "duplicates_in_export": sum(1 for n in exported.values() if n > 1),
@@ -252,10 +269,15 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=2)
     parser.add_argument("--crash-after", type=int, default=0, help="SIGKILL the server after this many acks")
     parser.add_argument("--time-limit", type=float, default=900.0)
+    parser.add_argument("--workers", type=int, default=1, help="server processes (annotate serve --workers)")
+    parser.add_argument("--think", default="0,0", metavar="MIN,MAX",
+                        help="seconds each annotator thinks before submitting, drawn uniformly (e.g. 2,5)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="feedback-load-"))
     db = args.db or f"sqlite:///{workdir / 'load.db'}"
-    result = run(db, args.annotators, args.tasks, args.overlap, args.crash_after, args.time_limit, workdir)
+    think = tuple(float(x) for x in args.think.split(","))
+    result = run(db, args.annotators, args.tasks, args.overlap, args.crash_after, args.time_limit, workdir,
+                 args.workers, think)
     print(json.dumps(result, indent=2))
     ok = (result["acknowledged_missing_or_duplicated"] == 0 and result["tasks_over_overlap"] == 0
           and result["duplicates_in_export"] == 0 and result["all_done"])

@@ -256,17 +256,32 @@ def import_(project_name: str, file: str, db: str | None) -> None:
               help="A reverse proxy whose X-Forwarded-For / X-Forwarded-Proto headers are believed (repeatable). "
                    "Without one these headers are ignored, so no client can pick the address the log-in limit "
                    "counts against.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Server processes. Several use several cores (PostgreSQL); SQLite serialises writers "
+                   "across processes, so one worker is usually fastest there. The log-in rate limit counts "
+                   "per process.")
 @db_option
-def serve(host: str, port: int, secure_cookies: bool, trusted_proxies: tuple[str, ...], db: str | None) -> None:
+def serve(host: str, port: int, secure_cookies: bool, trusted_proxies: tuple[str, ...], workers: int,
+          db: str | None) -> None:
     """Serve the annotation app and the JSON API (docs at /api/v1/docs)."""
+    import os
+
     import uvicorn
 
     from preftune.feedback.app import Settings, create_app
+    from preftune.feedback.app.db import resolve_db_url
 
-    app = create_app(db, Settings(secure_cookies=secure_cookies))
-    click.echo(f"preftune feedback on http://{host}:{port}  (API docs: /api/v1/docs; Ctrl+C stops)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=bool(trusted_proxies),
-                forwarded_allow_ips=",".join(trusted_proxies) or None)
+    options = dict(host=host, port=port, log_level="warning", proxy_headers=bool(trusted_proxies),
+                   forwarded_allow_ips=",".join(trusted_proxies) or None)
+    app = create_app(db, Settings(secure_cookies=secure_cookies))  # checks the database before serving
+    click.echo(f"preftune feedback on http://{host}:{port} with {workers} worker(s)  (API docs: /api/v1/docs; "
+               "Ctrl+C stops)", err=True)
+    if workers == 1:
+        uvicorn.run(app, **options)
+        return
+    app.state.engine.dispose()  # each worker process opens its own
+    os.environ.update(PREFTUNE_DB=resolve_db_url(db), PREFTUNE_SECURE_COOKIES="1" if secure_cookies else "")
+    uvicorn.run("preftune.feedback.app:app_from_env", factory=True, workers=workers, **options)
 
 
 @annotate.command("export")

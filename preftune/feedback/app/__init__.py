@@ -16,7 +16,7 @@ from preftune.feedback.app.db import open_database
 from preftune.feedback.app.service import FeedbackError
 from preftune.feedback.app.web import Settings, SecurityMiddleware, make_limiter
 
-__all__ = ["create_app", "Settings"]
+__all__ = ["create_app", "app_from_env", "Settings"]
 
 
 def _is_api(request: Request) -> bool:
@@ -105,3 +105,12 @@ def create_app(db_url: str | None = None, settings: Settings | None = None) -> F
         return error_page(request, exc.status_code, str(exc.detail))
 
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app of one worker process of ``preftune annotate serve --workers N``: the database URL
+    and cookie setting come from the environment the command set."""
+    import os
+
+    secure = bool(os.environ.get("PREFTUNE_SECURE_COOKIES"))
+    return create_app(os.environ.get("PREFTUNE_DB"), Settings(secure_cookies=secure))

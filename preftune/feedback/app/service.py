@@ -230,7 +230,9 @@ def get_project(session: Session, name: str, *, lock: bool = False) -> Project:
     name = normal_name(name)
     query = select(Project).where(Project.name == name)
     if lock:
-        query = query.with_for_update()  # no-op on SQLite, which holds the write lock already
+        # FOR NO KEY UPDATE: claims queue on it, but the foreign-key checks of inserts that merely
+        # reference the project (judgements, assignments) do not, so they cannot deadlock with it.
+        query = query.with_for_update(key_share=True)  # no-op on SQLite, which holds the write lock already
     project = session.scalar(query)
     if project is None:
         raise NotFound(f"no project named {name!r}")
@@ -449,29 +451,37 @@ def grade(kind: str, gold: Any, fields: dict[str, Any]) -> bool:
     return fields["rating"] == gold
 
 
+def _by_client_key(session: Session, user: User, client_key: str, assignment: Assignment) -> Judgement | None:
+    previous = session.scalar(select(Judgement).where(Judgement.user_id == user.id, Judgement.client_key == client_key))
+    if previous is not None and previous.assignment_id != assignment.id:
+        raise Conflict("client_key was already used for another assignment")
+    return previous
+
+
 def submit_judgement(session: Session, assignment_id: int, user: User, body: dict[str, Any],
                      limits: Limits = Limits()) -> tuple[Judgement, bool]:
     """Store a judgement; returns (judgement, created). The same ``client_key`` again returns the
-    stored judgement unchanged, so a retried submit never creates a duplicate."""
+    stored judgement unchanged, so a retried submit never creates a duplicate.
+
+    Locks only the assignment's row, not the project's: a judgement on a live lease fills the slot
+    its lease held, so it cannot push a task over its overlap; only a late one (expired lease)
+    takes the project lock to check that nobody has taken the slot meanwhile."""
     client_key = body.get("client_key")
     if client_key is not None and (not isinstance(client_key, str) or not 1 <= len(client_key) <= 100):
         raise Invalid("client_key must be a string of 1 to 100 characters")
     assignment, task, project = own_assignment(session, assignment_id, user)
-    get_project(session, project.name, lock=True)
-    if client_key is not None:
-        previous = session.scalar(select(Judgement).where(Judgement.user_id == user.id,
-                                                          Judgement.client_key == client_key))
+    session.refresh(assignment, with_for_update={"key_share": True})  # its state once this transaction holds it
+    if client_key is not None:  # (after the lock: a retry racing its first attempt finds its judgement)
+        previous = _by_client_key(session, user, client_key, assignment)
         if previous is not None:
-            if previous.assignment_id != assignment.id:
-                raise Conflict("client_key was already used for another assignment")
             return previous, False
-    session.refresh(assignment)  # its state after the lock
     if assignment.status == "done":
         raise Conflict("this assignment is already judged")
     if assignment.status == "skipped":
         raise Conflict("this assignment was skipped")
     now = utcnow()
     if assignment.expires_at <= now:
+        get_project(session, project.name, lock=True)
         others = session.scalar(select(func.count(Assignment.id)).where(
             Assignment.task_id == task.id, Assignment.id != assignment.id, _active(now)))
         if not task.is_gold and others >= project.overlap:
