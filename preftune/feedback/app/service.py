@@ -2,9 +2,12 @@
 assignment with leases and overlap, idempotent judgements. The web API, the pages and the CLI
 are thin layers over these; each call runs inside the caller's transaction.
 
-Concurrency: everything that counts assignments of a task first locks the project row
-(``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite transactions already start with
-``BEGIN IMMEDIATE``), so two annotators asking at once cannot both take the last slot.
+Concurrency: handing out a task, a late judgement (on an expired lease) and taking a skip back
+first lock the project row (``SELECT ... FOR NO KEY UPDATE`` on PostgreSQL; SQLite transactions
+already start with ``BEGIN IMMEDIATE``), so two annotators asking at once cannot both take the last
+slot. A judgement on a live lease fills the slot its lease holds and locks only its assignment.
+Each task counts the judgements it still needs (``Task.needed``) and each project its open tasks,
+so finding the next task reads an index in order instead of counting over the project.
 """
 
 from __future__ import annotations
