@@ -122,7 +122,10 @@ def drop_from_peak(curve: list[dict]) -> dict:
             "final_sqrt_kl": curve[-1]["sqrt_kl"], "drop": peak["gold"] - curve[-1]["gold"]}
 
 
-def summarise(per_seed: list[dict], method: str, objectives: list[str]) -> dict:
+def summarise(per_seed: list[dict], method: str, objectives: list[str], min_drop: float = 0.02) -> dict:
+    """Per objective, averaged over seeds: peak and final gold and the drop between them; for the
+    defences, their drop against the single model's and whether they meet the target (None when
+    the single model's own drop is under ``min_drop``, the noise of the evaluation: nothing to prevent)."""
     out = {}
     for name in objectives:
         stats = [drop_from_peak(s[method][name]) for s in per_seed]
@@ -138,7 +141,8 @@ def summarise(per_seed: list[dict], method: str, objectives: list[str]) -> dict:
     for name in [o for o in objectives if o != "single"]:
         d = out[name]
         d["drop_vs_single"] = d["drop"] / single["drop"] if single["drop"] > 1e-9 else None
-        d["meets_target"] = bool(d["drop"] <= 0.5 * single["drop"] and d["peak_gold"] >= single["peak_gold"])
+        d["meets_target"] = (None if single["drop"] < min_drop else
+                             bool(d["drop"] <= 0.5 * single["drop"] and d["peak_gold"] >= single["peak_gold"]))
     return out
 
 
@@ -187,6 +191,9 @@ def main() -> None:
     p.add_argument("--objectives", default=",".join(OBJECTIVES), help="which to optimise with PPO")
     p.add_argument("--skip-ppo", action="store_true")
     p.add_argument("--skip-bon", action="store_true")
+    p.add_argument("--min-drop", type=float, default=0.02,
+                   help="the single model's gold must fall at least this much from its peak for the target to be "
+                        "judged (below it the fall is evaluation noise)")
     args = p.parse_args()
 
     from preftune.data.jsonl import read_jsonl, write_jsonl
@@ -216,9 +223,9 @@ def main() -> None:
         result["seconds"] = time.perf_counter() - t
         per_seed.append(result)
         (out / "overoptimisation.json").write_text(json.dumps({"args": vars(args), "seeds": per_seed}, indent=1))
-    summary = {} if args.skip_bon else {"bon": summarise(per_seed, "bon", list(OBJECTIVES))}
+    summary = {} if args.skip_bon else {"bon": summarise(per_seed, "bon", list(OBJECTIVES), args.min_drop)}
     if not args.skip_ppo:
-        summary["ppo"] = summarise(per_seed, "ppo", args.objectives.split(","))
+        summary["ppo"] = summarise(per_seed, "ppo", args.objectives.split(","), args.min_drop)
     (out / "overoptimisation.json").write_text(json.dumps({"args": vars(args), "summary": summary,
                                                            "seeds": per_seed}, indent=1))
     plot(per_seed, out / "overoptimisation.png")
@@ -230,7 +237,8 @@ def main() -> None:
                       if "length_first" in d else "")
             print(f"  {name:6s} {d['peak_gold']:.4f} ({d['peak_sqrt_kl']:.2f})  {d['final_gold']:.4f} "
                   f"({d['final_sqrt_kl']:.2f})  {d['drop']:+.4f}  "
-                  f"{'' if ratio is None else f'{ratio:.2f}'} {'meets the target' if d.get('meets_target') else ''}"
+                  f"{'' if ratio is None else f'{ratio:.2f}'} "
+                  f"{ {True: 'meets the target', False: 'misses the target', None: ''}[d.get('meets_target')]}"
                   f"{length}")
     print(f"-> {out / 'overoptimisation.json'}, {out / 'overoptimisation.png'}")
 
