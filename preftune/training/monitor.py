@@ -26,8 +26,9 @@ class OveroptimisationAlert:
     drop: float  # share of the best gold gain lost
 
     def message(self) -> str:
-        return (f"over-optimisation: gold reward {self.gold:.4g} at step {self.step} is {self.drop:.0%} "
-                f"below its best gain ({self.best_gold:.4g} at step {self.best_step}) while proxy reward "
+        return (f"over-optimisation: gold reward {self.gold:.4g} at step {self.step}, down "
+                f"{self.best_gold - self.gold:.3g} from its best ({self.best_gold:.4g} at step {self.best_step}; "
+                f"{self.drop:.0%} of the gain since the first evaluation given back) while proxy reward "
                 f"rose {self.proxy_at_best:.4g} -> {self.proxy:.4g}; best policy by gold: step {self.best_step}")
 
 
