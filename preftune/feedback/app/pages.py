@@ -212,7 +212,7 @@ def _answer_from_form(p: Project, form) -> dict:
 
 @router.get("/annotate/{project}/judgements")
 def annotate_history(request: Request, project: str, message: str | None = None):
-    with tx(request) as s:
+    with tx(request, readonly=True) as s:
         caller = _caller(request, s)
         p = service.get_project(s, project)
         rows = [(service.judgement_json(j, a), t, service.revision_count(s, j))
@@ -223,7 +223,7 @@ def annotate_history(request: Request, project: str, message: str | None = None)
 
 @router.get("/annotate/{project}/judgements/{judgement_id}")
 def annotate_revise_page(request: Request, project: str, judgement_id: int):
-    with tx(request) as s:
+    with tx(request, readonly=True) as s:
         caller = _caller(request, s)
         j, a, t, p = service.own_judgement(s, judgement_id, caller.user)
         if p.name != service.normal_name(project):
