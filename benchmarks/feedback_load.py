@@ -38,13 +38,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def empty_database(engine) -> None:
+    """Delete every row of the feedback schema (a benchmark starts from nothing)."""
+    from sqlalchemy import text
+
+    from preftune.feedback.app.models import Base
+
+    with engine.begin() as conn:
+        tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
+        if engine.dialect.name == "postgresql":
+            conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+        else:
+            for t in tables:
+                conn.execute(text(f"DELETE FROM {t}"))
+
+
 def prepare(db_url: str, n_annotators: int, n_tasks: int, overlap: int, fresh: bool = True) -> dict[str, str]:
     """Migrate, create an admin and annotators (tokens only: nobody logs in by password here),
     a pairwise project and its tasks. Returns {user: token}."""
-    from sqlalchemy import text
-
     from preftune.feedback.app.db import make_engine, migrate, session_factory, transaction
-    from preftune.feedback.app.models import Base, User
+    from preftune.feedback.app.models import User
     from preftune.feedback.app.security import hash_password, new_secret, token_hash
     from preftune.feedback.app.service import add_tasks, create_project
     from preftune.feedback.app.tasks import parse_tasks
@@ -52,13 +65,7 @@ def prepare(db_url: str, n_annotators: int, n_tasks: int, overlap: int, fresh: b
     engine = make_engine(db_url)
     migrate(engine)
     if fresh:
-        with engine.begin() as conn:
-            tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
-            if engine.dialect.name == "postgresql":
-                conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
-            else:
-                for t in tables:
-                    conn.execute(text(f"DELETE FROM {t}"))
+        empty_database(engine)
     tokens = {}
     unusable = hash_password(new_secret())
     with transaction(session_factory(engine)) as s:

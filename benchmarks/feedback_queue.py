@@ -28,20 +28,15 @@ sys.path.insert(0, str(ROOT))
 def fill(db_url: str, n_tasks: int, annotators: int) -> dict[str, str]:
     from sqlalchemy import insert, inspect, text
 
+    from benchmarks.feedback_load import empty_database
     from preftune.feedback.app.db import make_engine, migrate, session_factory, transaction
-    from preftune.feedback.app.models import Base, Project, Task, User
+    from preftune.feedback.app.models import Task, User
     from preftune.feedback.app.security import new_secret, token_hash
     from preftune.feedback.app.service import create_project
 
     engine = make_engine(db_url)
     migrate(engine)
-    with engine.begin() as conn:
-        tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
-        if engine.dialect.name == "postgresql":
-            conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
-        else:
-            for t in tables:
-                conn.execute(text(f"DELETE FROM {t}"))
+    empty_database(engine)
     tokens = {f"a{i:02d}": new_secret(32) for i in range(annotators)}
     with transaction(session_factory(engine)) as s:
         for name, token in tokens.items():
@@ -58,7 +53,6 @@ def fill(db_url: str, n_tasks: int, annotators: int) -> dict[str, str]:
             conn.execute(text(f"UPDATE projects SET open_tasks = {n_tasks} WHERE id = {project_id}"))
         if engine.dialect.name == "postgresql":
             conn.execute(text("ANALYZE"))
-    del Project
     engine.dispose()
     return tokens
 
