@@ -16,8 +16,11 @@ from preftune.config import EngineName, TrainConfig, engine_field
 class OnlineRLConfig(TrainConfig):
     algorithm: ClassVar[str]
 
-    policy: str = Field(..., description="SFT model to tune (and the KL reference): a Hugging Face directory, a "
-                                         ".gguf file, or smollm2-135m-instruct.")
+    policy: str = Field(..., description="SFT model to tune (and the KL reference unless --reference): a Hugging "
+                                         "Face directory, a .gguf file, or smollm2-135m-instruct.")
+    reference: str | None = Field(None, description="The KL reference when it is not --policy, e.g. the SFT model "
+                                                    "while a later round of iterated RLHF continues from the last "
+                                                    "round's policy (kept as a frozen copy).")
     reward: str = Field(..., description="The reward, a scorer (docs/scoring.md): a reward-model directory, a "
                                          "built-in (sentiment, helpful, ...), module:function or "
                                          "file.py:function, or a weighted sum like '0.8*runs/rm + 0.2*ends'.")

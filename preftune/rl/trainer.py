@@ -556,13 +556,14 @@ def train_rl(cfg: OnlineRLConfig, *, reward_fn: Callable | None = None, gold_fn:
     gold = (scorer_from_function(getattr(gold_fn, "__name__", "gold_fn"), gold_fn) if gold_fn
             else load_scorer(cfg.gold, run.device, cfg.dtype) if cfg.gold else None)
 
-    # Reference: LoRA adapters disabled (one copy of the weights) or a frozen second copy.
+    # Reference: LoRA adapters disabled (one copy of the weights) or a frozen second copy (full
+    # fine-tuning, or a --reference other than the policy tuning starts from).
     reference = None
     if cfg.lora:
         policy = train_in_fp32(apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets))
-    else:
-        reference, _ = load_causal_lm(cfg.policy, device=device, dtype=run.weights_dtype(trained=False),
-                                      compute=run.precision)
+    if not cfg.lora or (cfg.reference and cfg.reference != cfg.policy):
+        reference, _ = load_causal_lm(cfg.reference or cfg.policy, device=device,
+                                      dtype=run.weights_dtype(trained=False), compute=run.precision)
         reference.requires_grad_(False)
     value_head, value_model = build_value_function(cfg, policy, tokenizer, device, run.precision)
     value_module = value_head if value_head is not None else value_model
@@ -683,8 +684,8 @@ def train_rl(cfg: OnlineRLConfig, *, reward_fn: Callable | None = None, gold_fn:
                                    "ptx_position": ptx.position if ptx is not None else 0})
             if run.stopping(done):
                 return run.stop(done)
-    summary.update({k: last.get(k) for k in ("objective/scores", "objective/kl", "eval/proxy", "eval/gold")
-                    if k in last})
+    summary.update({k: last.get(k) for k in ("objective/scores", "objective/kl", "eval/proxy", "eval/gold",
+                                             "eval/kl") if k in last})
     if monitor.best_step is not None:
         summary["best_gold_step"] = monitor.best_step
     return run.finish(summary, models.inner, save=lambda: save_final_model(
