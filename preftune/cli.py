@@ -2,7 +2,8 @@
 
 Every training command takes ``--config FILE`` (TOML/YAML; a ``[stage]`` table or top-level keys)
 and one flag per config field; flags override the file. Bad input ends with one line naming the
-file and line, and exit status 2, never a traceback.
+file and line, and exit status 2, never a traceback. ``preftune run`` waiting for people's
+judgements stops with exit status 3 and a line saying what is missing.
 """
 
 from __future__ import annotations
@@ -11,20 +12,21 @@ import sys
 
 import click
 
-from preftune.errors import PreftuneError
+from preftune.errors import PreftuneError, WaitingForPeople
 
 CONFIG_HELP = "TOML/YAML config file; its [stage] table (or top-level keys) set any option below."
 
 
 class PreftuneGroup(click.Group):
-    """A click group that turns preftune errors into one line and exit status 2."""
+    """A click group that turns preftune errors into one line and exit status 2 (or the error's own
+    ``exit_code``: 3 for a run that stopped to wait for people)."""
 
     def invoke(self, ctx):
         try:
             result = super().invoke(ctx)
         except PreftuneError as e:
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(2)
+            click.echo(f"{'waiting' if isinstance(e, WaitingForPeople) else 'error'}: {e}", err=True)
+            ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)

@@ -6,6 +6,8 @@ from __future__ import annotations
 class PreftuneError(Exception):
     """A user-facing error: bad input, bad configuration, missing file."""
 
+    exit_code = 2
+
 
 class DataError(PreftuneError):
     """A problem with one record (or the whole file) of an input file."""
@@ -20,3 +22,10 @@ class DataError(PreftuneError):
 
 class ConfigError(PreftuneError):
     """An invalid configuration value or config file."""
+
+
+class WaitingForPeople(PreftuneError):
+    """People's judgements are still missing: the run stops cleanly (exit status 3) and continues
+    where it stopped when re-run."""
+
+    exit_code = 3
