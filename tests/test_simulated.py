@@ -136,7 +136,7 @@ def length(prompts, responses):
     (tmp_path / "data" / "candidates.jsonl").write_text(_candidates(tmp_path).read_text())
     run = Run(RunConfig(out=str(tmp_path), gold=f"{tmp_path}/gold.py:length", noise=0.0, annotators=2), None,
               quiet=True)
-    result = stage_label(run)
+    result = stage_label(run, 1)
     # 40 candidate sets x 4 non-empty responses, in one chunk: one call for both kinds.
     assert counter.read_text().split() == ["160"]
     assert result["comparisons"]["records"] == 40 * 6 * 2 and result["ratings"]["records"] == 40 * 4 * 2

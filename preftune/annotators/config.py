@@ -8,6 +8,9 @@ from pydantic import Field, model_validator
 
 from preftune.config import StageConfig
 
+Selection = Literal["random", "uncertainty"]
+"""Which pairs annotators judge first: shuffled, or those the reward model is least sure of."""
+
 
 class LabelConfig(StageConfig):
     candidates: str = Field(..., description="Candidates JSONL from `preftune sample` (one line per prompt "

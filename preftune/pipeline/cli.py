@@ -32,10 +32,12 @@ def register(cli: click.Group, config_help: str) -> None:
         """Run the whole RLHF loop and write a report.
 
         \b
-        sft -> sample (base + SFT) -> label (simulated annotators) -> reward -> ppo (or --algorithm
-        rloo, grpo, reinforce, dpo) -> eval -> probes
+        sft -> sample (base + SFT) -> label (simulated annotators, or people: --feedback app) -> reward
+        -> ppo (or --algorithm rloo, grpo, reinforce, dpo) [-> --rounds N: again from the last policy]
+        -> eval [-> people judge SFT vs tuned: --eval-judge human] -> probes
         Output in --out: report.html, metrics.json, stages.json, the models (sft/, rm/, ppo/...) and the
-        data (data/). Re-running reuses finished stages unless --force."""
+        data (data/); later rounds under round2/, ... Re-running reuses finished stages unless --force.
+        Waiting for people's judgements ends with exit status 3 (or --wait); re-run to continue."""
         from preftune.pipeline.run import run_loop
 
         defaults = {}
@@ -50,6 +52,9 @@ def register(cli: click.Group, config_help: str) -> None:
         click.echo("gold reward: " + ", ".join(f"{k} {gold[k]['mean']:.3f}" for k in ("base", "sft", m))
                    + f"; {METHOD_TITLES[m]} beats SFT {100 * metrics[f'winrate_{m}_vs_sft_gold']:.0f}% (gold); "
                    f"RM accuracy {metrics['rm_eval_accuracy']:.3f}; {metrics['seconds_total'] / 60:.1f} min")
+        if f"winrate_{m}_vs_sft_human" in metrics:
+            click.echo(f"people prefer {METHOD_TITLES[m]} over SFT {100 * metrics[f'winrate_{m}_vs_sft_human']:.0f}% "
+                       f"({metrics['human_eval']['judgements']} judgements)")
         click.echo(f"report: {Path(cfg.out) / 'report.html'}")
 
     @cli.command("compare")

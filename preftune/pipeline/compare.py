@@ -69,7 +69,7 @@ def _train(cfg: CompareConfig, config_file: str | None, method: str, queue) -> N
         else:
             from preftune.pipeline.run import stage_tune
 
-            summary = stage_tune(run, prompts)
+            summary = stage_tune(run, prompts, 1)
         queue.put({"summary": summary, "seconds": time.perf_counter() - t0,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     except BaseException as e:  # the parent reports it in one line

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from preftune.annotators.config import Selection
 from preftune.config import EngineName, StageConfig, engine_field
 
 Method = Literal["ppo", "rloo", "grpo", "reinforce", "dpo"]
@@ -56,6 +57,35 @@ class RunConfig(StageConfig):
                                            "models.")
     probe_questions: int = Field(60, ge=0, description="Questions of the hallucination probe to ask.")
     probe_attacks: int = Field(40, ge=0, description="Adversarial prompts of the safety probe to try.")
+    feedback: Literal["simulated", "app"] = Field("simulated", description="Who labels: simulated annotators "
+                                                  "(--gold with noise), or people in the feedback app (--db): the "
+                                                  "run creates the projects, imports the candidates and waits for "
+                                                  "the judgements (--wait) or stops until they are in (exit status "
+                                                  "3; re-run to continue).")
+    db: str | None = Field(None, description="The feedback app's database for --feedback app / --eval-judge human: "
+                                             "a PostgreSQL URL or a SQLite path (default: $PREFTUNE_DB, else "
+                                             "preftune-feedback.db here, as preftune annotate uses).")
+    project: str | None = Field(None, description="Name prefix of the run's projects (PREFIX-ratings, PREFIX-pairs, "
+                                                  "PREFIX-eval; later rounds add -r2, ...; default: the name of "
+                                                  "--out).")
+    wait: bool = Field(False, description="Wait (polling the database, with a progress bar) until people have "
+                                          "judged every task instead of stopping.")
+    poll_seconds: float = Field(10.0, gt=0, description="How often --wait looks at the database.")
+    eval_judge: Literal["gold", "human"] = Field("gold", description="Final evaluation: the gold and the reward "
+                                                 "model only, or also people (human: SFT-vs-tuned pairs of the "
+                                                 "held-out prompts go to the PREFIX-eval project; the report gives "
+                                                 "their win rate with its Wilson interval and agreement).")
+    rounds: int = Field(1, ge=1, le=20, description="Iterated RLHF: each round after the first samples new "
+                                                    "candidates from the last round's policy and the SFT model, "
+                                                    "labels them, retrains the reward model on everything judged so "
+                                                    "far and continues tuning from the last policy (KL to SFT).")
+    select: Selection = Field("random", description="Which comparisons people judge first (and, with "
+                                                    "--labels-per-round, at all): random, or uncertainty (the pairs "
+                                                    "the last round's reward model, or ensemble, is least sure of; "
+                                                    "the first round has no reward model yet and is random).")
+    labels_per_round: int | None = Field(None, ge=1, description="Comparisons (pairs) judged per round (default: "
+                                                                 "every pair of the candidates; ratings are "
+                                                                 "always of every response).")
     engine: EngineName = engine_field()
     force: bool = Field(False, description="Re-run every stage, even the ones a previous run finished.")
     batch_size: int = Field(32, ge=1, description="Prompts per generation batch when sampling and evaluating.")

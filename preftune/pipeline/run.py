@@ -1,13 +1,19 @@
 """The main job: the whole RLHF loop, one stage after another, each a preftune stage.
 
-    demonstrations -> sft -> sample (base + SFT) -> label (simulated annotators: ratings and
-    comparisons) -> reward -> ppo | rloo | grpo | reinforce (KL leash to SFT, gold monitored) or dpo
-    (on the comparisons) -> eval (held-out prompts: base / SFT / the tuned model by gold and proxy)
-    -> probes (hallucination, adversarial) -> report
+    demonstrations -> sft -> sample (base + SFT) -> label (ratings and comparisons, by simulated
+    annotators or people in the feedback app) -> reward -> ppo | rloo | grpo | reinforce (KL leash
+    to SFT, gold monitored) or dpo (on the comparisons)
+    [-> rounds 2..N: sample (SFT + the last policy) -> label -> reward (on everything judged so
+    far) -> tune (from the last policy, KL leash still to SFT)]
+    -> eval (held-out prompts: base / SFT / the tuned model by gold and proxy) [-> human_eval
+    (people compare SFT and tuned answers)] -> probes (hallucination, adversarial) -> report
 
-Every stage writes under ``OUT`` and is recorded in ``OUT/stages.json`` with its time and summary;
-a re-run reuses finished stages (``--force`` re-runs them all). Prompts: the demonstrations' prompts,
-the comparison prompts and the held-out prompts are disjoint; online RL trains on every training prompt.
+Every stage writes under ``OUT`` (round r > 1 under ``OUT/round<r>``) and is recorded in
+``OUT/stages.json`` with its time and summary; a re-run reuses finished stages (``--force`` re-runs
+them all). A stage waiting for people stops the run (``people.WaitingForPeople``) and the re-run
+continues there. Prompts: the demonstrations' prompts, each round's comparison prompts and the
+held-out prompts are disjoint (rounds reuse comparison prompts only when the training prompts run
+out); online RL trains on every training prompt.
 """
 
 from __future__ import annotations
@@ -27,16 +33,24 @@ from preftune.config import build_config
 from preftune.data.jsonl import read_dicts, read_jsonl, write_json, write_jsonl
 from preftune.data.records import prompt_text, to_json
 from preftune.data.split import random_split
-from preftune.errors import PreftuneError
+from preftune.errors import ConfigError, PreftuneError
 from preftune.pipeline.config import METHOD_TITLES, RunConfig
+from preftune.pipeline.labels import stage_label
 from preftune.progress import console
 
 OUTPUT_DIRS = ["sft", "rm", *METHOD_TITLES, "eval", "probes", "models"]
+ROUND_STAGES = ["sample", "label", "reward"]  # then the tuning method
 
 
-def stage_names(method: str) -> list[str]:
-    """The stages in order; the fifth is named after the tuning method (``[run] algorithm``)."""
-    return ["sft", "sample", "label", "reward", method, "eval", "probes"]
+def round_stage(name: str, r: int) -> str:
+    """A stage's name in round ``r`` (round 1 keeps the plain names)."""
+    return name if r == 1 else f"{name}.r{r}"
+
+
+def stage_names(method: str, rounds: int = 1, human_eval: bool = False, probes: bool = True) -> list[str]:
+    """The stages in order; the tuning stage is named after the method (``[run] algorithm``)."""
+    per_round = [round_stage(n, r) for r in range(1, rounds + 1) for n in (*ROUND_STAGES, method)]
+    return ["sft", *per_round, "eval", *(["human_eval"] if human_eval else []), *(["probes"] if probes else [])]
 
 
 @dataclass
@@ -54,8 +68,36 @@ class Run:
     def out(self) -> Path:
         return Path(self.cfg.out)
 
+    @property
+    def stages(self) -> list[str]:
+        return stage_names(self.method, self.cfg.rounds, self.cfg.eval_judge == "human", self.cfg.probes)
+
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
+
+    def round_path(self, r: int, *parts: str) -> Path:
+        """Round 1's outputs at the top of OUT (data/, rm/, ppo/...), round r's under OUT/round<r>."""
+        return self.path(*parts) if r == 1 else self.path(f"round{r}", *parts)
+
+    def candidates(self, r: int) -> Path:
+        return self.round_path(r, "data", "candidates.jsonl")
+
+    def policy(self, r: int) -> Path:
+        """The tuned model of round ``r`` (round 0: the SFT model)."""
+        return self.path("sft") if r == 0 else self.round_path(r, self.method)
+
+    @property
+    def final_policy(self) -> Path:
+        return self.policy(self.cfg.rounds)
+
+    @property
+    def final_rm(self) -> Path:
+        """The last round's reward model: the proxy the final policy was optimised against."""
+        return self.round_path(self.cfg.rounds, "rm")
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            console.print(message)
 
     def stage_config(self, cls, section: str, defaults: dict[str, Any] | None = None, **fixed):
         """Every stage's config, built one way: the stage's own defaults < ``defaults`` (what the
@@ -75,16 +117,16 @@ class Run:
     def save_state(self) -> None:
         write_json(self.path("stages.json"), self.state)
 
-    def run_stage(self, name: str, index: int, func: Callable[[], dict], outputs: list[Path],
-                  of: str | None = None) -> dict:
+    def run_stage(self, name: str, func: Callable[[], dict], outputs: list[Path], of: str | None = None) -> dict:
         """Run a stage, or reuse its finished outputs; ``of``: the model the stage judges (a finished
         evaluation of another method's model is not reused)."""
         done = self.state.get(name)
+        index, total = self.stages.index(name) + 1, len(self.stages)
         if done and done.get("of") == of and all(p.exists() for p in outputs):
-            console.print(f"[dim]stage {index}/{len(stage_names(self.method))} {name}: reusing the finished stage "
+            console.print(f"[dim]stage {index}/{total} {name}: reusing the finished stage "
                           f"({done['seconds']:.0f} s earlier; --force re-runs it)")
             return done["summary"]
-        console.rule(f"stage {index}/{len(stage_names(self.method))}: {name}")
+        console.rule(f"stage {index}/{total}: {name}")
         t0 = time.perf_counter()
         summary = func()
         seconds = time.perf_counter() - t0
@@ -113,7 +155,16 @@ def split_prompts(run: Run) -> dict[str, Path]:
     data = run.path("data")
     paths = {"comparison": data / "comparison_prompts.jsonl", "rl": data / "rl_prompts.jsonl",
              "eval": data / "eval_prompts.jsonl", "monitor": data / "monitor_prompts.jsonl"}
-    for key, rows in (("comparison", comparison), ("rl", train), ("eval", evaluation), ("monitor", monitor)):
+    subsets = {"comparison": comparison, "rl": train, "eval": evaluation, "monitor": monitor}
+    used = {prompt_text(r.messages) for r in comparison}
+    for r in range(2, run.cfg.rounds + 1):  # each round answers new prompts while there are any
+        unused = [p for p in free if prompt_text(p.messages) not in used]
+        pool = unused if len(unused) >= run.cfg.comparison_prompts else free
+        subsets[f"comparison.r{r}"] = random.Random(run.cfg.seed * 1000 + r).sample(
+            pool, min(run.cfg.comparison_prompts, len(pool)))
+        used |= {prompt_text(p.messages) for p in subsets[f"comparison.r{r}"]}
+        paths[f"comparison.r{r}"] = data / f"comparison_prompts.r{r}.jsonl"
+    for key, rows in subsets.items():
         write_jsonl(paths[key], [{k: v for k, v in to_json(r).items() if k != "split"} for r in rows])
     return paths
 
@@ -158,74 +209,97 @@ def stage_sft(run: Run, base: str) -> dict:
     return train_sft(cfg, quiet=run.quiet)
 
 
-def stage_sample(run: Run, base: str, prompts: Path) -> dict:
+def stage_sample(run: Run, base: str, prompts: dict[str, Path], r: int) -> dict:
+    """Candidates of round ``r``: the base and SFT models in round 1, then SFT and the last round's policy."""
     from preftune.sampling.config import SampleConfig
     from preftune.sampling.sample import sample_candidates
 
+    models = [base, str(run.path("sft"))] if r == 1 else [str(run.path("sft")), str(run.policy(r - 1))]
     cfg = run.stage_config(SampleConfig, "sample", defaults={"n": run.cfg.samples_per_model,
                                                              "max_new_tokens": run.cfg.max_new_tokens,
                                                              "batch_size": run.cfg.batch_size},
-                           model=[base, str(run.path("sft"))], prompts=str(prompts),
-                           out=str(run.path("data", "candidates.jsonl")))
+                           model=models, prompts=str(prompts[round_stage("comparison", r)]),
+                           out=str(run.candidates(r)))
     return sample_candidates(cfg, quiet=run.quiet)
 
 
-def stage_label(run: Run) -> dict:
-    """Comparisons and ratings of the candidates by the same simulated annotators: the gold scores
-    every response once, and both kinds of label are drawn from those scores."""
-    from preftune.annotators.config import LabelConfig
-    from preftune.annotators.label import gold_scores, read_candidates, write_labels
-    from preftune.scoring import load_scorer
-
-    noise = {"noise": [run.cfg.noise]} if run.cfg.noise is not None else {"target_agreement": run.cfg.target_agreement}
-    common = dict(candidates=str(run.path("data", "candidates.jsonl")), labeler=run.cfg.gold,
-                  annotators=run.cfg.annotators, **noise)
-    configs = {kind: run.stage_config(LabelConfig, "label", kind=kind, out=str(run.path("data", f"{kind}.jsonl")),
-                                      **common) for kind in ("comparisons", "ratings")}
-    first = configs["comparisons"]
-    items = read_candidates(first)
-    gold = gold_scores(load_scorer(first.labeler, first.device, first.dtype), items, quiet=run.quiet)
-    comparisons, ratings = (write_labels(cfg, items, gold) for cfg in configs.values())
-    flags: dict[str, int] = {}
-    for row in read_dicts(run.path("data", "ratings.jsonl")):
-        for flag in row.get("flags", []):
-            flags[flag] = flags.get(flag, 0) + 1
-    return {"comparisons": comparisons, "ratings": {**ratings, "flag_counts": flags}}
+def prompt_key(row: dict) -> str:
+    """A label's prompt as one string (a prompt is a string or a message list)."""
+    return json.dumps(row["prompt"] if "prompt" in row else row["messages"], sort_keys=True)
 
 
-def reward_data(run: Run, eval_split: float, seed: int) -> tuple[Path, Path | None]:
-    """(training, held-out) preference files for the reward model. The comparison prompts are split
-    (seeded); training gets every judgement of the training prompts (comparisons, and with
-    ``reward_ratings`` the pairs implied by the ratings), the held-out file only the comparisons of
-    the other prompts, so the held-out accuracy is measured on the same kind of label as the
-    annotators' agreement with the gold."""
-    def key(row: dict) -> str:  # a prompt is a string or a message list
-        return json.dumps(row["prompt"], sort_keys=True)
+def held_out_prompts(run: Run, eval_split: float, seed: int, upto: int) -> list[set[str]]:
+    """Per round 1..``upto``: the comparison prompts held out from the reward model (each round's
+    split seeded on its own, so a later round never moves an earlier round's prompts)."""
+    held = []
+    for r in range(1, upto + 1):
+        keys = list(dict.fromkeys(map(prompt_key, read_dicts(run.round_path(r, "data", "comparisons.jsonl")))))
+        held.append(set(random_split(keys, eval_split, seed if r == 1 else seed + r)[1]))
+    return held
 
-    comparisons = read_dicts(run.path("data", "comparisons.jsonl"))
-    ratings = read_dicts(run.path("data", "ratings.jsonl")) if run.cfg.reward_ratings else []
-    held = set(random_split(list(dict.fromkeys(map(key, comparisons))), eval_split, seed)[1])
-    train_path, eval_path = run.path("data", "rm_train.jsonl"), run.path("data", "rm_eval.jsonl")
-    write_jsonl(train_path, [r for r in comparisons + ratings if key(r) not in held])
+
+def reward_data(run: Run, eval_split: float, seed: int, upto: int = 1) -> tuple[Path, Path | None]:
+    """(training, held-out) preference files for the reward model of round ``upto``: everything
+    judged in rounds 1..upto. Each round's comparison prompts are split (seeded); training gets
+    every judgement of the training prompts (comparisons, and with ``reward_ratings`` the pairs
+    implied by the ratings), the held-out file only the comparisons of the other prompts, so the
+    held-out accuracy is measured on the same kind of label as the annotators' agreement with the
+    gold. A prompt held out in any round is held out in all."""
+    held = set().union(*held_out_prompts(run, eval_split, seed, upto))
+    comparisons, ratings = [], []
+    for r in range(1, upto + 1):
+        comparisons += read_dicts(run.round_path(r, "data", "comparisons.jsonl"))
+        ratings += read_dicts(run.round_path(r, "data", "ratings.jsonl")) if run.cfg.reward_ratings else []
+    train_path = run.round_path(upto, "data", "rm_train.jsonl")
+    eval_path = run.round_path(upto, "data", "rm_eval.jsonl")
+    write_jsonl(train_path, [r for r in comparisons + ratings if prompt_key(r) not in held])
     if not held:
         return train_path, None
-    write_jsonl(eval_path, [r for r in comparisons if key(r) in held])
+    write_jsonl(eval_path, [r for r in comparisons if prompt_key(r) in held])
     return train_path, eval_path
 
 
-def stage_reward(run: Run, base: str) -> dict:
+def stage_reward(run: Run, base: str, r: int) -> dict:
+    """The reward model of round ``r``, trained from the backbone on every round's labels so far;
+    also how well it (and the last round's model) orders the newest round's held-out comparisons,
+    which come from the policy it is about to be optimised against."""
     from preftune.reward.config import RewardConfig
     from preftune.reward.fit import fit_reward
 
     cfg = run.stage_config(RewardConfig, "reward", model=resolve_backbone(run, base), data="",
-                           out=str(run.path("rm")))
+                           out=str(run.round_path(r, "rm")))
     if cfg.eval_data is None:  # unless the config names its own held-out file
-        train_path, eval_path = reward_data(run, cfg.eval_split, cfg.seed)
+        train_path, eval_path = reward_data(run, cfg.eval_split, cfg.seed, upto=r)
         cfg = cfg.model_copy(update={"data": str(train_path), "eval_data": str(eval_path) if eval_path else None})
     else:
-        cfg = cfg.model_copy(update={"data": str(reward_data(run, 0.0, cfg.seed)[0])})
+        cfg = cfg.model_copy(update={"data": str(reward_data(run, 0.0, cfg.seed, upto=r)[0])})
     summary = fit_reward(cfg, quiet=run.quiet)
-    return {**summary, **gold_on_held_out(cfg, run.cfg.gold)}
+    summary = {**summary, **gold_on_held_out(cfg, run.cfg.gold)}
+    if run.cfg.rounds > 1 and cfg.eval_data is not None:
+        newest = held_out_prompts(run, cfg.eval_split, cfg.seed, r)[-1]
+        rows = [row for row in read_dicts(run.round_path(r, "data", "comparisons.jsonl")) if prompt_key(row) in newest]
+        summary["newest_round_accuracy"] = comparison_accuracy(str(run.round_path(r, "rm")), rows, cfg)
+        if r > 1:
+            summary["previous_rm_newest_round_accuracy"] = comparison_accuracy(str(run.round_path(r - 1, "rm")),
+                                                                               rows, cfg)
+    return summary
+
+
+def comparison_accuracy(reward: str, rows: list[dict], cfg) -> float | None:
+    """How often the reward model ``reward`` scores the chosen response of each comparison higher."""
+    from preftune.reward.losses import pair_accuracy
+    from preftune.scoring import load_scorer
+
+    if not rows:
+        return None
+    from preftune.data.records import parse_comparison
+
+    pairs = [parse_comparison(row) for row in rows]
+    scorer = load_scorer(reward, cfg.device, cfg.dtype)
+    prompts = [prompt_text(p.messages) for p in pairs]
+    chosen = scorer(prompts, [p.chosen for p in pairs])
+    rejected = scorer(prompts, [p.rejected for p in pairs])
+    return pair_accuracy(chosen, rejected).item()
 
 
 def gold_on_held_out(cfg, gold: str) -> dict:
@@ -256,28 +330,30 @@ def gold_on_held_out(cfg, gold: str) -> dict:
     return result
 
 
-def stage_tune(run: Run, prompts: dict[str, Path]) -> dict:
-    """Stage 4: the SFT model tuned by the run's method, its options from the method's own table."""
+def stage_tune(run: Run, prompts: dict[str, Path], r: int) -> dict:
+    """Stage 4 of round ``r``: the SFT model (round 1) or the last round's policy tuned by the run's
+    method against this round's reward model, always leashed to the SFT model; its options come
+    from the method's own table."""
     if run.method == "dpo":
-        return stage_dpo(run)
+        return stage_dpo(run, r)
     from preftune.rl.config import ALGORITHMS
     from preftune.rl.trainer import train_rl
 
     monitor = {"eval_prompts": str(prompts["monitor"]), "gold": run.cfg.gold} if run.cfg.monitor_prompts else {}
-    cfg = run.stage_config(ALGORITHMS[run.method], run.method, policy=str(run.path("sft")),
-                           reward=str(run.path("rm")), prompts=str(prompts["rl"]), out=str(run.path(run.method)),
-                           **monitor)
+    cfg = run.stage_config(ALGORITHMS[run.method], run.method, policy=str(run.policy(r - 1)),
+                           reference=str(run.path("sft")), reward=str(run.round_path(r, "rm")),
+                           prompts=str(prompts["rl"]), out=str(run.policy(r)), **monitor)
     return train_rl(cfg, quiet=run.quiet)
 
 
-def stage_dpo(run: Run) -> dict:
-    """DPO from the SFT model on the run's comparisons (the reward model's training labels; the
-    gold, not DPO, judges the result in the evaluation)."""
+def stage_dpo(run: Run, r: int) -> dict:
+    """DPO from the SFT model (round 1) or the last round's model on the round's comparisons (the
+    reward model's training labels; the gold, not DPO, judges the result in the evaluation)."""
     from preftune.dpo.config import DPOConfig
     from preftune.dpo.trainer import train_dpo
 
-    cfg = run.stage_config(DPOConfig, "dpo", defaults={"lora": True, "lr": 5e-5}, model=str(run.path("sft")),
-                           data=str(run.path("data", "comparisons.jsonl")), out=str(run.path("dpo")))
+    cfg = run.stage_config(DPOConfig, "dpo", defaults={"lora": True, "lr": 5e-5}, model=str(run.policy(r - 1)),
+                           data=str(run.round_path(r, "data", "comparisons.jsonl")), out=str(run.policy(r)))
     return train_dpo(cfg, quiet=run.quiet)
 
 
@@ -288,8 +364,8 @@ def eval_config(run: Run, prompts: Path):
 
     return run.stage_config(EvalConfig, "eval", defaults={"max_new_tokens": run.cfg.max_new_tokens,
                                                           "batch_size": run.cfg.batch_size},
-                            model=str(run.path(run.method)), baseline=str(run.path("sft")), prompts=str(prompts),
-                            judge=[run.cfg.gold, str(run.path("rm"))], out=str(run.path("eval")))
+                            model=str(run.final_policy), baseline=str(run.path("sft")), prompts=str(prompts),
+                            judge=[run.cfg.gold, str(run.final_rm)], out=str(run.path("eval")))
 
 
 def answer_held_out(run: Run, models: dict[str, str], kl_to: dict[str, str], prompts: Path, quiet: bool):
@@ -305,7 +381,7 @@ def answer_held_out(run: Run, models: dict[str, str], kl_to: dict[str, str], pro
     cfg = eval_config(run, prompts)
     messages = [r.messages for r in prompt_subset(cfg)]
     judges = {"gold": load_scorer(run.cfg.gold, cfg.device, cfg.dtype),
-              "proxy": load_scorer(str(run.path("rm")), cfg.device, cfg.dtype)}
+              "proxy": load_scorer(str(run.final_rm), cfg.device, cfg.dtype)}
     options = SamplingOptions(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
     answers = sample_models(models, messages, options, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
                             engine=cfg.engine, kl_to=kl_to, quiet=quiet)
@@ -322,7 +398,7 @@ def stage_eval(run: Run, base: str, prompts: Path) -> dict:
     from preftune.evaluation.stats import pairwise_outcomes
 
     m = run.method
-    models = {"base": base, "sft": str(run.path("sft")), m: str(run.path(m))}
+    models = {"base": base, "sft": str(run.path("sft")), m: str(run.final_policy)}
     cfg, messages, answers = answer_held_out(run, models, {"sft": "base", m: "sft"}, prompts, run.quiet)
     scores = answers.scores
     result = {
@@ -350,7 +426,7 @@ def probe_configs(run: Run, base: str):
     tuned model is probed, with the base model as the baseline."""
     from preftune.evaluation.config import AdversarialConfig, HallucinationConfig
 
-    fixed = {"model": str(run.path(run.method)), "baseline": base}
+    fixed = {"model": str(run.final_policy), "baseline": base}
     return (run.stage_config(HallucinationConfig, "probes.hallucination",
                              defaults={"samples": run.cfg.probe_questions, "batch_size": run.cfg.batch_size},
                              out=str(run.path("probes", "hallucination")), **fixed),
@@ -372,15 +448,66 @@ def stage_probes(run: Run, base: str) -> dict:
 # ---------------------------------------------------------------- the run
 
 
+def stage_human_eval(run: Run) -> dict:
+    """People compare the SFT model's and the tuned model's answers to the held-out prompts (the
+    evaluation stage's samples) in the PREFIX-eval project: the human win rate with its Wilson
+    interval, and the people's agreement."""
+    from preftune.evaluation.harness import win_rate_summary
+    from preftune.pipeline.labels import project_names
+    from preftune.pipeline.people import FeedbackDB, agreement_summary, await_judgements, eval_records, tuned_outcomes
+
+    m = run.method
+    rows = read_dicts(run.path("eval", "samples.jsonl"))
+    records = eval_records([r["prompt"] for r in rows], [r["sft"] for r in rows], [r[m] for r in rows],
+                           seed=run.cfg.seed)
+    name = project_names(run, 1)["eval"]
+    db = FeedbackDB.open(run.cfg.db)
+    db.ensure_project(name, "pairwise", overlap=run.cfg.annotators)
+    db.import_records(name, records)
+    await_judgements(db, [name], "human evaluation", run.cfg.wait, run.cfg.poll_seconds, run.quiet)
+    tuned_index = {r["id"]: r["meta"]["tuned"] for r in records}
+    outcomes = tuned_outcomes(db.export(name, "raw"), tuned_index)
+    return {"project": name, "tasks": len(records), "identical_or_empty_pairs": len(rows) - len(records),
+            f"winrate_{m}_vs_sft": win_rate_summary(outcomes), **agreement_summary(db.stats(name))}
+
+
+def stage_round(run: Run, base: str, prompts: dict[str, Path], r: int) -> dict[str, dict]:
+    """One round of the loop: candidates, labels, reward model, tuning."""
+    m = run.method
+    name = lambda stage: round_stage(stage, r)  # noqa: E731
+    return {
+        "sample": run.run_stage(name("sample"), lambda: stage_sample(run, base, prompts, r), [run.candidates(r)]),
+        "label": run.run_stage(name("label"), lambda: stage_label(run, r),
+                               [run.round_path(r, "data", "comparisons.jsonl")]),
+        "reward": run.run_stage(name("reward"), lambda: stage_reward(run, base, r),
+                                [run.round_path(r, "rm", "metrics.json")]),
+        m: run.run_stage(name(m), lambda: stage_tune(run, prompts, r), [run.policy(r) / "config.json"]),
+    }
+
+
+def round_summary(r: int, results: dict[str, dict], method: str) -> dict:
+    """What the report and metrics say about a round."""
+    reward, tuned, label = results["reward"], results[method], results["label"]
+    return {"round": r, "labels": label["comparisons"].get("records"),
+            "human_judgements": label.get("human_judgements"), "selection": label.get("selection"),
+            "rm_eval_accuracy": reward.get("eval_accuracy"),
+            "newest_round_accuracy": reward.get("newest_round_accuracy"),
+            "previous_rm_newest_round_accuracy": reward.get("previous_rm_newest_round_accuracy"),
+            "gold": tuned.get("eval/gold"), "proxy": tuned.get("eval/proxy"), "kl": tuned.get("eval/kl")}
+
+
 def run_loop(cfg: RunConfig, config_file: str | None = None, quiet: bool = False) -> dict:
     """Run (or resume) the whole loop; returns the contents of OUT/metrics.json."""
     from preftune.models.loading import inference_precision, set_threads
     from preftune.pipeline.report import write_report
 
+    if cfg.eval_judge == "human" and cfg.feedback != "app" and cfg.db is None:
+        raise ConfigError("eval_judge = \"human\" needs the feedback app's database: set [run] db (or feedback = "
+                          "\"app\")")
     run = Run(cfg, config_file, quiet)
     run.out.mkdir(parents=True, exist_ok=True)
     if cfg.force:  # outputs of an earlier run (data/ is rewritten by the stages themselves)
-        for name in OUTPUT_DIRS:
+        for name in OUTPUT_DIRS + [p.name for p in run.out.glob("round[0-9]*")]:
             shutil.rmtree(run.path(name), ignore_errors=True)
     set_threads(cfg.threads)
     run.load_state()
@@ -389,39 +516,56 @@ def run_loop(cfg: RunConfig, config_file: str | None = None, quiet: bool = False
     prompts = split_prompts(run)
     base = resolve_base(run)
     m = run.method
-    results = {
-        "sft": run.run_stage("sft", 1, lambda: stage_sft(run, base), [run.path("sft", "config.json")]),
-        "sample": run.run_stage("sample", 2, lambda: stage_sample(run, base, prompts["comparison"]),
-                                [run.path("data", "candidates.jsonl")]),
-        "label": run.run_stage("label", 3, lambda: stage_label(run), [run.path("data", "comparisons.jsonl")]),
-        "reward": run.run_stage("reward", 4, lambda: stage_reward(run, base), [run.path("rm", "metrics.json")]),
-        m: run.run_stage(m, 5, lambda: stage_tune(run, prompts), [run.path(m, "config.json")]),
-        "eval": run.run_stage("eval", 6, lambda: stage_eval(run, base, prompts["eval"]),
-                              [run.path("eval", "eval.json")], of=m),
-    }
+    results = {"sft": run.run_stage("sft", lambda: stage_sft(run, base), [run.path("sft", "config.json")])}
+    rounds = []
+    for r in range(1, cfg.rounds + 1):
+        this = stage_round(run, base, prompts, r)
+        rounds.append(round_summary(r, this, m))
+        if r == 1:
+            results.update(this)
+        else:
+            results.update({round_stage(k, r): v for k, v in this.items()})
+    results["eval"] = run.run_stage("eval", lambda: stage_eval(run, base, prompts["eval"]),
+                                    [run.path("eval", "eval.json")], of=m)
+    if cfg.eval_judge == "human":
+        results["human_eval"] = run.run_stage("human_eval", lambda: stage_human_eval(run), [], of=m)
     if cfg.probes:
-        results["probes"] = run.run_stage("probes", 7, lambda: stage_probes(run, base),
+        results["probes"] = run.run_stage("probes", lambda: stage_probes(run, base),
                                           [run.path("probes", "adversarial", "probe.json")], of=m)
-    seconds_per_stage = {name: run.state[name]["seconds"] for name in stage_names(m) if name in run.state}
-    ev, label = results["eval"], results["label"]["comparisons"]
+    results["rounds"] = rounds
+    seconds_per_stage = {name: run.state[name]["seconds"] for name in run.stages if name in run.state}
+    ev = results["eval"]
+    last_label, last_reward = (results[round_stage(k, cfg.rounds)] for k in ("label", "reward"))
+    labels = [results[round_stage("label", r)] for r in range(1, cfg.rounds + 1)]
     metrics = {
-        "rm_eval_accuracy": results["reward"].get("eval_accuracy"),
-        "rm_eval_gold_accuracy": results["reward"].get("gold_eval_accuracy"),
-        "rm_gold_agreement": results["reward"].get("rm_gold_agreement"),
-        "annotator_agreement": label.get("gold_agreement"),
-        "inter_annotator_agreement": label.get("inter_annotator_agreement"),
+        "rm_eval_accuracy": last_reward.get("eval_accuracy"),
+        "rm_eval_gold_accuracy": last_reward.get("gold_eval_accuracy"),
+        "rm_gold_agreement": last_reward.get("rm_gold_agreement"),
+        "annotator_agreement": last_label["comparisons"].get("gold_agreement"),
+        "inter_annotator_agreement": last_label["comparisons"].get("inter_annotator_agreement"),
+        "feedback": cfg.feedback,
+        "human_judgements": sum(label.get("human_judgements") or 0 for label in labels),
+        "annotators": max(label.get("annotators") or 0 for label in labels),
         "gold_reward": ev["gold_reward"], "proxy_reward": ev["proxy_reward"],
         f"kl_{m}_sft": ev[f"kl_{m}_sft"]["mean"] if ev[f"kl_{m}_sft"] else None,
         "kl_sft_base": ev["kl_sft_base"]["mean"] if ev["kl_sft_base"] else None,
         f"winrate_{m}_vs_sft_gold": ev[f"winrate_{m}_vs_sft"]["gold"]["rate"],
         f"winrate_{m}_vs_sft_proxy": ev[f"winrate_{m}_vs_sft"]["proxy"]["rate"],
         "response_length": ev["length"],
+        "rounds": rounds,
         "seconds_total": sum(seconds_per_stage.values()),
         "seconds_this_invocation": time.perf_counter() - t0,
         "seconds_per_stage": seconds_per_stage,
         "algorithm": m, "model": cfg.model, "quick": cfg.model == "tiny",
         "precision": inference_precision(cfg.dtype, cfg.device),
     }
+    if cfg.feedback == "app":
+        metrics["people"] = {"comparisons": {k: v for k, v in last_label["comparisons"].items() if k != "records"},
+                             "ratings": {k: v for k, v in last_label["ratings"].items() if k != "records"}}
+    if "human_eval" in results:
+        human = results["human_eval"]
+        metrics[f"winrate_{m}_vs_sft_human"] = human[f"winrate_{m}_vs_sft"]["rate"]
+        metrics["human_eval"] = human
     write_json(run.path("metrics.json"), metrics)
     write_report(run, results, metrics)
     return metrics

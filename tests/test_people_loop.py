@@ -1,0 +1,164 @@
+"""People in the loop: active selection by hand, iterated rounds, and the main job with the
+feedback app (a scripted annotator answering through the HTTP API with real tokens)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import ROOT
+from preftune.annotators.selection import Pair, candidate_pairs, order_pairs, pair_entropy, preference_entropy
+from preftune.cli import cli
+from preftune.data.records import CandidateSet
+
+
+def test_preference_entropy_by_hand():
+    # P = 1/2: ln 2; margin ln 3: P = 3/4, H = -(3/4 ln 3/4 + 1/4 ln 1/4) = 0.5623351446
+    h = preference_entropy(torch.tensor([0.0, math.log(3), -math.log(3)], dtype=torch.float64))
+    assert h.tolist() == pytest.approx([math.log(2), 0.5623351446, 0.5623351446], abs=1e-9)
+    # A spread s with 1 + pi s^2 / 8 = 4 halves the margin: 2 ln 3 is then as uncertain as ln 3.
+    s = math.sqrt(24 / math.pi)
+    assert preference_entropy(torch.tensor([2 * math.log(3)], dtype=torch.float64),
+                              torch.tensor([s], dtype=torch.float64)).item() == pytest.approx(0.5623351446)
+    assert preference_entropy(torch.tensor([200.0])).item() == pytest.approx(0.0, abs=1e-12)  # finite, no NaN
+
+
+def test_pairs_across_models_and_most_uncertain_first():
+    item = CandidateSet(messages=[{"role": "user", "content": "q"}], responses=["a", "b", "c", "", "c"],
+                        models=["base", "base", "sft", "sft", "sft"], id="q")
+    # Across models, one pair per index of each model's non-empty responses: base's k-th against sft's k-th.
+    assert candidate_pairs([item], across_models=True) == [Pair(0, 0, 2), Pair(0, 1, 4)]
+    assert candidate_pairs([item]) == [Pair(0, 0, 1), Pair(0, 0, 2), Pair(0, 0, 4), Pair(0, 1, 2), Pair(0, 1, 4)]
+    pairs = candidate_pairs([item])
+    scores = [torch.tensor([0.0, 3.0, 0.5, 0.0, 9.0])]  # margins -3, -0.5, -9, 2.5, -6
+    entropy = pair_entropy(pairs, scores, None)
+    assert order_pairs(pairs, "uncertainty", seed=0, entropy=entropy) == [
+        Pair(0, 0, 2), Pair(0, 1, 2), Pair(0, 0, 1), Pair(0, 1, 4), Pair(0, 0, 4)]
+    # An ensemble's spread makes a pair less certain: the same margins, one pair's members disagree.
+    spreads = [torch.tensor([0.0, 0.0, 0.0, 0.0, 20.0])]
+    first = order_pairs(pairs, "uncertainty", 0, pair_entropy(pairs, scores, spreads))[0]
+    assert first in (Pair(0, 0, 4), Pair(0, 1, 4))
+    assert sorted(order_pairs(pairs, "random", seed=1), key=lambda p: (p.i, p.j)) == pairs
+
+
+def quick(out: Path, *extra: str):
+    return CliRunner().invoke(cli, ["run", "--quick", "--out", str(out), "--no-probes", *extra],
+                              catch_exceptions=False)
+
+
+def test_two_rounds_continue_from_the_first_rounds_policy(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "r2"
+    result = quick(out, "--rounds", "2", "--select", "uncertainty", "--labels-per-round", "30")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert [r["labels"] for r in metrics["rounds"]] == [60, 60]  # 30 pairs x 2 annotators
+    assert metrics["rounds"][0]["selection"].startswith("random") and metrics["rounds"][1]["selection"].startswith(
+        "uncertainty")
+    assert isinstance(metrics["rounds"][1]["previous_rm_newest_round_accuracy"], float)
+    assert {"sample.r2", "label.r2", "reward.r2", "ppo.r2"} <= set(metrics["seconds_per_stage"])
+    # Round 2's candidates come from the SFT model and round 1's policy.
+    candidates = [json.loads(line) for line in (out / "round2" / "data" / "candidates.jsonl").read_text().splitlines()]
+    assert {m for c in candidates for m in c["models"]} == {"sft", "ppo"}
+    # Round 2 tuned from round 1's policy, leashed to SFT; its reward model saw both rounds' labels.
+    cfg = json.loads((out / "round2" / "ppo" / "run_config.json").read_text())
+    assert cfg["policy"] == str(out / "ppo") and cfg["reference"] == str(out / "sft")
+    train = (out / "round2" / "data" / "rm_train.jsonl").read_text()
+    round1 = [json.loads(line)["chosen"] for line in (out / "data" / "comparisons.jsonl").read_text().splitlines()]
+    assert sum(c in train for c in round1) > 0
+    assert "Rounds of iterated RLHF" in (out / "report.html").read_text()
+
+
+# ---------------------------------------------------------------- people in the feedback app
+
+
+def scripted_annotators(url: str, names: list[str]):
+    """Annotator accounts with API tokens, and an HTTP client of the app on ``url``."""
+    from fastapi.testclient import TestClient
+
+    from preftune.feedback.app import create_app
+    from preftune.feedback.app.db import transaction
+    from preftune.feedback.app.service import create_user
+
+    app = create_app(url)
+    with transaction(app.state.sessions) as s:
+        tokens = {n: create_user(s, n, "annotator").token for n in names}
+    return TestClient(app), tokens
+
+
+def judge_everything(client, tokens: dict[str, str], project: str, gold, seed: int) -> int:
+    """Each annotator takes tasks until none are left and answers as a simulated person: the gold's
+    preference with Bradley-Terry noise (ratings: gold score thresholds). Returns judgements made."""
+    rng = np.random.default_rng(seed)
+    made = 0
+    for name, token in tokens.items():
+        auth = {"Authorization": f"Bearer {token}"}
+        while True:
+            r = client.get(f"/api/v1/projects/{project}/next", headers=auth)
+            if r.status_code == 204:
+                break
+            assert r.status_code == 200, r.text
+            task = r.json()
+            prompts = [task["messages"][-1]["content"]] * len(task["responses"])
+            scores = gold(prompts, task["responses"]).double().numpy()
+            if task["kind"] == "rating":
+                body = {"rating": int(1 + (scores[0] > 0.05) + (scores[0] > 0.2)), "flags": []}
+            else:
+                p_first = 1 / (1 + math.exp(-(scores[0] - scores[1]) / 0.1))
+                body = {"choice": "A" if rng.random() < p_first else "B"}
+            done = client.post(f"/api/v1/assignments/{task['assignment_id']}/judgement", headers=auth,
+                               json={**body, "client_key": f"{name}-{task['assignment_id']}"})
+            assert done.status_code == 201, done.text
+            made += 1
+    return made
+
+
+def test_the_main_job_with_people_stops_for_labels_and_continues(tmp_path, monkeypatch):
+    pytest.importorskip("fastapi")
+    from preftune.scoring import load_scorer
+
+    monkeypatch.chdir(ROOT)
+    out, db = tmp_path / "people", tmp_path / "feedback.db"
+    options = ["--feedback", "app", "--db", str(db), "--project", "t", "--eval-judge", "human",
+               "--comparison-prompts", "8"]
+    first = quick(out, *options)
+    assert first.exit_code == 3, first.output
+    assert "judgements are still missing (projects t-ratings, t-pairs)" in first.output
+    assert "preftune annotate serve --db" in first.output and "Traceback" not in first.output
+    assert not (out / "rm").exists()
+
+    gold = load_scorer("0.5*sentiment + 0.5*keyword(lovely|wonderful|great|love|happy|fun)")
+    client, tokens = scripted_annotators(f"sqlite:///{db}", ["ann1", "ann2"])
+    made = sum(judge_everything(client, tokens, p, gold, seed=k) for k, p in enumerate(["t-ratings", "t-pairs"]))
+    assert made > 0
+
+    second = quick(out, *options)  # continues: labels in, reward, PPO, eval; then people evaluate
+    assert second.exit_code == 3, second.output
+    assert "reusing the finished stage" in second.output and "human evaluation:" in second.output
+    # The reward model trained on exactly what people judged (the held-out prompts' comparisons aside).
+    admin_rows = lambda path: [json.loads(x) for x in path.read_text().splitlines() if x.strip()]  # noqa: E731
+    exported = admin_rows(out / "data" / "comparisons.jsonl") + admin_rows(out / "data" / "ratings.jsonl")
+    used = admin_rows(out / "data" / "rm_train.jsonl") + admin_rows(out / "data" / "rm_eval.jsonl")
+    assert {r["id"] for r in used} <= {r["id"] for r in exported}
+    assert {r["id"] for r in admin_rows(out / "data" / "comparisons.jsonl")} <= {r["id"] for r in used}
+    assert all(r["annotator"] in tokens for r in exported)
+
+    judged_eval = judge_everything(client, tokens, "t-eval", gold, seed=3)
+    third = quick(out, *options)
+    assert third.exit_code == 0, third.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["feedback"] == "app" and metrics["annotators"] == 2
+    assert metrics["human_judgements"] == made
+    human = metrics["human_eval"]
+    rate = human["winrate_ppo_vs_sft"]
+    assert rate["wins"] + rate["ties"] + rate["losses"] == judged_eval
+    assert rate["ci"][0] <= metrics["winrate_ppo_vs_sft_human"] <= rate["ci"][1]
+    html = (out / "report.html").read_text()
+    assert "People&#x27;s judgements" in html or "People's judgements" in html
