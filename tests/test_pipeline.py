@@ -65,7 +65,7 @@ def test_quick_run_with_another_method_reuses_the_data_and_judges_the_new_model(
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert result.output.count("reusing the finished stage") == 4  # sft, sample, label, reward
-    assert f"stage 5/7: {method}" in result.output and "stage 6/7: eval" in result.output
+    assert f"stage 5/6: {method}" in result.output and "stage 6/6: eval" in result.output  # no probes
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["algorithm"] == method and isinstance(metrics[f"winrate_{method}_vs_sft_gold"], float)
     assert set(metrics["gold_reward"]) == {"base", "sft", method}
