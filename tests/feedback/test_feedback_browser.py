@@ -8,6 +8,7 @@ $PREFTUNE_SCREENSHOTS (docs/screenshots to refresh the README's) or a temporary 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -57,14 +58,9 @@ def shots(tmp_path_factory) -> Path:
     return target
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    """The app served by uvicorn on 127.0.0.1 in a thread, with admin and ann1..ann3."""
-    url = fresh_database("sqlite", tmp_path_factory.mktemp("browser"))
-    app = create_app(url)
-    with transaction(app.state.sessions) as s:
-        for name, (role, _password, token, password_hash) in known_users().items():
-            s.add(User(name=name, role=role, password_hash=password_hash, token_hash=token_hash(token)))
+@contextlib.contextmanager
+def serve(app):
+    """``app`` served by uvicorn on a free port of 127.0.0.1 in a thread; yields its URL."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -75,10 +71,24 @@ def live(tmp_path_factory):
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started, "server did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
-    app.state.engine.dispose()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        app.state.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """The app on a fresh SQLite database, with admin and ann1..ann3."""
+    url = fresh_database("sqlite", tmp_path_factory.mktemp("browser"))
+    app = create_app(url)
+    with transaction(app.state.sessions) as s:
+        for name, (role, _password, token, password_hash) in known_users().items():
+            s.add(User(name=name, role=role, password_hash=password_hash, token_hash=token_hash(token)))
+    with serve(app) as url:
+        yield url
 
 
 @pytest.fixture
@@ -89,10 +99,10 @@ def dialogs(page: Page) -> list[str]:
     return seen
 
 
-def login(page: Page, live: str, user: str) -> None:
+def login(page: Page, live: str, user: str, password: str | None = None) -> None:
     page.goto(f"{live}/login")
     page.fill("input[name=username]", user)
-    page.fill("input[name=password]", known_users()[user][1])
+    page.fill("input[name=password]", password or known_users()[user][1])
     page.click("button[type=submit]")
     page.wait_for_load_state()
 
@@ -492,3 +502,50 @@ def test_an_annotator_changes_a_recent_judgement(live, page: Page):
     raw = json.loads(httpx.get(f"{live}/api/v1/projects/revisit/export", params={"format": "raw"}, headers=admin).text)
     assert (raw["choice"], raw["strength"], raw["revisions"][0]["choice"]) == ("B", 4, "A")
     assert [e for e in errors if "Failed to load resource" not in e] == []  # (no favicon)
+
+
+def test_people_make_some_of_a_runs_judgements_in_the_browser(page: Page, tmp_path, monkeypatch):
+    """The main job with ``--feedback app`` stops for labels; an annotator judges a few of its pairs and
+    rates a response in the browser, a scripted annotator the rest through the API; the re-run
+    finishes, and the reward model trained on the browser's judgements."""
+    from test_people_loop import ROOT, judge_everything, quick, scripted_annotators
+
+    from preftune.feedback.app.service import create_user
+    from preftune.pipeline.people import FeedbackDB
+    from preftune.scoring import load_scorer
+
+    monkeypatch.chdir(ROOT)
+    out, db = tmp_path / "run", tmp_path / "feedback.db"
+    options = ["--feedback", "app", "--db", str(db), "--project", "b", "--comparison-prompts", "4"]
+    first = quick(out, *options)
+    assert first.exit_code == 3, first.output
+
+    app = create_app(f"sqlite:///{db}")
+    password = "browser-pass-1234"
+    with transaction(app.state.sessions) as s:
+        ann1_token = create_user(s, "ann1", "annotator", password=password).token
+    with serve(app) as url:
+        login(page, url, "ann1", password)
+        page.goto(f"{url}/annotate/b-pairs")
+        for n in range(3):
+            expect(page.locator("#done")).to_have_text(str(n))
+            page.keyboard.press("a")
+            page.keyboard.press("Enter")
+        expect(page.locator("#done")).to_have_text("3")
+        page.goto(f"{url}/annotate/b-ratings")
+        page.keyboard.press("3")
+        page.keyboard.press("Enter")
+        expect(page.locator("#done")).to_have_text("1")
+    in_browser = FeedbackDB.open(f"sqlite:///{db}").export("b-pairs", "comparisons")
+    assert len(in_browser) == 3 and {r["annotator"] for r in in_browser} == {"ann1"}
+
+    gold = load_scorer("0.5*sentiment + 0.5*keyword(lovely|wonderful|great|love|happy|fun)")
+    client, tokens = scripted_annotators(f"sqlite:///{db}", ["ann2"])
+    tokens["ann1"] = ann1_token  # ann1 goes on through the API
+    for k, project in enumerate(["b-ratings", "b-pairs"]):
+        judge_everything(client, tokens, project, gold, seed=k)
+    second = quick(out, *options)
+    assert second.exit_code == 0, second.output
+    rows = lambda path: [json.loads(x) for x in path.read_text().splitlines() if x.strip()]  # noqa: E731
+    used = {r["id"] for r in rows(out / "data" / "rm_train.jsonl") + rows(out / "data" / "rm_eval.jsonl")}
+    assert {r["id"] for r in in_browser} <= used
