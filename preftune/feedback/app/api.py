@@ -12,12 +12,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from preftune.data.records import RecordError
 from preftune.feedback.app import export as exporting
 from preftune.feedback.app import service
-from preftune.feedback.app.models import Assignment, Judgement, Project, Task, User
+from preftune.feedback.app.models import Assignment, Project, Task, User
 from preftune.feedback.app.stats import project_stats
 from preftune.feedback.app.tasks import parse_tasks
 from preftune.feedback.app.web import api_caller, tx
@@ -90,13 +90,6 @@ def _project_json(p: Project) -> dict[str, Any]:
             "lease_seconds": p.lease_seconds, "guidelines": p.guidelines}
 
 
-def progress_for(s, p: Project, user: User) -> dict[str, int]:
-    """What the annotator's progress line shows: judged so far, and what is left for them."""
-    done = s.scalar(select(func.count(Judgement.id)).where(Judgement.project_id == p.id,
-                                                           Judgement.user_id == user.id)) or 0
-    return {"done": done, "remaining": service.remaining_for(s, p, user)}
-
-
 @router.get("/me", summary="Who am I")
 def me(user: AnyUser) -> dict[str, Any]:
     return {"user": user.name, "role": user.role}
@@ -148,12 +141,11 @@ def next_task(request: Request, user: AnyUser, project: str,
               html: bool = Query(False, description="add the prompt and responses rendered from markdown "
                                                     "as safe HTML (what the annotate page shows)")):
     with tx(request) as s:  # one short write transaction: the lease, its task, the progress line
-        p = service.get_project(s, project)
-        assignment = service.next_assignment(s, p, user)
+        p, assignment = service.next_assignment(s, project, user)
         if assignment is None:
             return Response(status_code=204)
         task = s.get(Task, assignment.task_id)
-        progress = progress_for(s, p, user)
+        progress = service.progress(s, p, user)
     return {**service.assignment_json(assignment, task, p, html=html), "progress": progress}
 
 
@@ -199,7 +191,7 @@ def unskip(request: Request, user: AnyUser, assignment_id: int, html: bool = Que
     with tx(request) as s:
         assignment, task, p = service.unskip_assignment(s, assignment_id, user)
         body = service.assignment_json(assignment, task, p, html=html)
-        body["progress"] = progress_for(s, p, user)
+        body["progress"] = service.progress(s, p, user)
     return body
 
 

@@ -20,7 +20,6 @@ from starlette.concurrency import run_in_threadpool
 from preftune.data.records import RATING_FLAGS, RecordError
 from preftune.errors import DataError
 from preftune.feedback.app import service
-from preftune.feedback.app.api import progress_for
 from preftune.feedback.app.markdown import render_markdown
 from preftune.feedback.app.models import Project, Task, User, WebSession
 from preftune.feedback.app.security import new_secret, same_secret, verify_no_user, verify_password
@@ -154,7 +153,7 @@ def logout(request: Request, csrf_token: str = Form("")):
 def home(request: Request):
     with tx(request) as s:
         caller = _caller(request, s)
-        projects = [(p, progress_for(s, p, caller.user)) for p in s.scalars(select(Project).order_by(Project.name))]
+        projects = [(p, service.progress(s, p, caller.user)) for p in s.scalars(select(Project).order_by(Project.name))]
         return render(request, "home.html", caller, projects=projects)
 
 
@@ -162,12 +161,12 @@ def home(request: Request):
 def annotate(request: Request, project: str, message: str | None = None, skipped: str | None = None):
     with tx(request) as s:
         caller = _caller(request, s)
-        p = service.get_project(s, project)
-        assignment = service.next_assignment(s, p, caller.user)
+        p, assignment = service.next_assignment(s, project, caller.user)
         task = s.get(Task, assignment.task_id) if assignment else None
         view = service.assignment_json(assignment, task, p) if assignment else None
-        return render(request, "annotate.html", caller, project=p, task=view, progress=progress_for(s, p, caller.user),
-                      client_key=new_secret(12), flags=[(f, FLAG_KEYS[f]) for f in RATING_FLAGS],
+        return render(request, "annotate.html", caller, project=p, task=view,
+                      progress=service.progress(s, p, caller.user), client_key=new_secret(12),
+                      flags=[(f, FLAG_KEYS[f]) for f in RATING_FLAGS],
                       strengths=STRENGTH_NAMES, message=message,
                       skipped=skipped if skipped and skipped.isdigit() else None)
 
@@ -231,8 +230,9 @@ def annotate_revise_page(request: Request, project: str, judgement_id: int):
         answer = service.judgement_json(j, a)
         answer["ranks"] = {pos: rank for rank, group in enumerate(answer["ranking"] or [], start=1) for pos in group}
         view = service.assignment_json(a, t, p)
-        return render(request, "annotate.html", caller, project=p, task=view, progress=progress_for(s, p, caller.user),
-                      client_key="", flags=[(f, FLAG_KEYS[f]) for f in RATING_FLAGS], strengths=STRENGTH_NAMES,
+        return render(request, "annotate.html", caller, project=p, task=view,
+                      progress=service.progress(s, p, caller.user), client_key="",
+                      flags=[(f, FLAG_KEYS[f]) for f in RATING_FLAGS], strengths=STRENGTH_NAMES,
                       message=None, skipped=None, answer=answer)
 
 

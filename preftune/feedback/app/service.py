@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from preftune.data.records import RATING_FLAGS
 from preftune.errors import PreftuneError
@@ -305,13 +306,21 @@ def _queue(project: Project, user: User, now):
             .order_by(Task.needed, Task.id))
 
 
+def progress(session: Session, project: Project, user: User) -> dict[str, int]:
+    """What the annotator's progress line shows, in one indexed read: judged so far, and the regular
+    tasks still open that they have not judged or skipped (the one they hold and those they may be
+    given; some of these may be leased to others right now)."""
+    closed_regular = and_(Assignment.status.in_(("done", "skipped")), Task.is_gold.is_(False), Task.needed > 0)
+    done, closed = session.execute(
+        select(func.count(Assignment.id).filter(Assignment.status == "done"),
+               func.count(Assignment.id).filter(closed_regular))
+        .join(Task, Assignment.task_id == Task.id)
+        .where(Assignment.project_id == project.id, Assignment.user_id == user.id)).one()
+    return {"done": done, "remaining": max(0, project.open_tasks - closed)}
+
+
 def remaining_for(session: Session, project: Project, user: User) -> int:
-    """Regular tasks still open that this user has not judged or skipped: the one they hold and
-    those they may be given (some of these may be leased to others right now)."""
-    closed = session.scalar(select(func.count(Assignment.id)).join(Task, Assignment.task_id == Task.id).where(
-        Assignment.project_id == project.id, Assignment.user_id == user.id,
-        Assignment.status.in_(("done", "skipped")), Task.is_gold.is_(False), Task.needed > 0)) or 0
-    return max(0, project.open_tasks - closed)
+    return progress(session, project, user)["remaining"]
 
 
 def current_lease(session: Session, project: Project, user: User) -> Assignment | None:
@@ -320,14 +329,18 @@ def current_lease(session: Session, project: Project, user: User) -> Assignment 
         Assignment.status == "leased", Assignment.expires_at > utcnow()).order_by(Assignment.id).limit(1))
 
 
-def next_assignment(session: Session, project: Project, user: User,
-                    rng: random.Random | None = None) -> Assignment | None:
-    """The user's current lease in this project, else a new one on the queue's first task with
-    room for them; None when nothing is left. Gold tasks are mixed in at ``project.gold_rate``
-    while regular work remains. Runs under the project's lock (one indexed read and an insert),
-    so two annotators asking at once never both take a task's last slot."""
+def next_assignment(session: Session, name: str, user: User,
+                    rng: random.Random | None = None) -> tuple[Project, Assignment | None]:
+    """Project ``name`` and the user's current lease in it, else a new one on the queue's first
+    task with room for them; None when nothing is left. Gold tasks are mixed in at
+    ``project.gold_rate`` while regular work remains. Runs under the project's lock (one indexed
+    read and an insert), so two annotators asking at once never both take a task's last slot."""
     rng = rng or random.Random()
-    project = get_project(session, project.name, lock=True)
+    project = get_project(session, name, lock=True)
+    return project, _lease(session, project, user, rng)
+
+
+def _lease(session: Session, project: Project, user: User, rng: random.Random) -> Assignment | None:
     current = current_lease(session, project, user)
     if current is not None:  # e.g. a reload, or two tabs asking at once
         return current
@@ -354,12 +367,17 @@ def next_assignment(session: Session, project: Project, user: User,
     return assignment
 
 
-def own_assignment(session: Session, assignment_id: int, user: User) -> tuple[Assignment, Task, Project]:
+def own_assignment(session: Session, assignment_id: int, user: User, *,
+                   lock: bool = False) -> tuple[Assignment, Task, Project]:
+    """The user's assignment with its task and project; ``lock``: hold the assignment's row for this
+    transaction (read in the same statement, so its state is the one the lock protects)."""
     if not 1 <= assignment_id <= MAX_ID:
         raise NotFound(f"no assignment {assignment_id} for you")
-    row = session.execute(select(Assignment, Task, Project).join(Task, Assignment.task_id == Task.id)
-                          .join(Project, Assignment.project_id == Project.id)
-                          .where(Assignment.id == assignment_id)).first()
+    query = (select(Assignment, Task, Project).join(Task, Assignment.task_id == Task.id)
+             .join(Project, Assignment.project_id == Project.id).where(Assignment.id == assignment_id))
+    if lock:
+        query = query.with_for_update(of=Assignment, key_share=True)
+    row = session.execute(query).first()
     # Someone else's assignment looks exactly like a missing one.
     if row is None or row[0].user_id != user.id:
         raise NotFound(f"no assignment {assignment_id} for you")
@@ -472,8 +490,7 @@ def submit_judgement(session: Session, assignment_id: int, user: User, body: dic
     client_key = body.get("client_key")
     if client_key is not None and (not isinstance(client_key, str) or not 1 <= len(client_key) <= 100):
         raise Invalid("client_key must be a string of 1 to 100 characters")
-    assignment, task, project = own_assignment(session, assignment_id, user)
-    session.refresh(assignment, with_for_update={"key_share": True})  # its state once this transaction holds it
+    assignment, task, project = own_assignment(session, assignment_id, user, lock=True)
     if client_key is not None:  # (after the lock: a retry racing its first attempt finds its judgement)
         previous = _by_client_key(session, user, client_key, assignment)
         if previous is not None:
@@ -497,14 +514,14 @@ def submit_judgement(session: Session, assignment_id: int, user: User, body: dic
     assignment.status, assignment.done_at = "done", now
     session.add(judgement)
     try:
-        with session.begin_nested():
-            session.flush()
+        session.flush()  # (no savepoint: the Conflict rolls the whole transaction back)
     except IntegrityError:
         raise Conflict("this assignment is already judged") from None
     if not task.is_gold:  # one judgement fewer needed; the task leaves the queue at zero
-        session.execute(update(Task).where(Task.id == task.id).values(needed=Task.needed - 1))
-        session.expire(task, ["needed"])
-        if task.needed == 0:
+        needed = session.scalar(update(Task).where(Task.id == task.id).values(needed=Task.needed - 1)
+                                .returning(Task.needed), execution_options={"synchronize_session": False})
+        set_committed_value(task, "needed", needed)
+        if needed == 0:
             _count_open(session, project, -1)
     return judgement, True
 
