@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -232,12 +232,7 @@ def set_guidelines(session: Session, name: str, text: str) -> Project:
 
 def get_project(session: Session, name: str, *, lock: bool = False) -> Project:
     name = normal_name(name)
-    query = select(Project).where(Project.name == name)
-    if lock:
-        # FOR NO KEY UPDATE: claims queue on it, but the foreign-key checks of inserts that merely
-        # reference the project (judgements, assignments) do not, so they cannot deadlock with it.
-        query = query.with_for_update(key_share=True)  # no-op on SQLite, which holds the write lock already
-    project = session.scalar(query)
+    project = session.scalar(PROJECT_BY_NAME_LOCKED if lock else PROJECT_BY_NAME, {"name": name})
     if project is None:
         raise NotFound(f"no project named {name!r}")
     return project
@@ -289,33 +284,55 @@ def _active(now):
     return or_(Assignment.status == "done", and_(Assignment.status == "leased", Assignment.expires_at > now))
 
 
-def _unseen(user: User, now):
+def _unseen(user_id, now):
     """Tasks this user has never been given (an expired lease of theirs may be renewed)."""
-    return ~exists().where(Assignment.task_id == Task.id, Assignment.user_id == user.id,
+    return ~exists().where(Assignment.task_id == Task.id, Assignment.user_id == user_id,
                            ~and_(Assignment.status == "leased", Assignment.expires_at <= now))
 
 
-def _queue(project: Project, user: User, now):
+def _queue(project_id, user_id, now):
     """Regular tasks this user may take, closest to complete first: read along the queue index
     (project, regular, needed, id), so the cost does not grow with the project. A task has room
     while its live leases are fewer than the judgements it still needs."""
     leased = (select(func.count(Assignment.id)).where(Assignment.task_id == Task.id, Assignment.status == "leased",
                                                      Assignment.expires_at > now).correlate(Task).scalar_subquery())
-    return (select(Task).where(Task.project_id == project.id, Task.is_gold.is_(False), Task.needed > 0,
-                               _unseen(user, now), leased < Task.needed)
+    return (select(Task).where(Task.project_id == project_id, Task.is_gold.is_(False), Task.needed > 0,
+                               _unseen(user_id, now), leased < Task.needed)
             .order_by(Task.needed, Task.id))
+
+
+# The statements every judgement runs, built once with bound parameters: on SQLite, building a
+# statement costs more than running it.
+_PROJECT, _USER, _NOW = bindparam("project_id"), bindparam("user_id"), bindparam("now")
+NEXT_TASK = _queue(_PROJECT, _USER, _NOW).limit(1)
+CURRENT_LEASE = (select(Assignment).where(Assignment.project_id == _PROJECT, Assignment.user_id == _USER,
+                                          Assignment.status == "leased", Assignment.expires_at > _NOW)
+                 .order_by(Assignment.id).limit(1))
+OWN_EARLIER_LEASE = select(Assignment).where(Assignment.task_id == bindparam("task_id"), Assignment.user_id == _USER)
+PROGRESS = (select(func.count(Assignment.id).filter(Assignment.status == "done"),
+                   func.count(Assignment.id).filter(Assignment.status.in_(("done", "skipped")),
+                                                    Task.is_gold.is_(False), Task.needed > 0))
+            .join(Task, Assignment.task_id == Task.id)
+            .where(Assignment.project_id == _PROJECT, Assignment.user_id == _USER))
+PROJECT_BY_NAME = select(Project).where(Project.name == bindparam("name"))
+# FOR NO KEY UPDATE: claims queue on it, but the foreign-key checks of inserts that merely reference
+# the project (judgements, assignments) do not, so they cannot deadlock with it. (A no-op on SQLite,
+# whose writers hold the database's write lock already.)
+PROJECT_BY_NAME_LOCKED = PROJECT_BY_NAME.with_for_update(key_share=True)
+ASSIGNMENT_WITH_TASK = (select(Assignment, Task, Project).join(Task, Assignment.task_id == Task.id)
+                        .join(Project, Assignment.project_id == Project.id)
+                        .where(Assignment.id == bindparam("assignment_id")))
+ASSIGNMENT_WITH_TASK_LOCKED = ASSIGNMENT_WITH_TASK.with_for_update(of=Assignment, key_share=True)
+JUDGEMENT_BY_KEY = select(Judgement).where(Judgement.user_id == _USER, Judgement.client_key == bindparam("key"))
+ONE_FEWER_NEEDED = (update(Task).where(Task.id == bindparam("task_id")).values(needed=Task.needed - 1)
+                    .returning(Task.needed))
 
 
 def progress(session: Session, project: Project, user: User) -> dict[str, int]:
     """What the annotator's progress line shows, in one indexed read: judged so far, and the regular
     tasks still open that they have not judged or skipped (the one they hold and those they may be
     given; some of these may be leased to others right now)."""
-    closed_regular = and_(Assignment.status.in_(("done", "skipped")), Task.is_gold.is_(False), Task.needed > 0)
-    done, closed = session.execute(
-        select(func.count(Assignment.id).filter(Assignment.status == "done"),
-               func.count(Assignment.id).filter(closed_regular))
-        .join(Task, Assignment.task_id == Task.id)
-        .where(Assignment.project_id == project.id, Assignment.user_id == user.id)).one()
+    done, closed = session.execute(PROGRESS, {"project_id": project.id, "user_id": user.id}).one()
     return {"done": done, "remaining": max(0, project.open_tasks - closed)}
 
 
@@ -324,9 +341,7 @@ def remaining_for(session: Session, project: Project, user: User) -> int:
 
 
 def current_lease(session: Session, project: Project, user: User) -> Assignment | None:
-    return session.scalar(select(Assignment).where(
-        Assignment.project_id == project.id, Assignment.user_id == user.id,
-        Assignment.status == "leased", Assignment.expires_at > utcnow()).order_by(Assignment.id).limit(1))
+    return session.scalar(CURRENT_LEASE, {"project_id": project.id, "user_id": user.id, "now": utcnow()})
 
 
 def next_assignment(session: Session, name: str, user: User,
@@ -345,17 +360,17 @@ def _lease(session: Session, project: Project, user: User, rng: random.Random) -
     if current is not None:  # e.g. a reload, or two tabs asking at once
         return current
     now = utcnow()
-    task = session.scalar(_queue(project, user, now).limit(1))
+    task = session.scalar(NEXT_TASK, {"project_id": project.id, "user_id": user.id, "now": now})
     if task is None:
         return None
     if project.gold_rate > 0 and rng.random() < project.gold_rate:
         gold_task = session.scalar(select(Task).where(Task.project_id == project.id, Task.is_gold.is_(True),
-                                                      _unseen(user, now)).order_by(func.random()).limit(1))
+                                                      _unseen(user.id, now)).order_by(func.random()).limit(1))
         task = gold_task or task
     order = list(range(len(task.responses)))
     rng.shuffle(order)  # recorded, so position bias can be measured
     expires = now + timedelta(seconds=project.lease_seconds)
-    stale = session.scalar(select(Assignment).where(Assignment.task_id == task.id, Assignment.user_id == user.id))
+    stale = session.scalar(OWN_EARLIER_LEASE, {"task_id": task.id, "user_id": user.id})
     if stale is not None:  # this user's own expired lease: renew it
         stale.shown_order, stale.leased_at, stale.expires_at = order, now, expires
         session.flush()
@@ -373,11 +388,8 @@ def own_assignment(session: Session, assignment_id: int, user: User, *,
     transaction (read in the same statement, so its state is the one the lock protects)."""
     if not 1 <= assignment_id <= MAX_ID:
         raise NotFound(f"no assignment {assignment_id} for you")
-    query = (select(Assignment, Task, Project).join(Task, Assignment.task_id == Task.id)
-             .join(Project, Assignment.project_id == Project.id).where(Assignment.id == assignment_id))
-    if lock:
-        query = query.with_for_update(of=Assignment, key_share=True)
-    row = session.execute(query).first()
+    row = session.execute(ASSIGNMENT_WITH_TASK_LOCKED if lock else ASSIGNMENT_WITH_TASK,
+                          {"assignment_id": assignment_id}).first()
     # Someone else's assignment looks exactly like a missing one.
     if row is None or row[0].user_id != user.id:
         raise NotFound(f"no assignment {assignment_id} for you")
@@ -473,7 +485,7 @@ def grade(kind: str, gold: Any, fields: dict[str, Any]) -> bool:
 
 
 def _by_client_key(session: Session, user: User, client_key: str, assignment: Assignment) -> Judgement | None:
-    previous = session.scalar(select(Judgement).where(Judgement.user_id == user.id, Judgement.client_key == client_key))
+    previous = session.scalar(JUDGEMENT_BY_KEY, {"user_id": user.id, "key": client_key})
     if previous is not None and previous.assignment_id != assignment.id:
         raise Conflict("client_key was already used for another assignment")
     return previous
@@ -518,8 +530,8 @@ def submit_judgement(session: Session, assignment_id: int, user: User, body: dic
     except IntegrityError:
         raise Conflict("this assignment is already judged") from None
     if not task.is_gold:  # one judgement fewer needed; the task leaves the queue at zero
-        needed = session.scalar(update(Task).where(Task.id == task.id).values(needed=Task.needed - 1)
-                                .returning(Task.needed), execution_options={"synchronize_session": False})
+        needed = session.scalar(ONE_FEWER_NEEDED, {"task_id": task.id},
+                                execution_options={"synchronize_session": False})
         set_committed_value(task, "needed", needed)
         if needed == 0:
             _count_open(session, project, -1)

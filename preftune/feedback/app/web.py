@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from fastapi import HTTPException, Request
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from preftune.feedback.app.db import transaction
@@ -45,19 +45,23 @@ class Caller:
     session: WebSession | None  # None when authenticated by API token
 
 
+USER_BY_TOKEN = select(User).where(User.token_hash == bindparam("hash"))  # built once: every API call runs it
+SESSION_BY_COOKIE = (select(WebSession, User).join(User, WebSession.user_id == User.id)
+                     .where(WebSession.token_hash == bindparam("hash")))
+
+
 def identify(request: Request, session: Session) -> Caller | None:
     auth = request.headers.get("authorization", "")
     if auth:
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None
-        user = session.scalar(select(User).where(User.token_hash == token_hash(token.strip())))
+        user = session.scalar(USER_BY_TOKEN, {"hash": token_hash(token.strip())})
         return Caller(user, None) if user else None
     cookie = request.cookies.get(SESSION_COOKIE)
     if not cookie:
         return None
-    row = session.execute(select(WebSession, User).join(User, WebSession.user_id == User.id)
-                          .where(WebSession.token_hash == token_hash(cookie))).first()
+    row = session.execute(SESSION_BY_COOKIE, {"hash": token_hash(cookie)}).first()
     if row is None or row[0].expires_at <= utcnow():
         return None
     return Caller(row[1], row[0])
