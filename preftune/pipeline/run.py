@@ -287,13 +287,12 @@ def stage_reward(run: Run, base: str, r: int) -> dict:
 
 def comparison_accuracy(reward: str, rows: list[dict], cfg) -> float | None:
     """How often the reward model ``reward`` scores the chosen response of each comparison higher."""
+    from preftune.data.records import parse_comparison
     from preftune.reward.losses import pair_accuracy
     from preftune.scoring import load_scorer
 
     if not rows:
         return None
-    from preftune.data.records import parse_comparison
-
     pairs = [parse_comparison(row) for row in rows]
     scorer = load_scorer(reward, cfg.device, cfg.dtype)
     prompts = [prompt_text(p.messages) for p in pairs]
