@@ -268,14 +268,17 @@ def stage_reward(run: Run, base: str, r: int) -> dict:
 
     cfg = run.stage_config(RewardConfig, "reward", model=resolve_backbone(run, base), data="",
                            out=str(run.round_path(r, "rm")))
-    if cfg.eval_data is None:  # unless the config names its own held-out file
+    own_split = cfg.eval_data is None  # unless the config names its own held-out file
+    if own_split:
         train_path, eval_path = reward_data(run, cfg.eval_split, cfg.seed, upto=r)
         cfg = cfg.model_copy(update={"data": str(train_path), "eval_data": str(eval_path) if eval_path else None})
     else:
         cfg = cfg.model_copy(update={"data": str(reward_data(run, 0.0, cfg.seed, upto=r)[0])})
     summary = fit_reward(cfg, quiet=run.quiet)
     summary = {**summary, **gold_on_held_out(cfg, run.cfg.gold)}
-    if run.cfg.rounds > 1 and cfg.eval_data is not None:
+    # The newest round's held-out prompts exist only when the run split them (a config's own
+    # held-out file leaves every round's prompts in training).
+    if run.cfg.rounds > 1 and own_split and cfg.eval_data is not None:
         newest = held_out_prompts(run, cfg.eval_split, cfg.seed, r)[-1]
         rows = [row for row in read_dicts(run.round_path(r, "data", "comparisons.jsonl")) if prompt_key(row) in newest]
         summary["newest_round_accuracy"] = comparison_accuracy(str(run.round_path(r, "rm")), rows, cfg)
