@@ -8,6 +8,7 @@ database, and the annotators carry on (retrying unacknowledged submits with the 
 
     python benchmarks/feedback_load.py --annotators 50 --tasks 2500 --overlap 2          # 5,000 judgements
     python benchmarks/feedback_load.py --db postgresql+psycopg://USER@127.0.0.1:PORT/DB --crash-after 1000
+    python benchmarks/feedback_load.py --tasks 1000000 --judgements 5000     # a large project, partly labelled
 """
 
 from __future__ import annotations
@@ -53,14 +54,35 @@ def empty_database(engine) -> None:
                 conn.execute(text(f"DELETE FROM {t}"))
 
 
+def insert_tasks(engine, project_id: int, n_tasks: int, overlap: int) -> None:
+    """Bulk-insert ``n_tasks`` pairwise tasks into the project (a million take about a minute; the
+    app's import path validates each record and would take far longer)."""
+    from sqlalchemy import insert, inspect, text
+
+    from preftune.feedback.app.models import Task
+
+    queue = "needed" in {c["name"] for c in inspect(engine).get_columns("tasks")}  # also runs on older schemas
+    with engine.begin() as conn:
+        for start in range(0, n_tasks, 50_000):
+            rows = [{"project_id": project_id, "ext_id": f"t{i}", "prompt": [{"role": "user", "content": f"Question {i}?"}],
+                     "responses": [f"first {i}", f"second {i}"], "is_gold": False,
+                     **({"needed": overlap} if queue else {})}
+                    for i in range(start, min(n_tasks, start + 50_000))]
+            conn.execute(insert(Task), rows)
+        if queue:
+            conn.execute(text("UPDATE projects SET open_tasks = open_tasks + :n WHERE id = :id"),
+                         {"n": n_tasks, "id": project_id})
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("ANALYZE"))
+
+
 def prepare(db_url: str, n_annotators: int, n_tasks: int, overlap: int, fresh: bool = True) -> dict[str, str]:
     """Migrate, create an admin and annotators (tokens only: nobody logs in by password here),
     a pairwise project and its tasks. Returns {user: token}."""
     from preftune.feedback.app.db import make_engine, migrate, session_factory, transaction
     from preftune.feedback.app.models import User
     from preftune.feedback.app.security import hash_password, new_secret, token_hash
-    from preftune.feedback.app.service import add_tasks, create_project
-    from preftune.feedback.app.tasks import parse_tasks
+    from preftune.feedback.app.service import create_project
 
     engine = make_engine(db_url)
     migrate(engine)
@@ -74,10 +96,8 @@ def prepare(db_url: str, n_annotators: int, n_tasks: int, overlap: int, fresh: b
             tokens[name] = new_secret(32)
             s.add(User(name=name, role="admin" if name == "admin" else "annotator", password_hash=unusable,
                        token_hash=token_hash(tokens[name])))
-        project = create_project(s, "load", "pairwise", overlap=overlap)
-        records = [{"id": f"t{i}", "prompt": f"Question {i}?", "responses": [f"first {i}", f"second {i}"]}
-                   for i in range(n_tasks)]
-        add_tasks(s, project, parse_tasks(enumerate(records, 1), "pairwise", 3).specs)
+        project_id = create_project(s, "load", "pairwise", overlap=overlap).id
+    insert_tasks(engine, project_id, n_tasks, overlap)
     engine.dispose()
     return tokens
 
@@ -147,9 +167,10 @@ class Results:
 
 
 def annotate_until_done(base: str, token: str, results: Results, deadline: float, on_ack=None,
-                        think: tuple[float, float] = (0.0, 0.0)) -> None:
+                        think: tuple[float, float] = (0.0, 0.0), cap: int = 0) -> None:
     """One simulated annotator: next, think, judge, repeat; retries through connection failures
-    with the same client key until acknowledged, and stops at 204 or the deadline."""
+    with the same client key until acknowledged, and stops at 204, the deadline, or once ``cap``
+    judgements are acknowledged in all (0: no cap)."""
     import random
 
     rng = random.Random(token)
@@ -159,6 +180,8 @@ def annotate_until_done(base: str, token: str, results: Results, deadline: float
         while time.monotonic() < deadline:
             try:
                 if pending is None:
+                    if cap and len(results.acked) >= cap:
+                        return
                     r = client.get("/api/v1/projects/load/next")
                     if r.status_code == 204:
                         return
@@ -196,7 +219,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def run(db_url: str, annotators: int, tasks: int, overlap: int, crash_after: int = 0,
         time_limit: float = 600.0, workdir: Path | None = None, workers: int = 1,
-        think: tuple[float, float] = (0.0, 0.0)) -> dict:
+        think: tuple[float, float] = (0.0, 0.0), judgements: int = 0) -> dict:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="feedback-load-"))
     tokens = prepare(db_url, annotators, tasks, overlap)
     server = Server(db_url, free_port(), workdir / "server.log", workers)
@@ -211,7 +234,7 @@ def run(db_url: str, annotators: int, tasks: int, overlap: int, crash_after: int
 
     deadline = time.monotonic() + time_limit
     threads = [threading.Thread(target=annotate_until_done, args=(base, tokens[f"annotator{i:03d}"], results, deadline,
-                                                                  on_ack, think), daemon=True)
+                                                                  on_ack, think, judgements), daemon=True)
                for i in range(annotators)]
     t0 = time.perf_counter()
     cpu0 = os.times()
@@ -247,12 +270,13 @@ def run(db_url: str, annotators: int, tasks: int, overlap: int, crash_after: int
     missing = [k for k in results.acked if exported[k] != 1]
     return {
         "db": db_url.split("://")[0], "workers": workers, "think_s": list(think), "annotators": annotators,
-        "tasks": tasks, "overlap": overlap,
+        "tasks": tasks, "overlap": overlap, "judgements_cap": judgements,
         "acknowledged": len(results.acked), "exported": len(rows),
         "acknowledged_missing_or_duplicated": len(missing),
         "duplicates_in_export": sum(1 for n in exported.values() if n > 1),
         "tasks_over_overlap": sum(1 for n in per_task.values() if n > overlap),
-        "all_done": len(rows) == tasks * overlap,
+        # every task at its overlap; with a cap, every acknowledged judgement exported and the cap reached
+        "all_done": (len(rows) == len(results.acked) >= judgements) if judgements else len(rows) == tasks * overlap,
         "errors": len(results.errors), "first_errors": results.errors[:3],
         "statuses": dict(results.statuses),
         "killed_after_acks": restarted_at,
@@ -274,6 +298,8 @@ def main() -> None:
     parser.add_argument("--annotators", type=int, default=50)
     parser.add_argument("--tasks", type=int, default=2500)
     parser.add_argument("--overlap", type=int, default=2)
+    parser.add_argument("--judgements", type=int, default=0,
+                        help="stop once this many judgements are acknowledged (0: label every task to its overlap)")
     parser.add_argument("--crash-after", type=int, default=0, help="SIGKILL the server after this many acks")
     parser.add_argument("--time-limit", type=float, default=900.0)
     parser.add_argument("--workers", type=int, default=1, help="server processes (annotate serve --workers)")
@@ -284,7 +310,7 @@ def main() -> None:
     db = args.db or f"sqlite:///{workdir / 'load.db'}"
     think = tuple(float(x) for x in args.think.split(","))
     result = run(db, args.annotators, args.tasks, args.overlap, args.crash_after, args.time_limit, workdir,
-                 args.workers, think)
+                 args.workers, think, args.judgements)
     print(json.dumps(result, indent=2))
     ok = (result["acknowledged_missing_or_duplicated"] == 0 and result["tasks_over_overlap"] == 0
           and result["duplicates_in_export"] == 0 and result["all_done"])

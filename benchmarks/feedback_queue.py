@@ -26,11 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def fill(db_url: str, n_tasks: int, annotators: int) -> dict[str, str]:
-    from sqlalchemy import insert, inspect, text
-
-    from benchmarks.feedback_load import empty_database
+    from benchmarks.feedback_load import empty_database, insert_tasks
     from preftune.feedback.app.db import make_engine, migrate, session_factory, transaction
-    from preftune.feedback.app.models import Task, User
+    from preftune.feedback.app.models import User
     from preftune.feedback.app.security import new_secret, token_hash
     from preftune.feedback.app.service import create_project
 
@@ -42,17 +40,7 @@ def fill(db_url: str, n_tasks: int, annotators: int) -> dict[str, str]:
         for name, token in tokens.items():
             s.add(User(name=name, role="annotator", password_hash="-", token_hash=token_hash(token)))
         project_id = create_project(s, "size", "pairwise", overlap=2).id
-    queue = "needed" in {c["name"] for c in inspect(engine).get_columns("tasks")}  # also runs on older schemas
-    with engine.begin() as conn:
-        for start in range(0, n_tasks, 50_000):
-            rows = [{"project_id": project_id, "ext_id": f"t{i}", "prompt": [{"role": "user", "content": f"Q{i}?"}],
-                     "responses": [f"first {i}", f"second {i}"], "is_gold": False, **({"needed": 2} if queue else {})}
-                    for i in range(start, min(n_tasks, start + 50_000))]
-            conn.execute(insert(Task), rows)
-        if queue:
-            conn.execute(text(f"UPDATE projects SET open_tasks = {n_tasks} WHERE id = {project_id}"))
-        if engine.dialect.name == "postgresql":
-            conn.execute(text("ANALYZE"))
+    insert_tasks(engine, project_id, n_tasks, overlap=2)
     engine.dispose()
     return tokens
 

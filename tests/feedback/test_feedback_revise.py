@@ -68,10 +68,14 @@ def test_rankings_ratings_and_gold_are_revised_in_their_own_terms(env):
     assert revise(env, j["judgement_id"], "ann1", ranking=[0, 1]).status_code == 422  # every response ranked
 
     env.project("r", kind="rating", gold_rate=0.99)
-    env.tasks("r", [{"id": "g", "prompt": "Q", "responses": ["gold one"], "gold": 3},
-                    {"id": "n", "prompt": "Q2", "responses": ["plain"]}])
-    j = judged(env, "r", "ann2", rating=1, flags=["harmful"])
-    assert j["task_id"] == "g"
+    env.tasks("r", [{"id": "g", "prompt": "Q", "responses": ["gold one"], "gold": 3}]
+              + [{"id": f"n{i}", "prompt": f"Q{i}", "responses": ["plain"]} for i in range(20)])
+    # gold comes at rate 0.99 while regular work remains: skip regular tasks until it does
+    while (a := env.next("r", "ann2"))["task_id"] != "g":
+        assert env.client.post(f"/api/v1/assignments/{a['assignment_id']}/skip", headers=env.auth("ann2")).is_success
+    r = env.judge(a["assignment_id"], "ann2", rating=1, flags=["harmful"])
+    assert r.status_code == 201, r.text
+    j = {**a, **r.json()}
     assert env.client.get("/api/v1/projects/r/stats", headers=env.auth("admin")).json()["annotators"]["ann2"][
         "gold_accuracy"] == 0
     assert revise(env, j["judgement_id"], "ann2", rating=3).json()["flags"] == []
