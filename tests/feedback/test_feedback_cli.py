@@ -86,7 +86,7 @@ def _label(db: str, project: str, answers: dict[str, list[str]]) -> None:
         for _ in labels:
             with transaction(sessions) as s:
                 user = s.query(User).filter_by(name=name).one()
-                _, a = next_assignment(s, project, user)
+                _, a, _ = next_assignment(s, project, user)
                 label = labels[int(re.search(r"\d+", s.get(Task, a.task_id).prompt[0]["content"]).group())]
                 choice = label if label in ("tie", "both_bad") else "AB"[a.shown_order.index(int(label))]
                 submit_judgement(s, a.id, user, {"choice": choice, "strength": None if label in ("tie", "both_bad") else 2})

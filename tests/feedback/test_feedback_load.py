@@ -4,6 +4,8 @@ while the server is killed with SIGKILL and restarted (SQLite and PostgreSQL). T
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from benchmarks.feedback_load import run
@@ -25,3 +27,36 @@ def test_fifty_annotators_and_a_sigkill_lose_no_acknowledged_judgement(kind, tmp
     assert result["tasks_over_overlap"] == 0
     assert result["exported"] == 200 and result["all_done"]
     assert 0 < result["submit_p95_ms"] < 60_000
+
+
+def test_two_sqlite_workers_share_one_queue_of_writers(tmp_path):
+    result = run(f"sqlite:///{tmp_path / 'load.db'}", annotators=20, tasks=50, overlap=2, time_limit=150,
+                 workdir=tmp_path, workers=2)
+    assert result["errors"] == 0, result["first_errors"]
+    assert result["acknowledged"] == result["exported"] == 100 and result["all_done"]
+    assert result["acknowledged_missing_or_duplicated"] == result["tasks_over_overlap"] == 0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_the_sqlite_write_lock_excludes_other_openers_of_the_file(tmp_path):
+    """Two engines on one file stand for two worker processes (flock locks belong to the open
+    file, so the second opener waits even in this process)."""
+    import threading
+    import time
+
+    from preftune.feedback.app.db import WriteLock
+
+    first, second = WriteLock(str(tmp_path / "x.db")), WriteLock(str(tmp_path / "x.db"))
+    order = []
+
+    def take_second():
+        with second:
+            order.append("second")
+
+    with first:
+        t = threading.Thread(target=take_second)
+        t.start()
+        time.sleep(0.3)
+        order.append("first done")
+    t.join(5)
+    assert order == ["first done", "second"]

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from preftune.data.records import RecordError
 from preftune.feedback.app import export as exporting
 from preftune.feedback.app import service
-from preftune.feedback.app.models import Assignment, Project, Task, User
+from preftune.feedback.app.models import Project, User
 from preftune.feedback.app.stats import project_stats
 from preftune.feedback.app.tasks import parse_tasks
 from preftune.feedback.app.web import api_caller, tx
@@ -141,21 +141,21 @@ def next_task(request: Request, user: AnyUser, project: str,
               html: bool = Query(False, description="add the prompt and responses rendered from markdown "
                                                     "as safe HTML (what the annotate page shows)")):
     with tx(request) as s:  # one short write transaction: the lease, its task, the progress line
-        p, assignment = service.next_assignment(s, project, user)
+        p, assignment, task = service.next_assignment(s, project, user)
         if assignment is None:
             return Response(status_code=204)
-        task = s.get(Task, assignment.task_id)
         progress = service.progress(s, p, user)
-    return {**service.assignment_json(assignment, task, p, html=html), "progress": progress}
+    # JSON types already: answered as they are (FastAPI's encoder would walk them again)
+    return JSONResponse({**service.assignment_json(assignment, task, p, html=html), "progress": progress})
 
 
 @router.post("/assignments/{assignment_id}/judgement", status_code=201,
              summary="Submit a judgement (201; 200 with the stored one for a repeated client_key)")
 def submit(request: Request, user: AnyUser, assignment_id: int, body: JudgementIn):
     with tx(request) as s:
-        judgement, created = service.submit_judgement(s, assignment_id, user, body.model_dump(),
-                                                      request.app.state.settings.limits)
-        content = service.judgement_json(judgement, s.get(Assignment, judgement.assignment_id))
+        judgement, assignment, created = service.submit_judgement(s, assignment_id, user, body.model_dump(),
+                                                                  request.app.state.settings.limits)
+        content = service.judgement_json(judgement, assignment)
     return JSONResponse(content, status_code=201 if created else 200)
 
 

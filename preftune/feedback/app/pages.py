@@ -21,7 +21,7 @@ from preftune.data.records import RATING_FLAGS, RecordError
 from preftune.errors import DataError
 from preftune.feedback.app import service
 from preftune.feedback.app.markdown import render_markdown
-from preftune.feedback.app.models import Project, Task, User, WebSession
+from preftune.feedback.app.models import Project, User, WebSession
 from preftune.feedback.app.security import new_secret, same_secret, verify_no_user, verify_password
 from preftune.feedback.app.stats import project_stats
 from preftune.feedback.app.tasks import numbered_json_lines, parse_tasks
@@ -161,8 +161,7 @@ def home(request: Request):
 def annotate(request: Request, project: str, message: str | None = None, skipped: str | None = None):
     with tx(request) as s:
         caller = _caller(request, s)
-        p, assignment = service.next_assignment(s, project, caller.user)
-        task = s.get(Task, assignment.task_id) if assignment else None
+        p, assignment, task = service.next_assignment(s, project, caller.user)
         view = service.assignment_json(assignment, task, p) if assignment else None
         return render(request, "annotate.html", caller, project=p, task=view,
                       progress=service.progress(s, p, caller.user), client_key=new_secret(12),

@@ -345,24 +345,27 @@ def current_lease(session: Session, project: Project, user: User) -> Assignment 
 
 
 def next_assignment(session: Session, name: str, user: User,
-                    rng: random.Random | None = None) -> tuple[Project, Assignment | None]:
-    """Project ``name`` and the user's current lease in it, else a new one on the queue's first
-    task with room for them; None when nothing is left. Gold tasks are mixed in at
+                    rng: random.Random | None = None) -> tuple[Project, Assignment | None, Task | None]:
+    """Project ``name``, the user's current lease in it (else a new one on the queue's first task
+    with room for them) and its task; (project, None, None) when nothing is left. Gold tasks are mixed in at
     ``project.gold_rate`` while regular work remains. Runs under the project's lock (one indexed
     read and an insert), so two annotators asking at once never both take a task's last slot."""
     rng = rng or random.Random()
     project = get_project(session, name, lock=True)
-    return project, _lease(session, project, user, rng)
+    return project, *_lease(session, project, user, rng)
 
 
-def _lease(session: Session, project: Project, user: User, rng: random.Random) -> Assignment | None:
+def _lease(session: Session, project: Project, user: User,
+           rng: random.Random) -> tuple[Assignment, Task] | tuple[None, None]:
+    # (The task goes back with its assignment: the session holds loaded objects weakly, so reading
+    # it again later in the request would be another query.)
     current = current_lease(session, project, user)
     if current is not None:  # e.g. a reload, or two tabs asking at once
-        return current
+        return current, session.get(Task, current.task_id)
     now = utcnow()
     task = session.scalar(NEXT_TASK, {"project_id": project.id, "user_id": user.id, "now": now})
     if task is None:
-        return None
+        return None, None
     if project.gold_rate > 0 and rng.random() < project.gold_rate:
         gold_task = session.scalar(select(Task).where(Task.project_id == project.id, Task.is_gold.is_(True),
                                                       _unseen(user.id, now)).order_by(func.random()).limit(1))
@@ -374,12 +377,12 @@ def _lease(session: Session, project: Project, user: User, rng: random.Random) -
     if stale is not None:  # this user's own expired lease: renew it
         stale.shown_order, stale.leased_at, stale.expires_at = order, now, expires
         session.flush()
-        return stale
+        return stale, task
     assignment = Assignment(task_id=task.id, user_id=user.id, project_id=project.id, shown_order=order,
                             status="leased", leased_at=now, expires_at=expires)
     session.add(assignment)
     session.flush()
-    return assignment
+    return assignment, task
 
 
 def own_assignment(session: Session, assignment_id: int, user: User, *,
@@ -492,8 +495,8 @@ def _by_client_key(session: Session, user: User, client_key: str, assignment: As
 
 
 def submit_judgement(session: Session, assignment_id: int, user: User, body: dict[str, Any],
-                     limits: Limits = Limits()) -> tuple[Judgement, bool]:
-    """Store a judgement; returns (judgement, created). The same ``client_key`` again returns the
+                     limits: Limits = Limits()) -> tuple[Judgement, Assignment, bool]:
+    """Store a judgement; returns (judgement, its assignment, created). The same ``client_key`` again returns the
     stored judgement unchanged, so a retried submit never creates a duplicate.
 
     Locks only the assignment's row, not the project's: a judgement on a live lease fills the slot
@@ -506,7 +509,7 @@ def submit_judgement(session: Session, assignment_id: int, user: User, body: dic
     if client_key is not None:  # (after the lock: a retry racing its first attempt finds its judgement)
         previous = _by_client_key(session, user, client_key, assignment)
         if previous is not None:
-            return previous, False
+            return previous, assignment, False
     if assignment.status == "done":
         raise Conflict("this assignment is already judged")
     if assignment.status == "skipped":
@@ -535,7 +538,7 @@ def submit_judgement(session: Session, assignment_id: int, user: User, body: dic
         set_committed_value(task, "needed", needed)
         if needed == 0:
             _count_open(session, project, -1)
-    return judgement, True
+    return judgement, assignment, True
 
 
 ANSWER_FIELDS = ("choice", "label", "strength", "ranking", "rating", "flags", "rationale")
