@@ -271,8 +271,8 @@ def add_tasks(session: Session, project: Project, specs: list[TaskSpec]) -> Impo
 def _count_open(session: Session, project: Project, change: int) -> None:
     """``project.open_tasks += change``, in SQL so that concurrent writers never lose an update."""
     if change:
-        session.execute(update(Project).where(Project.id == project.id)
-                        .values(open_tasks=Project.open_tasks + change))
+        session.execute(OPEN_TASKS_CHANGE, {"project_id": project.id, "change": change},
+                        execution_options={"synchronize_session": False})
         session.expire(project, ["open_tasks"])
 
 
@@ -324,6 +324,8 @@ ASSIGNMENT_WITH_TASK = (select(Assignment, Task, Project).join(Task, Assignment.
                         .where(Assignment.id == bindparam("assignment_id")))
 ASSIGNMENT_WITH_TASK_LOCKED = ASSIGNMENT_WITH_TASK.with_for_update(of=Assignment, key_share=True)
 JUDGEMENT_BY_KEY = select(Judgement).where(Judgement.user_id == _USER, Judgement.client_key == bindparam("key"))
+OPEN_TASKS_CHANGE = (update(Project).where(Project.id == _PROJECT)
+                     .values(open_tasks=Project.open_tasks + bindparam("change")))
 ONE_FEWER_NEEDED = (update(Task).where(Task.id == bindparam("task_id")).values(needed=Task.needed - 1)
                     .returning(Task.needed))
 
