@@ -64,7 +64,8 @@ def insert_tasks(engine, project_id: int, n_tasks: int, overlap: int) -> None:
     queue = "needed" in {c["name"] for c in inspect(engine).get_columns("tasks")}  # also runs on older schemas
     with engine.begin() as conn:
         for start in range(0, n_tasks, 50_000):
-            rows = [{"project_id": project_id, "ext_id": f"t{i}", "prompt": [{"role": "user", "content": f"Question {i}?"}],
+            rows = [{"project_id": project_id, "ext_id": f"t{i}",
+                     "prompt": [{"role": "user", "content": f"Question {i}?"}],
                      "responses": [f"first {i}", f"second {i}"], "is_gold": False,
                      **({"needed": overlap} if queue else {})}
                     for i in range(start, min(n_tasks, start + 50_000))]

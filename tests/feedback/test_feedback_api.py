@@ -81,6 +81,19 @@ def test_late_submit_on_expired_lease_is_kept_when_nobody_took_it(env):
     assert env.judge(a1["assignment_id"], "ann1", choice="A").status_code == 201
 
 
+def test_an_annotators_own_expired_lease_is_renewed_not_duplicated(env):
+    env.project("p", overlap=1, lease_seconds=10)
+    env.tasks("p", pair_tasks(1))
+    a1 = env.next("p", "ann1")
+    with transaction(env.client.app.state.sessions) as s:
+        s.get(Assignment, a1["assignment_id"]).expires_at -= __import__("datetime").timedelta(seconds=11)
+    a2 = env.next("p", "ann1")
+    assert (a2["assignment_id"], a2["task_id"]) == (a1["assignment_id"], a1["task_id"]) and a2["seconds_left"] > 5
+    assert env.judge(a2["assignment_id"], "ann1", choice="A").status_code == 201
+    with transaction(env.client.app.state.sessions) as s:
+        assert s.scalar(select(func.count(Assignment.id))) == 1
+
+
 def test_idempotent_submit_same_client_key(env):
     env.project("p")
     env.tasks("p", pair_tasks(2))

@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
 from preftune.data.records import RATING_FLAGS
@@ -301,14 +301,22 @@ def _queue(project_id, user_id, now):
             .order_by(Task.needed, Task.id))
 
 
+_OWN = aliased(Assignment)
+
+
+def _with_own_lease(query, user_id):
+    """The query's tasks, each with the user's own expired lease on it if they had one (renewed
+    rather than duplicated), in the same read."""
+    return query.add_columns(_OWN).outerjoin(_OWN, and_(_OWN.task_id == Task.id, _OWN.user_id == user_id))
+
+
 # The statements every judgement runs, built once with bound parameters: on SQLite, building a
 # statement costs more than running it.
 _PROJECT, _USER, _NOW = bindparam("project_id"), bindparam("user_id"), bindparam("now")
-NEXT_TASK = _queue(_PROJECT, _USER, _NOW).limit(1)
+NEXT_TASK = _with_own_lease(_queue(_PROJECT, _USER, _NOW), _USER).limit(1)
 CURRENT_LEASE = (select(Assignment).where(Assignment.project_id == _PROJECT, Assignment.user_id == _USER,
                                           Assignment.status == "leased", Assignment.expires_at > _NOW)
                  .order_by(Assignment.id).limit(1))
-OWN_EARLIER_LEASE = select(Assignment).where(Assignment.task_id == bindparam("task_id"), Assignment.user_id == _USER)
 PROGRESS = (select(func.count(Assignment.id).filter(Assignment.status == "done"),
                    func.count(Assignment.id).filter(Assignment.status.in_(("done", "skipped")),
                                                     Task.is_gold.is_(False), Task.needed > 0))
@@ -365,17 +373,17 @@ def _lease(session: Session, project: Project, user: User,
     if current is not None:  # e.g. a reload, or two tabs asking at once
         return current, session.get(Task, current.task_id)
     now = utcnow()
-    task = session.scalar(NEXT_TASK, {"project_id": project.id, "user_id": user.id, "now": now})
-    if task is None:
+    row = session.execute(NEXT_TASK, {"project_id": project.id, "user_id": user.id, "now": now}).first()
+    if row is None:
         return None, None
+    task, stale = row
     if project.gold_rate > 0 and rng.random() < project.gold_rate:
-        gold_task = session.scalar(select(Task).where(Task.project_id == project.id, Task.is_gold.is_(True),
-                                                      _unseen(user.id, now)).order_by(func.random()).limit(1))
-        task = gold_task or task
+        golds = select(Task).where(Task.project_id == project.id, Task.is_gold.is_(True), _unseen(user.id, now))
+        gold = session.execute(_with_own_lease(golds, user.id).order_by(func.random()).limit(1)).first()
+        task, stale = gold or (task, stale)
     order = list(range(len(task.responses)))
     rng.shuffle(order)  # recorded, so position bias can be measured
     expires = now + timedelta(seconds=project.lease_seconds)
-    stale = session.scalar(OWN_EARLIER_LEASE, {"task_id": task.id, "user_id": user.id})
     if stale is not None:  # this user's own expired lease: renew it
         stale.shown_order, stale.leased_at, stale.expires_at = order, now, expires
         session.flush()
