@@ -4,6 +4,7 @@ export in the foundation's formats, input limits."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from urllib.parse import quote
 
 from .conftest import page_csrf, pair_tasks
@@ -57,13 +58,18 @@ def test_shown_order_maps_choice_to_the_right_response(env):
     assert {tuple(r["shown_order"]) for r in raw} == {(0, 1), (1, 0)}
 
 
+def run_out(env, assignment: dict) -> None:
+    """Let a lease of 10 seconds run out."""
+    with transaction(env.client.app.state.sessions) as s:
+        s.get(Assignment, assignment["assignment_id"]).expires_at -= timedelta(seconds=11)
+
+
 def test_expired_lease_goes_to_someone_else_and_late_submit_is_refused(env):
     env.project("p", overlap=1, lease_seconds=10)
     env.tasks("p", pair_tasks(1))
     a1 = env.next("p", "ann1")
     assert env.next("p", "ann2") is None  # the only slot is leased
-    with transaction(env.client.app.state.sessions) as s:  # let the lease run out
-        s.get(Assignment, a1["assignment_id"]).expires_at -= __import__("datetime").timedelta(seconds=11)
+    run_out(env, a1)
     a2 = env.next("p", "ann2")
     assert a2 is not None and a2["task_id"] == a1["task_id"]
     late = env.judge(a1["assignment_id"], "ann1", choice="A")
@@ -76,8 +82,7 @@ def test_late_submit_on_expired_lease_is_kept_when_nobody_took_it(env):
     env.project("p", overlap=1, lease_seconds=10)
     env.tasks("p", pair_tasks(1))
     a1 = env.next("p", "ann1")
-    with transaction(env.client.app.state.sessions) as s:
-        s.get(Assignment, a1["assignment_id"]).expires_at -= __import__("datetime").timedelta(seconds=11)
+    run_out(env, a1)
     assert env.judge(a1["assignment_id"], "ann1", choice="A").status_code == 201
 
 
@@ -85,8 +90,7 @@ def test_an_annotators_own_expired_lease_is_renewed_not_duplicated(env):
     env.project("p", overlap=1, lease_seconds=10)
     env.tasks("p", pair_tasks(1))
     a1 = env.next("p", "ann1")
-    with transaction(env.client.app.state.sessions) as s:
-        s.get(Assignment, a1["assignment_id"]).expires_at -= __import__("datetime").timedelta(seconds=11)
+    run_out(env, a1)
     a2 = env.next("p", "ann1")
     assert (a2["assignment_id"], a2["task_id"]) == (a1["assignment_id"], a1["task_id"]) and a2["seconds_left"] > 5
     assert env.judge(a2["assignment_id"], "ann1", choice="A").status_code == 201
