@@ -257,9 +257,9 @@ def import_(project_name: str, file: str, db: str | None) -> None:
                    "Without one these headers are ignored, so no client can pick the address the log-in limit "
                    "counts against.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Server processes. Several use several cores (PostgreSQL); SQLite serialises writers "
-                   "across processes, so one worker is usually fastest there. The log-in rate limit counts "
-                   "per process.")
+              help="Server processes, to use several cores. On SQLite the writers of every process still "
+                   "take turns (one lock beside the database file), so a second worker gains less there. The "
+                   "log-in rate limit counts per process.")
 @db_option
 def serve(host: str, port: int, secure_cookies: bool, trusted_proxies: tuple[str, ...], workers: int,
           db: str | None) -> None:
