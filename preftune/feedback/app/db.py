@@ -64,7 +64,7 @@ class WriteLock:
         self._threads = threading.Lock()
         self._file = None
         if database is not None and fcntl is not None:
-            self._file = open(f"{database}-writelock", "a+b")  # noqa: SIM115 (held for the engine's life)
+            self._file = open(f"{database}-writelock", "a+b")  # open for the engine's life
 
     def __enter__(self) -> None:
         self._threads.acquire()

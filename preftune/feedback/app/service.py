@@ -357,9 +357,9 @@ def current_lease(session: Session, project: Project, user: User) -> Assignment 
 def next_assignment(session: Session, name: str, user: User,
                     rng: random.Random | None = None) -> tuple[Project, Assignment | None, Task | None]:
     """Project ``name``, the user's current lease in it (else a new one on the queue's first task
-    with room for them) and its task; (project, None, None) when nothing is left. Gold tasks are mixed in at
-    ``project.gold_rate`` while regular work remains. Runs under the project's lock (one indexed
-    read and an insert), so two annotators asking at once never both take a task's last slot."""
+    with room for them) and its task; (project, None, None) when nothing is left. Gold tasks are
+    mixed in at ``project.gold_rate`` while regular work remains. Runs under the project's lock (one
+    indexed read and an insert), so two annotators asking at once never both take a task's last slot."""
     rng = rng or random.Random()
     project = get_project(session, name, lock=True)
     return project, *_lease(session, project, user, rng)
@@ -506,8 +506,8 @@ def _by_client_key(session: Session, user: User, client_key: str, assignment: As
 
 def submit_judgement(session: Session, assignment_id: int, user: User, body: dict[str, Any],
                      limits: Limits = Limits()) -> tuple[Judgement, Assignment, bool]:
-    """Store a judgement; returns (judgement, its assignment, created). The same ``client_key`` again returns the
-    stored judgement unchanged, so a retried submit never creates a duplicate.
+    """Store a judgement; returns (judgement, its assignment, created). The same ``client_key``
+    again returns the stored judgement unchanged, so a retried submit never creates a duplicate.
 
     Locks only the assignment's row, not the project's: a judgement on a live lease fills the slot
     its lease held, so it cannot push a task over its overlap; only a late one (expired lease)
