@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from preftune.cli import cli
 from preftune.data.jsonl import read_jsonl
 from preftune.feedback.app.db import make_engine, open_database, transaction
-from preftune.feedback.app.models import Base, Task, User
+from preftune.feedback.app.models import Base, User
 from preftune.feedback.app.service import get_project, next_assignment, submit_judgement
 
 
@@ -86,8 +86,8 @@ def _label(db: str, project: str, answers: dict[str, list[str]]) -> None:
         for _ in labels:
             with transaction(sessions) as s:
                 user = s.query(User).filter_by(name=name).one()
-                _, a, _ = next_assignment(s, project, user)
-                label = labels[int(re.search(r"\d+", s.get(Task, a.task_id).prompt[0]["content"]).group())]
+                _, a, task = next_assignment(s, project, user)
+                label = labels[int(re.search(r"\d+", task.prompt[0]["content"]).group())]
                 choice = label if label in ("tie", "both_bad") else "AB"[a.shown_order.index(int(label))]
                 submit_judgement(s, a.id, user, {"choice": choice, "strength": None if label in ("tie", "both_bad") else 2})
 

@@ -314,8 +314,9 @@ def _with_own_lease(query, user_id):
 # statement costs more than running it.
 _PROJECT, _USER, _NOW = bindparam("project_id"), bindparam("user_id"), bindparam("now")
 NEXT_TASK = _with_own_lease(_queue(_PROJECT, _USER, _NOW), _USER).limit(1)
-CURRENT_LEASE = (select(Assignment).where(Assignment.project_id == _PROJECT, Assignment.user_id == _USER,
-                                          Assignment.status == "leased", Assignment.expires_at > _NOW)
+CURRENT_LEASE = (select(Assignment, Task).join(Task, Assignment.task_id == Task.id)
+                 .where(Assignment.project_id == _PROJECT, Assignment.user_id == _USER,
+                        Assignment.status == "leased", Assignment.expires_at > _NOW)
                  .order_by(Assignment.id).limit(1))
 PROGRESS = (select(func.count(Assignment.id).filter(Assignment.status == "done"),
                    func.count(Assignment.id).filter(Assignment.status.in_(("done", "skipped")),
@@ -350,10 +351,6 @@ def remaining_for(session: Session, project: Project, user: User) -> int:
     return progress(session, project, user)["remaining"]
 
 
-def current_lease(session: Session, project: Project, user: User) -> Assignment | None:
-    return session.scalar(CURRENT_LEASE, {"project_id": project.id, "user_id": user.id, "now": utcnow()})
-
-
 def next_assignment(session: Session, name: str, user: User,
                     rng: random.Random | None = None) -> tuple[Project, Assignment | None, Task | None]:
     """Project ``name``, the user's current lease in it (else a new one on the queue's first task
@@ -369,10 +366,10 @@ def _lease(session: Session, project: Project, user: User,
            rng: random.Random) -> tuple[Assignment, Task] | tuple[None, None]:
     # (The task goes back with its assignment: the session holds loaded objects weakly, so reading
     # it again later in the request would be another query.)
-    current = current_lease(session, project, user)
-    if current is not None:  # e.g. a reload, or two tabs asking at once
-        return current, session.get(Task, current.task_id)
     now = utcnow()
+    current = session.execute(CURRENT_LEASE, {"project_id": project.id, "user_id": user.id, "now": now}).first()
+    if current is not None:  # e.g. a reload, or two tabs asking at once
+        return current[0], current[1]
     row = session.execute(NEXT_TASK, {"project_id": project.id, "user_id": user.id, "now": now}).first()
     if row is None:
         return None, None
