@@ -107,6 +107,8 @@ def ppo(run: Path, out: Path, spec: str, eval_prompts: Path, args, seed: int) ->
     table.update(policy=str(run / "sft"), reward=spec, gold="helpful", prompts=str(run / "data" / "rl_prompts.jsonl"),
                  eval_prompts=str(eval_prompts), out=str(out), steps=args.ppo_steps, eval_every=2, save_every=0,
                  kl_coef=args.kl_coef, adaptive_kl=False, seed=seed, threads=args.threads)
+    if args.lr is not None:
+        table["lr"] = args.lr
     train_rl(PPOConfig(**table), quiet=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [{"step": r["step"], "kl": r["eval/kl"], "sqrt_kl": r["eval/sqrt_kl"], "gold": r["eval/gold"],
@@ -182,6 +184,7 @@ def main() -> None:
     p.add_argument("--n-max", type=int, default=64)
     p.add_argument("--ppo-steps", type=int, default=16)
     p.add_argument("--kl-coef", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=None, help="PPO's learning rate (default: the main job's [ppo] lr)")
     p.add_argument("--uwo-coef", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.7)
