@@ -1,9 +1,10 @@
 """Over-optimisation on purpose: PPO without a KL penalty against a flawed proxy.
 
-The gold reward wants the letter "e" and dislikes "!"; the proxy also wants "e" but pays ten
-times as much for the spurious "!". A tiny policy trained on the proxy with no KL leash first
-gains gold reward, then trades "e" for "!": the proxy keeps rising, the gold falls, the monitor
-fires and the report shows it.
+The gold reward wants up to three of the letter "e" (more cost) and dislikes "!"; the proxy wants
+every "e" and pays ten times as much for the spurious "!". A tiny policy trained on the proxy with
+no KL leash first gains gold reward, then stuffs its responses with "e" or trades it for "!" (which
+of the two depends on the CPU's kernels): the proxy keeps rising, the gold falls, the monitor fires
+and the report shows it.
 """
 
 import json
@@ -16,8 +17,8 @@ from preftune.training.monitor import overoptimisation_alert
 from tests.conftest import write_lines
 
 REWARDS = '''
-def gold(prompts, responses):
-    return [float(r.count("e")) - r.count("!") for r in responses]
+def gold(prompts, responses):  # a few e's are good, a response stuffed with them is not
+    return [float(min(r.count("e"), 3) - max(r.count("e") - 3, 0)) - r.count("!") for r in responses]
 
 def flawed_proxy(prompts, responses):
     return [float(r.count("e")) + 10.0 * r.count("!") for r in responses]
