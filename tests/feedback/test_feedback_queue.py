@@ -3,6 +3,10 @@ and the next-task query reads the queue index in order (no scan or sort of the p
 
 from __future__ import annotations
 
+import threading
+from unittest import mock
+
+import pytest
 from sqlalchemy import select, text
 
 from preftune.feedback.app import service
@@ -65,3 +69,69 @@ def test_the_next_task_query_reads_the_queue_index_in_order(env):
             s.execute(text("SET LOCAL enable_seqscan = off"))  # a 50-row table: make the planner show its index use
             plan = " | ".join(row[0] for row in s.execute(text("EXPLAIN " + sql)))
             assert "ix_tasks_queue" in plan and "Sort" not in plan, plan
+
+
+# ---------------------------------------------------------------- leases at once (PostgreSQL)
+# SQLite runs one writer at a time, so these interleavings exist only on PostgreSQL: an open
+# transaction here holds a lease while another annotator's lease runs in a thread.
+
+
+def lease(env, user: str) -> tuple[int | None, str | None]:
+    with transaction(env.client.app.state.sessions) as s:
+        _, assignment, task = service.next_assignment(s, "q", s.scalar(select(User).where(User.name == user)))
+        return (assignment.id, task.ext_id) if assignment else (None, None)
+
+
+def lease_in_thread(env, user: str) -> tuple[threading.Thread, list]:
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(lease(env, user)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def holding_a_lease(env, user: str, overlap: int, n_tasks: int):
+    """Project q; ``user`` leases its first task in a transaction the caller keeps open."""
+    if env.url.startswith("sqlite"):
+        pytest.skip("SQLite serialises writers: no two leases are ever in flight")
+    env.project("q", overlap=overlap)
+    env.tasks("q", pair_tasks(n_tasks))
+    s = env.client.app.state.sessions()
+    _, held, task = service.next_assignment(s, "q", s.scalar(select(User).where(User.name == user)))
+    return s, held, task
+
+
+def test_a_lease_takes_another_task_instead_of_waiting_for_one_in_flight(env):
+    s, _, task = holding_a_lease(env, "ann1", overlap=2, n_tasks=3)
+    try:
+        thread, out = lease_in_thread(env, "ann2")
+        thread.join(10)
+        assert not thread.is_alive(), "the second lease waited for the first one's transaction"
+        assert out[0][1] not in (None, task.ext_id)  # the held task skipped, though it has a free slot
+    finally:
+        s.commit()
+        s.close()
+
+
+@pytest.mark.parametrize("overlap", [1, 2])
+def test_at_a_projects_end_a_lease_waits_for_the_held_task_and_counts_its_slots_again(env, overlap):
+    s, _, task = holding_a_lease(env, "ann1", overlap=overlap, n_tasks=1)
+    thread, out = lease_in_thread(env, "ann2")
+    thread.join(0.5)
+    assert thread.is_alive()  # not "nothing left" while the only task may still have room
+    s.commit()
+    s.close()
+    thread.join(10)
+    # overlap 2: the second slot; overlap 1: none, though the waiting read began before ann1's commit
+    expected = [(mock.ANY, task.ext_id)] if overlap == 2 else [(None, None)]
+    assert out == expected
+
+
+def test_one_annotator_asking_twice_at_once_gets_one_lease(env):
+    s, held, _ = holding_a_lease(env, "ann1", overlap=1, n_tasks=3)
+    thread, out = lease_in_thread(env, "ann1")  # e.g. a second tab
+    thread.join(0.5)
+    assert thread.is_alive()
+    s.commit()
+    s.close()
+    thread.join(10)
+    assert out[0][0] == held.id

@@ -25,6 +25,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from preftune.data.records import RATING_FLAGS
 from preftune.errors import PreftuneError
+from preftune.feedback.app.db import is_postgres
 from preftune.feedback.app.markdown import render_markdown
 from preftune.feedback.app.models import (
     Assignment,
@@ -230,9 +231,9 @@ def set_guidelines(session: Session, name: str, text: str) -> Project:
     return project
 
 
-def get_project(session: Session, name: str, *, lock: bool = False) -> Project:
+def get_project(session: Session, name: str) -> Project:
     name = normal_name(name)
-    project = session.scalar(PROJECT_BY_NAME_LOCKED if lock else PROJECT_BY_NAME, {"name": name})
+    project = session.scalar(PROJECT_BY_NAME, {"name": name})
     if project is None:
         raise NotFound(f"no project named {name!r}")
     return project
@@ -324,10 +325,21 @@ PROGRESS = (select(func.count(Assignment.id).filter(Assignment.status == "done")
             .join(Task, Assignment.task_id == Task.id)
             .where(Assignment.project_id == _PROJECT, Assignment.user_id == _USER))
 PROJECT_BY_NAME = select(Project).where(Project.name == bindparam("name"))
-# FOR NO KEY UPDATE: claims queue on it, but the foreign-key checks of inserts that merely reference
-# the project (judgements, assignments) do not, so they cannot deadlock with it. (A no-op on SQLite,
-# whose writers hold the database's write lock already.)
-PROJECT_BY_NAME_LOCKED = PROJECT_BY_NAME.with_for_update(key_share=True)
+# Row locks are FOR NO KEY UPDATE: the foreign-key checks of inserts that merely reference the row
+# (assignments, judgements) take KEY SHARE, which does not wait for it. All of them are no-ops on
+# SQLite, whose writers hold the database's write lock already.
+#
+# A lease claims its task row, skipping rows other leases hold, so annotators asking at once take
+# different tasks instead of queueing on one lock. Every change to a task's slots (lease, unskip,
+# late submit) holds the task's row, and each one's caller's user row first: one request at a time
+# per annotator (one live lease each, however many tabs), and one lock order, so they cannot deadlock.
+NEXT_TASK_CLAIMED = NEXT_TASK.with_for_update(of=Task, key_share=True, skip_locked=True)
+NEXT_TASK_WAITING = NEXT_TASK.with_for_update(of=Task, key_share=True)
+TASK_LOCKED = select(Task.id).where(Task.id == bindparam("task_id")).with_for_update(key_share=True)
+USER_LOCKED = select(User.id).where(User.id == _USER).with_for_update(key_share=True)
+OTHERS_LIVE_LEASES = select(func.count(Assignment.id)).where(
+    Assignment.task_id == bindparam("task_id"), Assignment.user_id != _USER,
+    Assignment.status == "leased", Assignment.expires_at > _NOW)
 ASSIGNMENT_WITH_TASK = (select(Assignment, Task, Project).join(Task, Assignment.task_id == Task.id)
                         .join(Project, Assignment.project_id == Project.id)
                         .where(Assignment.id == bindparam("assignment_id")))
@@ -355,11 +367,35 @@ def next_assignment(session: Session, name: str, user: User,
                     rng: random.Random | None = None) -> tuple[Project, Assignment | None, Task | None]:
     """Project ``name``, the user's current lease in it (else a new one on the queue's first task
     with room for them) and its task; (project, None, None) when nothing is left. Gold tasks are
-    mixed in at ``project.gold_rate`` while regular work remains. Runs under the project's lock (one
-    indexed read and an insert), so two annotators asking at once never both take a task's last slot."""
+    mixed in at ``project.gold_rate`` while regular work remains. The task is claimed under its row
+    lock, so two annotators asking at once never both take its last slot."""
     rng = rng or random.Random()
-    project = get_project(session, name, lock=True)
+    project = get_project(session, name)
+    _hold_user(session, user)
     return project, *_lease(session, project, user, rng)
+
+
+def _hold_user(session: Session, user: User) -> None:
+    """This user's requests that change slots, one at a time (SQLite's writers are already)."""
+    if is_postgres(session):
+        session.execute(USER_LOCKED, {"user_id": user.id})
+
+
+def _claim(session: Session, project: Project, user: User, now) -> tuple[Task, Assignment | None] | None:
+    """The queue's first task with room for the user, its row locked, with their own expired lease on
+    it if any. On PostgreSQL rows held by other leases are skipped, and waited for only when every
+    task with room is held (the end of a project: their other slots are still free). The room is
+    counted again once the lock is held: the claim read the slots as they were when it started,
+    and a lease that committed meanwhile (and released the row) is seen only by a later statement."""
+    params = {"project_id": project.id, "user_id": user.id, "now": now}
+    if not is_postgres(session):  # one writer at a time: what the read sees stays true
+        return session.execute(NEXT_TASK, params).first()
+    for _ in range(100):  # each pass reads newer state, and a miss means another lease committed
+        row = (session.execute(NEXT_TASK_CLAIMED, params).first()
+               or session.execute(NEXT_TASK_WAITING, params).first())
+        if row is None or session.scalar(OTHERS_LIVE_LEASES, {**params, "task_id": row[0].id}) < row[0].needed:
+            return row
+    raise Conflict("the queue is too busy right now: ask again")
 
 
 def _lease(session: Session, project: Project, user: User,
@@ -370,7 +406,7 @@ def _lease(session: Session, project: Project, user: User,
     current = session.execute(CURRENT_LEASE, {"project_id": project.id, "user_id": user.id, "now": now}).first()
     if current is not None:  # e.g. a reload, or two tabs asking at once
         return current[0], current[1]
-    row = session.execute(NEXT_TASK, {"project_id": project.id, "user_id": user.id, "now": now}).first()
+    row = _claim(session, project, user, now)
     if row is None:
         return None, None
     task, stale = row
@@ -417,8 +453,9 @@ def skip_assignment(session: Session, assignment_id: int, user: User) -> None:
 def unskip_assignment(session: Session, assignment_id: int, user: User) -> tuple[Assignment, Task, Project]:
     """Take a skip back: the task is leased to the user again, unless other annotators have filled
     its slots meanwhile (409). The task handed out after the skip goes back to the pool."""
+    _hold_user(session, user)
     assignment, task, project = own_assignment(session, assignment_id, user)
-    project = get_project(session, project.name, lock=True)
+    session.execute(TASK_LOCKED, {"task_id": task.id})
     session.refresh(assignment)
     if assignment.status != "skipped":
         raise Conflict("this assignment was not skipped")
@@ -506,12 +543,13 @@ def submit_judgement(session: Session, assignment_id: int, user: User, body: dic
     """Store a judgement; returns (judgement, its assignment, created). The same ``client_key``
     again returns the stored judgement unchanged, so a retried submit never creates a duplicate.
 
-    Locks only the assignment's row, not the project's: a judgement on a live lease fills the slot
-    its lease held, so it cannot push a task over its overlap; only a late one (expired lease)
-    takes the project lock to check that nobody has taken the slot meanwhile."""
+    Locks the user's and the assignment's rows, not the project's: a judgement on a live lease
+    fills the slot its lease held, so it cannot push a task over its overlap; only a late one
+    (expired lease) waits for the task's row to check that nobody has taken the slot meanwhile."""
     client_key = body.get("client_key")
     if client_key is not None and (not isinstance(client_key, str) or not 1 <= len(client_key) <= 100):
         raise Invalid("client_key must be a string of 1 to 100 characters")
+    _hold_user(session, user)
     assignment, task, project = own_assignment(session, assignment_id, user, lock=True)
     if client_key is not None:  # (after the lock: a retry racing its first attempt finds its judgement)
         previous = _by_client_key(session, user, client_key, assignment)
@@ -523,7 +561,7 @@ def submit_judgement(session: Session, assignment_id: int, user: User, body: dic
         raise Conflict("this assignment was skipped")
     now = utcnow()
     if assignment.expires_at <= now:
-        get_project(session, project.name, lock=True)
+        session.execute(TASK_LOCKED, {"task_id": task.id})
         others = session.scalar(select(func.count(Assignment.id)).where(
             Assignment.task_id == task.id, Assignment.id != assignment.id, _active(now)))
         if not task.is_gold and others >= project.overlap:
