@@ -161,7 +161,8 @@ class Server:
 @dataclass
 class Results:
     acked: dict[str, str] = field(default_factory=dict)  # client_key -> task id
-    latencies: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # acknowledged submits
+    next_latencies: list[float] = field(default_factory=list)  # GET /next answered with a task
     statuses: Counter = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -183,10 +184,13 @@ def annotate_until_done(base: str, token: str, results: Results, deadline: float
                 if pending is None:
                     if cap and len(results.acked) >= cap:
                         return
+                    t0 = time.perf_counter()
                     r = client.get("/api/v1/projects/load/next")
                     if r.status_code == 204:
                         return
                     r.raise_for_status()
+                    with results.lock:
+                        results.next_latencies.append(time.perf_counter() - t0)
                     a = r.json()
                     pending = (a, {"choice": "A" if hash(a["task_id"]) % 3 else "B", "strength": 2,
                                    "client_key": uuid.uuid4().hex})
@@ -285,6 +289,8 @@ def run(db_url: str, annotators: int, tasks: int, overlap: int, crash_after: int
         "submit_p50_ms": round(1000 * percentile(results.latencies, 50), 1),
         "submit_p95_ms": round(1000 * percentile(results.latencies, 95), 1),
         "submit_p99_ms": round(1000 * percentile(results.latencies, 99), 1),
+        "next_p50_ms": round(1000 * percentile(results.next_latencies, 50), 1),
+        "next_p95_ms": round(1000 * percentile(results.next_latencies, 95), 1),
         # where the 2 cores went, per acknowledged judgement (a next + a submit): the server and
         # this process's simulated annotators share the machine
         "server_cpu_ms_per_judgement": round(1000 * server_cpu / max(1, len(results.acked)), 2),
