@@ -280,9 +280,14 @@ def _count_open(session: Session, project: Project, change: int) -> None:
 # ---------------------------------------------------------------- assignment
 
 
+def _live(now):
+    """Leases not yet expired."""
+    return and_(Assignment.status == "leased", Assignment.expires_at > now)
+
+
 def _active(now):
-    """Assignments that hold a slot of their task: done, or leased and not yet expired."""
-    return or_(Assignment.status == "done", and_(Assignment.status == "leased", Assignment.expires_at > now))
+    """Assignments that hold a slot of their task: done, or a live lease."""
+    return or_(Assignment.status == "done", _live(now))
 
 
 def _unseen(user_id, now):
@@ -295,8 +300,8 @@ def _queue(project_id, user_id, now):
     """Regular tasks this user may take, closest to complete first: read along the queue index
     (project, regular, needed, id), so the cost does not grow with the project. A task has room
     while its live leases are fewer than the judgements it still needs."""
-    leased = (select(func.count(Assignment.id)).where(Assignment.task_id == Task.id, Assignment.status == "leased",
-                                                     Assignment.expires_at > now).correlate(Task).scalar_subquery())
+    leased = (select(func.count(Assignment.id)).where(Assignment.task_id == Task.id, _live(now))
+              .correlate(Task).scalar_subquery())
     return (select(Task).where(Task.project_id == project_id, Task.is_gold.is_(False), Task.needed > 0,
                                _unseen(user_id, now), leased < Task.needed)
             .order_by(Task.needed, Task.id))
@@ -316,8 +321,7 @@ def _with_own_lease(query, user_id):
 _PROJECT, _USER, _NOW = bindparam("project_id"), bindparam("user_id"), bindparam("now")
 NEXT_TASK = _with_own_lease(_queue(_PROJECT, _USER, _NOW), _USER).limit(1)
 CURRENT_LEASE = (select(Assignment, Task).join(Task, Assignment.task_id == Task.id)
-                 .where(Assignment.project_id == _PROJECT, Assignment.user_id == _USER,
-                        Assignment.status == "leased", Assignment.expires_at > _NOW)
+                 .where(Assignment.project_id == _PROJECT, Assignment.user_id == _USER, _live(_NOW))
                  .order_by(Assignment.id).limit(1))
 PROGRESS = (select(func.count(Assignment.id).filter(Assignment.status == "done"),
                    func.count(Assignment.id).filter(Assignment.status.in_(("done", "skipped")),
@@ -338,8 +342,7 @@ NEXT_TASK_WAITING = NEXT_TASK.with_for_update(of=Task, key_share=True)
 TASK_LOCKED = select(Task.id).where(Task.id == bindparam("task_id")).with_for_update(key_share=True)
 USER_LOCKED = select(User.id).where(User.id == _USER).with_for_update(key_share=True)
 OTHERS_LIVE_LEASES = select(func.count(Assignment.id)).where(
-    Assignment.task_id == bindparam("task_id"), Assignment.user_id != _USER,
-    Assignment.status == "leased", Assignment.expires_at > _NOW)
+    Assignment.task_id == bindparam("task_id"), Assignment.user_id != _USER, _live(_NOW))
 ASSIGNMENT_WITH_TASK = (select(Assignment, Task, Project).join(Task, Assignment.task_id == Task.id)
                         .join(Project, Assignment.project_id == Project.id)
                         .where(Assignment.id == bindparam("assignment_id")))
