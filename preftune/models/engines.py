@@ -117,10 +117,14 @@ class VLLMEngine(_Engine):
         # a prompt's prefill across steps, which torch's CPU generators cannot do ("CPU Generator does
         # not use offset", at batches of about 256 prompts).
         cpu = device.type == "cpu"
+        options = {"enable_chunked_prefill": False} if cpu else {}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Under torchrun each rank drives its own engine on its share of the prompts: vLLM's
+            # "external launcher" joins the ranks' process group instead of starting its own.
+            options["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(model=str(path), tokenizer=str(path), dtype=dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=cpu, logprobs_mode="processed_logprobs",
-                       gpu_memory_utilization=0.9 if cpu else 0.3,
-                       **({"enable_chunked_prefill": False} if cpu else {}))
+                       gpu_memory_utilization=0.9 if cpu else 0.3, **options)
         self.eos_ids = sorted({tokenizer.eos_token_id} | set(_extra_eos_ids(_generation_config(path), tokenizer)))
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,

@@ -127,8 +127,9 @@ def build_sampler(cfg: OnlineRLConfig, policy, tokenizer, run: TrainingRun) -> H
     chosen = choose_engine(cfg.engine, run.precision, run.torch_device)
     run.say(f"engine: {chosen}" + (" (auto)" if cfg.engine == "auto" else ""))
     if chosen == "vllm":
-        if run.info.enabled:
-            raise PreftuneError("--engine vllm under torchrun: not supported yet (use --engine hf)")
+        if run.sharded:
+            raise PreftuneError("--engine vllm with --fsdp: the engine needs the whole weights on every rank "
+                                "(use --engine hf, or DDP without --fsdp)")
         from transformers import AutoConfig
 
         path = resolve_model_path(cfg.policy)
