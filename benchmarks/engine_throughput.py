@@ -8,10 +8,15 @@
             preftune's defaults: LoRA, bf16), with the weight-sync phase apart
   main-job  the main job (`preftune run --config examples/demo/demo.toml`) with each engine: stage
             times (opt-in: about 10 minutes per engine)
+  variants  the vLLM settings preftune chose against (opt-in, about 10 minutes), each in its own
+            process, at batch 64 (and 256): eager against compiled (load time, tokens/s), and an
+            online trainer's LoRA update pushed merged (reload_weights) against as a vLLM adapter
+            (push seconds, tokens/s sampling with it)
 
     python benchmarks/engine_throughput.py                           # generate and ppo
     python benchmarks/engine_throughput.py --only generate --dtypes bf16
     python benchmarks/engine_throughput.py --only main-job
+    python benchmarks/engine_throughput.py --only variants --dtypes fp32
 
 Needs vLLM in the same environment (`make vllm`). Prints one JSON line per measurement and the
 vLLM / hf ratios at the end.
@@ -63,6 +68,65 @@ def generate(engine_name: str, dtype: str, batches: list[int]) -> list[dict]:
     return rows
 
 
+def variant(name: str, dtype: str) -> list[dict]:
+    """vLLM at batch 64 (and 256 for the compile variants) with one setting changed (own process)."""
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    from preftune.data.chat import encode_prompt
+    from preftune.models.engines import merged_weights
+    from preftune.models.loading import load_causal_lm, resolve_model_path
+    from preftune.training.lora import apply_lora
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    torch.set_num_threads(2)
+    path = str(resolve_model_path("smollm2-135m-instruct"))
+    model, tokenizer = load_causal_lm(path, dtype="fp32")
+    prompts = [json.loads(line)["prompt"] for line in (DEMO / "prompts.jsonl").read_text().splitlines()]
+    encoded = [TokensPrompt(prompt_token_ids=encode_prompt(tokenizer, [{"role": "user", "content": p}]))
+               for p in prompts[:256]]
+    t = time.perf_counter()
+    llm = LLM(model=path, tokenizer=path, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype], seed=0,
+              max_model_len=512, enforce_eager=name != "compiled", gpu_memory_utilization=0.9,
+              enable_chunked_prefill=False, **(dict(enable_lora=True, max_lora_rank=16) if name == "lora" else {}))
+    load_s = time.perf_counter() - t
+
+    def tokens_per_s(n: int, lora=None) -> float:
+        params = [SamplingParams(temperature=0.7, max_tokens=48, seed=i) for i in range(n)]
+        t = time.perf_counter()
+        out = llm.generate(encoded[:n], params, use_tqdm=False, lora_request=lora)
+        return round(sum(len(o.outputs[0].token_ids) for o in out) / (time.perf_counter() - t), 1)
+
+    row = {"task": "variant", "variant": name, "dtype": dtype, "load_s": round(load_s, 1)}
+    if name in ("eager", "compiled"):
+        tokens_per_s(8)  # warm-up
+        return [{**row, "batch": b, "tokens_per_s": tokens_per_s(b)} for b in (64, 256)]
+    model = apply_lora(model, 16, 32, 0.0, ["all-linear"], "CAUSAL_LM")  # preftune's default adapter
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for update in range(4):  # the first is a warm-up
+            with torch.no_grad():  # an update moves the adapters
+                for pname, p in model.named_parameters():
+                    if "lora_B" in pname:
+                        p.normal_(0, 0.01)
+            t = time.perf_counter()
+            lora = None
+            if name == "lora":
+                model.save_pretrained(f"{tmp}/{update}")
+                lora = LoRARequest(f"policy-{update}", update + 1, f"{tmp}/{update}")
+            else:
+                llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(merged_weights(model).items())})
+                llm.reset_prefix_cache()
+            push_s = time.perf_counter() - t
+            speed = tokens_per_s(64 if update else 8, lora)
+            if update:
+                rows.append({**row, "batch": 64, "update": update, "push_s": round(push_s, 2), "tokens_per_s": speed})
+    return rows
+
+
 def run(cmd: list[str]) -> list[dict]:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
     # "RESULT {...}" from this script's own --one runs; one JSON object per line from ppo_throughput.py
@@ -90,15 +154,20 @@ def main_job(engine: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="generate,ppo", help="comma-separated: generate, ppo, main-job")
+    p.add_argument("--only", default="generate,ppo", help="comma-separated: generate, ppo, main-job, variants")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
     p.add_argument("--ppo-steps", type=int, default=2, help="measured PPO steps after one warm-up step")
     p.add_argument("--one", nargs=2, metavar=("ENGINE", "DTYPE"), help=argparse.SUPPRESS)
+    p.add_argument("--variant", nargs=2, metavar=("VARIANT", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.one:
         for row in generate(*args.one, batches):
+            print("RESULT " + json.dumps(row), flush=True)
+        return
+    if args.variant:
+        for row in variant(*args.variant):
             print("RESULT " + json.dumps(row), flush=True)
         return
     rows = []
@@ -115,6 +184,11 @@ def main() -> None:
                         "--steps", str(args.ppo_steps)]):
             print(json.dumps(row), flush=True)
             rows.append({"task": "ppo", **row})
+    if "variants" in only:
+        for dtype in args.dtypes.split(","):
+            for name in ("eager", "compiled", "merged", "lora"):
+                for row in run([sys.executable, __file__, "--variant", name, dtype]):
+                    print(json.dumps(row), flush=True)
     if "main-job" in only:
         for engine in ("hf", "vllm"):
             row = main_job(engine)
