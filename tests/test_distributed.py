@@ -312,6 +312,18 @@ def test_ppo_two_ranks_each_with_a_vllm_engine_match_one_rank(tmp_path, vllm_mod
     assert_weights_close(tmp_path / "two", tmp_path / "one", atol=1e-5)
 
 
+@vllm_only
+def test_vllm_with_fsdp_is_refused_in_one_line(tmp_path, vllm_model_dir, ppo_files):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFTUNE_DIST_TIMEOUT": "120"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "preftune",
+           *cli_args("ppo", ppo_options(vllm_model_dir, ppo_files, tmp_path / "fsdp", 4, engine="vllm", fsdp=True))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    # each rank says it in one line (torchrun then reports its failed children)
+    assert proc.returncode != 0 and "PreftuneError" not in proc.stderr
+    assert "--engine vllm with --fsdp" in proc.stderr + proc.stdout
+
+
 def test_ppo_fsdp_with_lora_matches_one_rank(tmp_path, tiny_model_dir, ppo_files):
     """FSDP2 + LoRA: sampling, the reference (adapters disabled) and the update all run through the
     sharded model; the best-gold policy and the final one are gathered to rank 0."""
