@@ -290,11 +290,13 @@ def test_ppo_two_ranks_match_one_rank_with_double_batch(tmp_path, tiny_model_dir
 
 
 @vllm_only
-def test_ppo_two_ranks_each_with_a_vllm_engine_match_one_rank(tmp_path, vllm_model_dir, ppo_files):
+@pytest.mark.parametrize("lora", [False, True])
+def test_ppo_two_ranks_each_with_a_vllm_engine_match_one_rank(lora, tmp_path, vllm_model_dir, ppo_files):
     """``--engine vllm`` under torchrun: each rank samples its share with its own engine (vLLM's
-    external launcher on the ranks' process group) and syncs it after every update. Per-request
-    seeds make the two ranks' samples, curves and weights those of one process with the doubled batch."""
-    options = dict(lora=False, engine="vllm")
+    external launcher on the ranks' process group) and syncs it after every update (with LoRA: the
+    adapters merged). Per-request seeds make the two ranks' samples, curves and weights those of one
+    process with the doubled batch."""
+    options = dict(lora=lora, engine="vllm", **({"lora_r": 4} if lora else {}))
     launch(2, cli_args("ppo", ppo_options(vllm_model_dir, ppo_files, tmp_path / "two", 4, **options)))
     one = subprocess.run([sys.executable, "-m", "preftune",
                           *cli_args("ppo", ppo_options(vllm_model_dir, ppo_files, tmp_path / "one", 8, **options))],
