@@ -40,6 +40,11 @@ BATCHES = (16, 64, 256)
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
+def demo_prompts(n: int) -> list[str]:
+    """The first ``n`` demo prompts."""
+    return [json.loads(line)["prompt"] for line in (DEMO / "prompts.jsonl").read_text().splitlines()][:n]
+
+
 def generate(engine_name: str, dtype: str, batches: list[int]) -> list[dict]:
     """tokens/s of one engine at each batch size (run in its own process)."""
     import torch
@@ -48,12 +53,12 @@ def generate(engine_name: str, dtype: str, batches: list[int]) -> list[dict]:
     from preftune.models.engines import open_engine
 
     torch.set_num_threads(2)
-    prompts = [json.loads(line)["prompt"] for line in (DEMO / "prompts.jsonl").read_text().splitlines()]
+    prompts = demo_prompts(max(batches))
     t = time.perf_counter()
     engine = open_engine(engine_name, "smollm2-135m-instruct", device="cpu", dtype=dtype, seed=0, max_model_len=512,
                          quiet=True)
     load_s = time.perf_counter() - t
-    encoded = [encode_prompt(engine.tokenizer, [{"role": "user", "content": p}]) for p in prompts[:max(batches)]]
+    encoded = [encode_prompt(engine.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     options = dict(max_new_tokens=48, temperature=0.7, generator=torch.Generator().manual_seed(0))
     engine.generate(encoded[:8], **options)  # warm-up
     rows = []
@@ -76,22 +81,26 @@ def variant(name: str, dtype: str) -> list[dict]:
     from vllm.lora.request import LoRARequest
 
     from preftune.data.chat import encode_prompt
-    from preftune.models.engines import merged_weights
+    from preftune.models.engines import VLLMEngine
     from preftune.models.loading import load_causal_lm, resolve_model_path
     from preftune.training.lora import apply_lora
 
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     torch.set_num_threads(2)
     path = str(resolve_model_path("smollm2-135m-instruct"))
     model, tokenizer = load_causal_lm(path, dtype="fp32")
-    prompts = [json.loads(line)["prompt"] for line in (DEMO / "prompts.jsonl").read_text().splitlines()]
     encoded = [TokensPrompt(prompt_token_ids=encode_prompt(tokenizer, [{"role": "user", "content": p}]))
-               for p in prompts[:256]]
+               for p in demo_prompts(256)]
     t = time.perf_counter()
-    llm = LLM(model=path, tokenizer=path, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype], seed=0,
-              max_model_len=512, enforce_eager=name != "compiled", gpu_memory_utilization=0.9,
-              enable_chunked_prefill=False, **(dict(enable_lora=True, max_lora_rank=16) if name == "lora" else {}))
+    engine = None
+    if name in ("eager", "merged"):  # preftune's own engine, as the stages run it
+        engine = VLLMEngine(path, tokenizer, precision=dtype, device=torch.device("cpu"), seed=0, max_model_len=512)
+        llm = engine.llm
+    else:  # the same options, one changed
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        llm = LLM(model=path, tokenizer=path, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype], seed=0,
+                  max_model_len=512, enforce_eager=name != "compiled", gpu_memory_utilization=0.9,
+                  enable_chunked_prefill=False, **(dict(enable_lora=True, max_lora_rank=16) if name == "lora" else {}))
     load_s = time.perf_counter() - t
 
     def tokens_per_s(n: int, lora=None) -> float:
@@ -118,8 +127,7 @@ def variant(name: str, dtype: str) -> list[dict]:
                 model.save_pretrained(f"{tmp}/{update}")
                 lora = LoRARequest(f"policy-{update}", update + 1, f"{tmp}/{update}")
             else:
-                llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(merged_weights(model).items())})
-                llm.reset_prefix_cache()
+                engine.sync(model)
             push_s = time.perf_counter() - t
             speed = tokens_per_s(64 if update else 8, lora)
             if update:

@@ -28,12 +28,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
+def launch(nproc: int, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFTUNE_DIST_TIMEOUT": "120"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "preftune", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
@@ -316,11 +317,8 @@ def test_ppo_two_ranks_each_with_a_vllm_engine_match_one_rank(lora, tmp_path, vl
 
 @vllm_only
 def test_vllm_with_fsdp_is_refused_in_one_line(tmp_path, vllm_model_dir, ppo_files):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFTUNE_DIST_TIMEOUT": "120"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "preftune",
-           *cli_args("ppo", ppo_options(vllm_model_dir, ppo_files, tmp_path / "fsdp", 4, engine="vllm", fsdp=True))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = launch(2, cli_args("ppo", ppo_options(vllm_model_dir, ppo_files, tmp_path / "fsdp", 4, engine="vllm",
+                                                 fsdp=True)), check=False)
     # each rank says it in one line (torchrun then reports its failed children)
     assert proc.returncode != 0 and "PreftuneError" not in proc.stderr
     assert "--engine vllm with --fsdp" in proc.stderr + proc.stdout
