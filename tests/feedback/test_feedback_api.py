@@ -439,3 +439,56 @@ def test_ranking_agreement_says_it_counts_response_pairs(env):
     assert (agreement["items"], agreement["item_kind"], agreement["tasks"]) == (3, "response pairs", 1)
     page = env.login("admin").get("/admin/projects/r")
     assert "Over 3 response pairs (of 1 tasks) judged by two or more annotators" in page.text
+
+
+def test_text_the_database_cannot_hold_is_a_4xx_naming_it(env):
+    """Found by reading the code: a lone surrogate (JSON "\\ud800") was imported, and then every
+    /next of its task answered 500 (its JSON cannot be encoded) to the same annotator forever; a
+    NUL made PostgreSQL refuse the statement (500) in names, rationales and client keys; a
+    200-character id grew past its column with a pair's ":0-1"."""
+    env.project("p", overlap=1)
+    admin, json_type = env.auth("admin"), {"content-type": "application/json"}
+    for raw, expected in ((r'[{"prompt": "q", "responses": ["ok \ud800 x", "fine"]}]', "lone surrogate (U+D800)"),
+                          (r'[{"prompt": "q\u0000", "responses": ["a", "b"]}]', "NUL character"),
+                          (r'[{"prompt": "q", "responses": ["a", "b"], "meta": {"note": "x\udfff"}}]', "meta")):
+        r = env.client.post("/api/v1/projects/p/tasks", content=raw, headers={**admin, **json_type})
+        assert r.status_code == 422 and r.json()["detail"].startswith("record 1:") and expected in r.text, r.text
+    long_id = {"id": "x" * 200, "prompt": "q", "responses": ["a", "b", "c"]}  # the id itself is at the limit
+    r = env.client.post("/api/v1/projects/p/tasks", json=[long_id], headers=admin)
+    assert r.status_code == 422 and "204 characters long (limit 200" in r.text, r.text
+    env.tasks("p", pair_tasks(1))
+    a = env.next("p", "ann1")
+    for raw in (r'{"choice": "A", "rationale": "x\ud800"}', r'{"choice": "A", "client_key": "k\u0000"}'):
+        r = env.client.post(f"/api/v1/assignments/{a['assignment_id']}/judgement", content=raw,
+                            headers={**env.auth("ann1"), **json_type})
+        assert r.status_code == 422, r.text
+    r = env.client.put("/api/v1/projects/p/guidelines", content=r'{"guidelines": "x\ud800"}',
+                       headers={**admin, **json_type})
+    assert r.status_code == 422, r.text  # (typed fields: pydantic refuses a lone surrogate itself)
+    for path in ("/api/v1/projects/p%00q/next", "/api/v1/projects/p%00q/export"):
+        assert env.client.get(path, headers=admin).status_code == 404
+    import re
+
+    from fastapi.testclient import TestClient
+
+    browser = TestClient(env.client.app)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', browser.get("/login").text).group(1)
+    r = browser.post("/login", data={"username": "ann1\x00", "password": "x" * 12, "csrf_token": token})
+    assert r.status_code < 500 and "Wrong user name or password" in r.text
+    assert env.judge(a["assignment_id"], "ann1", choice="A").status_code == 201  # nothing was half-stored
+
+
+def test_form_numbers_in_other_digits_are_a_4xx(env):
+    """Found by reading the code: str.isdigit() accepts "²", which int() refuses (500)."""
+    import re
+
+    for kind, field in (("pairwise", {"choice": "A", "strength": "²"}), ("rating", {"rating": "²"}),
+                        ("ranking", {"rank_0": "²", "rank_1": "1"})):
+        env.project(kind, kind=kind, overlap=1)
+        env.tasks(kind, [{"prompt": "q", "responses": ["a", "b"]}])
+        browser = env.login("ann1")
+        page = browser.get(f"/annotate/{kind}")
+        assignment_id = re.search(r'name="assignment_id" id="assignment_id" value="(\d+)"', page.text).group(1)
+        r = browser.post(f"/annotate/{kind}/submit", follow_redirects=False,
+                         data={"assignment_id": assignment_id, "csrf_token": page_csrf(page.text), **field})
+        assert r.status_code == 422 and "must be a number" in r.text, (kind, r.status_code)

@@ -4,6 +4,7 @@ and the next-task query reads the queue index in order (no scan or sort of the p
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from unittest import mock
 
 import pytest
@@ -135,3 +136,58 @@ def test_one_annotator_asking_twice_at_once_gets_one_lease(env):
     s.close()
     thread.join(10)
     assert out[0][0] == held.id
+
+
+def test_a_skip_racing_a_submit_of_the_same_assignment_never_unjudges_it(env):
+    """Found by reading the code: the skip read the assignment without a lock, so on PostgreSQL its
+    UPDATE waited for the submit's commit and then marked the judged assignment skipped."""
+    if env.url.startswith("sqlite"):
+        pytest.skip("SQLite serialises writers: no skip runs while a submit is in flight")
+    env.project("q", overlap=1)
+    env.tasks("q", pair_tasks(1))
+    assignment_id = env.next("q", "ann1")["assignment_id"]
+    s = env.client.app.state.sessions()
+    ann1 = s.scalar(select(User).where(User.name == "ann1"))
+    service.submit_judgement(s, assignment_id, ann1, {"choice": "A"})  # in flight: not committed yet
+    out: list = []
+
+    def skip() -> None:
+        try:
+            with transaction(env.client.app.state.sessions) as s2:
+                service.skip_assignment(s2, assignment_id, s2.scalar(select(User).where(User.name == "ann1")))
+            out.append("skipped")
+        except service.Conflict as e:
+            out.append(str(e))
+
+    thread = threading.Thread(target=skip, daemon=True)
+    thread.start()
+    thread.join(0.5)
+    s.commit()
+    s.close()
+    thread.join(10)
+    assert out == ["this assignment is already judged"]
+    assert [row["choice"] for row in env.export("q", "raw")] == ["A"]
+
+
+def test_a_submit_whose_clock_is_behind_the_next_lease_cannot_overfill_its_task(env, monkeypatch):
+    """Found by reading the code: a submit trusted its lease while its own clock said it was live,
+    but a lease claimed by a clock a moment ahead (another request, another app host) had already
+    taken the slot as expired, and the task ended with two judgements at overlap 1."""
+    env.project("q", overlap=1, lease_seconds=10)
+    env.tasks("q", pair_tasks(1))
+    first = env.next("q", "ann1")
+
+    def ahead() -> None:  # ann2's requests run on a clock 11 s ahead: ann1's lease is over by it
+        monkeypatch.setattr(service, "utcnow", lambda: utcnow() + timedelta(seconds=11))
+
+    ahead()
+    second = env.next("q", "ann2")
+    assert second is not None and second["task_id"] == first["task_id"]  # the slot goes to ann2
+    monkeypatch.undo()
+    late = env.judge(first["assignment_id"], "ann1", choice="A")  # by the real clock ann1's lease is live
+    assert late.status_code == 409 and "given to someone else" in late.json()["detail"]
+    ahead()
+    assert env.judge(second["assignment_id"], "ann2", choice="B").status_code == 201
+    monkeypatch.undo()
+    assert [row["choice"] for row in env.export("q", "raw")] == ["B"]
+    assert counts(env, "q") == (0, {"t0": 0})

@@ -118,3 +118,39 @@ def test_the_history_page_changes_a_judgement_without_script(env):
     assert env.login("ann2").get(link).status_code == 404
     env.project("q")
     assert browser.get(f'/annotate/q/judgements/{j["judgement_id"]}').status_code == 404  # not in that project
+
+
+def test_two_revisions_at_once_both_stay_in_the_history(env):
+    """Found by reading the code: on PostgreSQL a revision read the answer while another revision
+    was in flight, so both recorded the same earlier answer and the one between was lost."""
+    import threading
+
+    import pytest
+    from sqlalchemy import select
+
+    from preftune.feedback.app import service
+    from preftune.feedback.app.db import transaction
+    from preftune.feedback.app.models import User
+
+    if env.url.startswith("sqlite"):
+        pytest.skip("SQLite serialises writers: no revision runs while another is in flight")
+    env.project("p", overlap=1)
+    env.tasks("p", pair_tasks(1))
+    a = env.next("p", "ann1")
+    judgement_id = env.judge(a["assignment_id"], "ann1", choice="A").json()["judgement_id"]
+    s = env.client.app.state.sessions()
+    service.revise_judgement(s, judgement_id, s.scalar(select(User).where(User.name == "ann1")), {"choice": "B"})
+
+    def revise_again() -> None:
+        with transaction(env.client.app.state.sessions) as s2:
+            service.revise_judgement(s2, judgement_id, s2.scalar(select(User).where(User.name == "ann1")),
+                                     {"choice": "tie"})
+
+    thread = threading.Thread(target=revise_again, daemon=True)
+    thread.start()
+    thread.join(0.5)
+    s.commit()
+    s.close()
+    thread.join(10)
+    [row] = env.export("p", "raw")
+    assert row["choice"] == "tie" and [r["choice"] for r in row["revisions"]] == ["A", "B"]

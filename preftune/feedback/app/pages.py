@@ -24,7 +24,7 @@ from preftune.feedback.app.markdown import render_markdown
 from preftune.feedback.app.models import Project, User, WebSession
 from preftune.feedback.app.security import new_secret, same_secret, verify_no_user, verify_password
 from preftune.feedback.app.stats import project_stats
-from preftune.feedback.app.tasks import numbered_json_lines, parse_tasks
+from preftune.feedback.app.tasks import numbered_json_lines, parse_tasks, unstorable
 from preftune.feedback.app.web import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Caller, identify, start_session, tx
 
 router = APIRouter(include_in_schema=False)
@@ -122,7 +122,8 @@ def login(request: Request, username: str = Form("", max_length=100), password: 
         response.headers["Retry-After"] = str(int(wait) + 1)
         return response
     with tx(request) as s:
-        user = s.scalar(select(User).where(User.name == service.normal_name(username)))
+        user = None if unstorable(username) else s.scalar(select(User).where(
+            User.name == service.normal_name(username)))
         if not (verify_password(user.password_hash, password) if user is not None else verify_no_user(password)):
             limiter.failed(*keys)
             return login_page(request, next, "Wrong user name or password.")
@@ -190,20 +191,28 @@ def _submit_form(request: Request, project: str, form):
     return RedirectResponse(f"/annotate/{quote(project)}", status_code=303)
 
 
+def _form_int(value: str | None, field: str) -> int | None:
+    """A form's number: None when left empty, else a small non-negative integer in ASCII digits
+    (str.isdigit() also accepts "²", which int() does not)."""
+    if not value:
+        return None
+    if len(value) > 6 or not (value.isascii() and value.isdigit()):
+        raise service.Invalid(f"{field} must be a number")
+    return int(value)
+
+
 def _answer_from_form(p: Project, form) -> dict:
     """The answer fields of an annotate form, as the API takes them (positions as shown)."""
     body: dict = {"rationale": form.get("rationale") or None}
     if p.kind == "pairwise":
-        strength = form.get("strength")
-        body.update(choice=form.get("choice"), strength=int(strength) if strength and strength.isdigit() else None)
+        body.update(choice=form.get("choice"), strength=_form_int(form.get("strength"), "strength"))
     elif p.kind == "rating":
-        rating = form.get("rating", "")
-        body.update(rating=int(rating) if rating.isdigit() else None, flags=form.getlist("flags"))
+        body.update(rating=_form_int(form.get("rating"), "rating"), flags=form.getlist("flags"))
     else:
         ranks: dict[int, list[int]] = {}
         for key, value in form.multi_items():
-            if key.startswith("rank_") and key[5:].isdigit() and value.isdigit():
-                ranks.setdefault(int(value), []).append(int(key[5:]))
+            if key.startswith("rank_") and (rank := _form_int(value, "a rank")) is not None:
+                ranks.setdefault(rank, []).append(_form_int(key[5:], "a response's position"))
         body["ranking"] = [sorted(ranks[r]) for r in sorted(ranks)]
     return body
 

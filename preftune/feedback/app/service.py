@@ -38,7 +38,7 @@ from preftune.feedback.app.models import (
     utcnow,
 )
 from preftune.feedback.app.security import hash_password, new_secret, token_hash, verify_password
-from preftune.feedback.app.tasks import KINDS, Limits, TaskSpec, ranking_groups
+from preftune.feedback.app.tasks import KINDS, Limits, TaskSpec, ranking_groups, unstorable
 
 ROLES = ("admin", "annotator")
 CHOICES = ("A", "B", "tie", "both_bad")
@@ -132,7 +132,7 @@ def checked_password(password: str, name: str) -> str:
 
 
 def get_user(session: Session, name: str) -> User:
-    user = session.scalar(select(User).where(User.name == normal_name(name)))
+    user = None if unstorable(name) else session.scalar(select(User).where(User.name == normal_name(name)))
     if user is None:
         raise NotFound(f"no user named {name!r}")
     return user
@@ -218,8 +218,8 @@ def create_project(session: Session, name: str, kind: str, *, overlap: int = 1, 
 def checked_guidelines(text: str) -> str:
     if len(text) > MAX_GUIDELINES:
         raise Invalid(f"guidelines are {len(text)} characters; at most {MAX_GUIDELINES} are kept")
-    if "\x00" in text:
-        raise Invalid("guidelines contain a NUL character")
+    if problem := unstorable(text):
+        raise Invalid(f"guidelines contain {problem}")
     return text.replace("\r\n", "\n")
 
 
@@ -233,7 +233,7 @@ def set_guidelines(session: Session, name: str, text: str) -> Project:
 
 def get_project(session: Session, name: str) -> Project:
     name = normal_name(name)
-    project = session.scalar(PROJECT_BY_NAME, {"name": name})
+    project = None if unstorable(name) else session.scalar(PROJECT_BY_NAME, {"name": name})
     if project is None:
         raise NotFound(f"no project named {name!r}")
     return project
@@ -343,6 +343,8 @@ TASK_LOCKED = select(Task.id).where(Task.id == bindparam("task_id")).with_for_up
 USER_LOCKED = select(User.id).where(User.id == _USER).with_for_update(key_share=True)
 OTHERS_LIVE_LEASES = select(func.count(Assignment.id)).where(
     Assignment.task_id == bindparam("task_id"), Assignment.user_id != _USER, _live(_NOW))
+OTHERS_ACTIVE = select(func.count(Assignment.id)).where(
+    Assignment.task_id == bindparam("task_id"), Assignment.id != bindparam("assignment_id"), _active(_NOW))
 ASSIGNMENT_WITH_TASK = (select(Assignment, Task, Project).join(Task, Assignment.task_id == Task.id)
                         .join(Project, Assignment.project_id == Project.id)
                         .where(Assignment.id == bindparam("assignment_id")))
@@ -446,7 +448,10 @@ def own_assignment(session: Session, assignment_id: int, user: User, *,
 
 
 def skip_assignment(session: Session, assignment_id: int, user: User) -> None:
-    assignment, _, _ = own_assignment(session, assignment_id, user)
+    # Under the user's and the assignment's locks, as a submit: a skip racing a submit of the same
+    # assignment sees it judged instead of marking a judged assignment skipped.
+    _hold_user(session, user)
+    assignment, _, _ = own_assignment(session, assignment_id, user, lock=True)
     if assignment.status == "done":
         raise Conflict("this assignment is already judged")
     assignment.status = "skipped"
@@ -496,6 +501,8 @@ def _validate(kind: str, scale: int, order: list[int], body: dict[str, Any], lim
             raise Invalid("rationale must be a string")
         if len(rationale) > limits.max_text_chars:
             raise Invalid(f"rationale is longer than {limits.max_text_chars} characters")
+        if problem := unstorable(rationale):
+            raise Invalid(f"rationale contains {problem}")
         out["rationale"] = rationale or None
     if kind == "pairwise":
         choice = body.get("choice")
@@ -546,12 +553,13 @@ def submit_judgement(session: Session, assignment_id: int, user: User, body: dic
     """Store a judgement; returns (judgement, its assignment, created). The same ``client_key``
     again returns the stored judgement unchanged, so a retried submit never creates a duplicate.
 
-    Locks the user's and the assignment's rows, not the project's: a judgement on a live lease
-    fills the slot its lease held, so it cannot push a task over its overlap; only a late one
-    (expired lease) waits for the task's row to check that nobody has taken the slot meanwhile."""
+    Locks the user's, the assignment's and the task's rows, not the project's, and counts the
+    task's other slots under that lock: a task never goes over its overlap, even when its lease
+    expired (or looked expired to another request) and the slot went to someone else."""
     client_key = body.get("client_key")
-    if client_key is not None and (not isinstance(client_key, str) or not 1 <= len(client_key) <= 100):
-        raise Invalid("client_key must be a string of 1 to 100 characters")
+    if client_key is not None and (not isinstance(client_key, str) or not 1 <= len(client_key) <= 100
+                                   or unstorable(client_key)):
+        raise Invalid("client_key must be a string of 1 to 100 characters (no NUL, no lone surrogate)")
     _hold_user(session, user)
     assignment, task, project = own_assignment(session, assignment_id, user, lock=True)
     if client_key is not None:  # (after the lock: a retry racing its first attempt finds its judgement)
@@ -563,11 +571,13 @@ def submit_judgement(session: Session, assignment_id: int, user: User, body: dic
     if assignment.status == "skipped":
         raise Conflict("this assignment was skipped")
     now = utcnow()
-    if assignment.expires_at <= now:
+    if not task.is_gold:
+        # The slot this judgement fills must still be free. A live lease holds one, but a lease
+        # claimed meanwhile may have read this one as expired by a clock a moment ahead (another
+        # request, another app host), so every submit holds the task's row and counts.
         session.execute(TASK_LOCKED, {"task_id": task.id})
-        others = session.scalar(select(func.count(Assignment.id)).where(
-            Assignment.task_id == task.id, Assignment.id != assignment.id, _active(now)))
-        if not task.is_gold and others >= project.overlap:
+        others = session.scalar(OTHERS_ACTIVE, {"task_id": task.id, "assignment_id": assignment.id, "now": now})
+        if others >= project.overlap:
             raise Conflict("this assignment expired and the task was given to someone else")
     fields = _validate(project.kind, project.scale, assignment.shown_order, body, limits)
     judgement = Judgement(assignment_id=assignment.id, task_id=task.id, user_id=user.id, project_id=project.id,
@@ -608,6 +618,7 @@ def revise_judgement(session: Session, judgement_id: int, user: User, body: dict
                      limits: Limits = Limits()) -> tuple[Judgement, Assignment]:
     """Change one's own judgement. Exports use the latest answer; each earlier one is kept as a
     revision (an unchanged answer adds none)."""
+    _hold_user(session, user)  # two revisions at once: the second records the first's answer as previous
     judgement, assignment, task, project = own_judgement(session, judgement_id, user)
     validated = _validate(project.kind, project.scale, assignment.shown_order, body, limits)
     answer = {k: validated.get(k) for k in ANSWER_FIELDS}

@@ -80,6 +80,32 @@ def _check_text(text: str, what: str, limits: Limits) -> None:
         raise RecordError(f"{what} is {len(text)} characters long (limit {limits.max_text_chars})")
 
 
+def unstorable(text: str) -> str | None:
+    """What in ``text`` the database cannot hold, or None: a NUL character (PostgreSQL's text
+    refuses it) or a lone UTF-16 surrogate (a JSON escape such as "\\ud800", not encodable as UTF-8)."""
+    if "\x00" in text:
+        return "a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a lone surrogate (U+{ord(text[e.start]):04X})"
+    return None
+
+
+def _check_storable(value: Any, where: str = "the record") -> None:
+    """Every string of a record (keys included) storable, or a ``RecordError`` naming the field."""
+    if isinstance(value, str):
+        if problem := unstorable(value):
+            raise RecordError(f"{where} contains {problem}, which cannot be stored")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_storable(k, f"a key of {where}")
+            _check_storable(v, f'"{k}"' if where == "the record" else where)
+    elif isinstance(value, list):
+        for v in value:
+            _check_storable(v, where)
+
+
 def canonical_gold(kind: str, gold: Any, n_responses: int, scale: int) -> Any:
     """A known answer in stored form: pairwise "0"/"1"/"tie"/"both_bad" (index of the better
     response; "A"/"B" also name responses 0/1), ranking tie groups best first, rating an int."""
@@ -224,6 +250,7 @@ def parse_tasks(numbered: Iterable[tuple[int, Any]], kind: str, scale: int,
         try:
             if not isinstance(obj, dict):
                 raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
+            _check_storable(obj)
             prompt, responses, per_response, meta = _base_record(obj, limits)
             for i, msg in enumerate(prompt):
                 _check_text(msg["content"], "the prompt" if len(prompt) == 1 else f"prompt message {i}", limits)
@@ -255,6 +282,11 @@ def parse_tasks(numbered: Iterable[tuple[int, Any]], kind: str, scale: int,
             raise
     seen: dict[str, int] = {}
     for spec in specs:
+        if len(spec.ext_id) > limits.max_id_chars:  # a long "id" or "prompt_id" with a pair's ":0-1" added
+            err = RecordError(f'task id "{spec.ext_id[:40]}..." is {len(spec.ext_id)} characters long '
+                              f'(limit {limits.max_id_chars}, with the ":i-j" of a pair of responses)')
+            err.line = spec.line
+            raise err
         if spec.ext_id in seen:
             err = RecordError(f'duplicate task id "{spec.ext_id}" (first on line {seen[spec.ext_id]})')
             err.line = spec.line
