@@ -34,16 +34,19 @@ TITLES = {**METHOD_TITLES, "bon": "best-of-n", "sft": "SFT"}
 
 
 def open_run(cfg: CompareConfig, config_file: str | None, method: str):
-    """The run RUN as ``preftune run --algorithm method`` sees it (its seed, device, dtype, threads
-    and engine; the method's table from ``config_file`` or the run's own config file)."""
-    from preftune.pipeline.run import Run
+    """The run RUN as ``preftune run --algorithm method`` sees it (its seed, device, dtype, threads,
+    engine and skip_invalid, unless this command sets them; the method's table from ``config_file``
+    or the run's own config file)."""
+    from preftune.pipeline.run import RUN_WIDE, Run
 
     recorded = Path(cfg.run, "run_config.json")
     if not recorded.exists():
         raise PreftuneError(f"{cfg.run}: not a run directory of preftune run (no run_config.json)")
     values = json.loads(recorded.read_text())
     own_file = values.pop("config_file", None)
-    run_cfg = RunConfig(**{**values, "out": cfg.run, "algorithm": method if method in METHOD_TITLES else "ppo"})
+    given = {k: getattr(cfg, k) for k in (*RUN_WIDE, "skip_invalid") if k in cfg.model_fields_set}
+    run_cfg = RunConfig(**{**values, **given, "out": cfg.run,
+                           "algorithm": method if method in METHOD_TITLES else "ppo"})
     return Run(run_cfg, config_file or own_file, quiet=True)
 
 

@@ -102,6 +102,7 @@ class CompareConfig(StageConfig):
     bon_n: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], description="Best-of-n's n values (its KL "
                              "is the analytic log n - (n-1)/n).")
     kl_budget: float = Field(6.0, gt=0, description="The KL (nats) within which the best gold reward is reported.")
+    engine: EngineName = engine_field()
     force: bool = Field(False, description="Re-train methods compare already trained.")
     out: str | None = Field(None, description="Where the comparison goes (default RUN/compare); each method's "
                                               "model goes to RUN/<method>, as preftune run --algorithm puts it.")
