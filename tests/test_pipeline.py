@@ -227,3 +227,33 @@ def test_quick_run_with_a_reward_ensemble(tmp_path, quick_run_without_probes):
     assert all(r["objective/reward_uncertainty"] > 0 for r in rows)
     assert any("eval/proxy_uncertainty" in r for r in rows)
     assert "The proxy is an ensemble of reward models" in (out / "report.html").read_text()
+
+
+def test_compare_passes_the_options_it_is_given_to_every_method(tmp_path):
+    """Found by a reading of --help: compare accepted --seed, --device, --dtype, --threads and
+    --skip-invalid (and the docs --engine) and then used the run's recorded values."""
+    from preftune.pipeline.compare import open_run
+    from preftune.pipeline.config import CompareConfig, RunConfig
+
+    recorded = RunConfig(out=str(tmp_path), seed=3, device="cpu", threads=2).model_dump()
+    (tmp_path / "run_config.json").write_text(json.dumps({**recorded, "config_file": None}))
+    run = open_run(CompareConfig(run=str(tmp_path), seed=11, engine="hf", skip_invalid=True), None, "rloo")
+    assert (run.cfg.seed, run.cfg.engine, run.cfg.skip_invalid, run.cfg.algorithm) == (11, "hf", True, "rloo")
+    assert (run.cfg.device, run.cfg.threads) == ("cpu", 2)  # not given: the run's own
+
+
+def test_a_stage_table_setting_what_the_run_sets_for_every_stage_is_refused(tmp_path):
+    """Found by a reading of --help: [ppo] engine = "hf" (or seed, device, dtype, threads) was
+    silently overridden by the run's value."""
+    from preftune.errors import ConfigError
+    from preftune.pipeline.config import RunConfig
+    from preftune.pipeline.run import Run
+    from preftune.rl.config import PPOConfig
+
+    config = tmp_path / "run.toml"
+    config.write_text('[run]\nseed = 1\n\n[ppo]\nlr = 1e-5\nengine = "hf"\n')
+    run = Run(RunConfig(out=str(tmp_path / "out")), str(config), quiet=True)
+    with pytest.raises(ConfigError, match=r"\[ppo\] engine: set it in \[run\]"):
+        run.stage_config(PPOConfig, "ppo", policy="x", reward="y", prompts="z", out="w")
+    config.write_text('[run]\nseed = 1\n\n[ppo]\nlr = 1e-5\n')
+    assert run.stage_config(PPOConfig, "ppo", policy="x", reward="y", prompts="z", out="w").lr == 1e-5

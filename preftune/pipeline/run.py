@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from preftune.config import build_config
+from preftune.config import build_config, read_config_file
 from preftune.data.jsonl import read_dicts, read_jsonl, write_json, write_jsonl
 from preftune.data.records import prompt_text, to_json
 from preftune.data.split import random_split
@@ -51,6 +51,9 @@ def stage_names(method: str, rounds: int = 1, human_eval: bool = False, probes: 
     """The stages in order; the tuning stage is named after the method (``[run] algorithm``)."""
     per_round = [round_stage(n, r) for r in range(1, rounds + 1) for n in (*ROUND_STAGES, method)]
     return ["sft", *per_round, "eval", *(["human_eval"] if human_eval else []), *(["probes"] if probes else [])]
+
+
+RUN_WIDE = ("seed", "device", "dtype", "threads", "engine")  # options of [run] that every stage takes
 
 
 @dataclass
@@ -103,10 +106,24 @@ class Run:
         """Every stage's config, built one way: the stage's own defaults < ``defaults`` (what the
         run chooses, e.g. its response length) < the config file's ``[section]`` table < the run's
         seed, device, dtype, threads and engine < ``fixed`` (the paths between stages)."""
-        common = {"seed": self.cfg.seed, "device": self.cfg.device, "dtype": self.cfg.dtype,
-                  "threads": self.cfg.threads, "engine": self.cfg.engine}
+        self._refuse_run_wide_keys(section)
+        common = {k: getattr(self.cfg, k) for k in RUN_WIDE}
         return build_config(cls, file=self.config_file, section=section, defaults=defaults,
                             overrides={**{k: v for k, v in common.items() if k in cls.model_fields}, **fixed})
+
+    def _refuse_run_wide_keys(self, section: str) -> None:
+        """The run's seed, device, dtype, threads and engine hold for every stage, so the same key
+        in a stage's table would be ignored: it is refused instead, in one line."""
+        if not self.config_file:
+            return
+        node: Any = read_config_file(self.config_file)
+        for depth in range(len(section.split("."))):
+            node = node.get(section.split(".")[depth]) if isinstance(node, dict) else None
+            clash = sorted(k for k in (node or {}) if k.replace("-", "_") in RUN_WIDE) if isinstance(node, dict) else []
+            if clash:
+                table = ".".join(section.split(".")[:depth + 1])
+                raise ConfigError(f"{self.config_file}: [{table}] {clash[0]}: set it in [run] or on the command "
+                                  f"line (the run's {', '.join(RUN_WIDE)} hold for every stage)")
 
     # ------------------------------------------------------------ stage bookkeeping
 
