@@ -184,7 +184,9 @@ def config_options(cls: type[BaseModel], skip: tuple[str, ...] = ()):
             else:
                 default = field.get_default(call_default_factory=True)
                 shown = ",".join(map(str, default)) if isinstance(default, list) else default
-                described = "[default:" in (field.description or "")  # the field says it in words
+                # The field says it in words: "[default: ...]", or "default: ..." for what None stands for.
+                described = "[default:" in (field.description or "") or (
+                    default is None and "default" in (field.description or ""))
                 help_text = field.description if described else f"{field.description or ''} [default: {shown}]"
             if field.annotation is bool:
                 option = click.option(f"--{flag}/--no-{flag}", name, default=None, help=help_text)

@@ -29,6 +29,20 @@ def test_help_explains_every_option():
     assert "Peak learning rate" in result.output
 
 
+
+def test_an_option_states_its_default_once():
+    """A None default that the help text explains in words (--project: "default: the name of
+    --out") is not also shown as "[default: None]"; a plain default still is."""
+    import click
+
+    from preftune.config import config_options
+    from preftune.pipeline.config import RunConfig
+
+    command = config_options(RunConfig)(click.command()(lambda **_: None))
+    helps = {p.name: p.help for p in command.params}
+    assert "default: the name of --out" in helps["project"] and "[default: None]" not in helps["project"]
+    assert helps["select"].endswith("[default: random]")
+
 def test_config_precedence_file_then_flags(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('[sft]\nmodel = "m"\ndata = "d.jsonl"\nout = "o"\nlr = 0.5\nbatch_size = 3\n'
