@@ -23,17 +23,33 @@ def db_option(func):
 
 
 def _open(db: str | None):
-    try:
-        from preftune.feedback.app.db import open_database
-    except ImportError as e:
-        from preftune.errors import PreftuneError
+    from preftune.feedback.app.db import open_database
 
-        raise PreftuneError(f"the feedback app needs its extra: pip install 'preftune[feedback]' ({e.name} "
-                            "is missing)") from None
     return open_database(db)
 
 
-@click.group("annotate")
+# What `pip install 'preftune[feedback]'` adds (import names).
+FEEDBACK_EXTRA = {"fastapi", "uvicorn", "sqlalchemy", "alembic", "jinja2", "multipart", "python_multipart", "argon2",
+                  "psycopg", "markdown_it", "fastapi_offline", "starlette"}
+
+
+class AnnotateGroup(click.Group):
+    """The app's modules load on first use: one missing from the feedback extra ends any command
+    with one line saying how to install it."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] not in FEEDBACK_EXTRA:
+                raise
+            from preftune.errors import PreftuneError
+
+            raise PreftuneError(f"the feedback app needs its extra: pip install 'preftune[feedback]' ({e.name} "
+                                "is missing)") from None
+
+
+@click.group("annotate", cls=AnnotateGroup)
 def annotate() -> None:
     """Human feedback: people rate, compare and rank responses in the browser.
 

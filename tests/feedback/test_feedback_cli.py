@@ -31,6 +31,22 @@ def db(tmp_path, monkeypatch):
     return url
 
 
+@pytest.mark.parametrize("args", [["init"], ["serve", "--port", "1"], ["project", "list"]])
+def test_without_the_feedback_extra_every_command_says_how_to_install_it(tmp_path, args):
+    """Found by a reading of the code: annotate init and serve imported the app before the check
+    (a traceback), and every other command too, through its own imports."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['sqlalchemy'] = None  # as if the extra were not installed\n"
+            "from preftune.cli import main; sys.argv = ['preftune', 'annotate', *sys.argv[1:]]; main()")
+    done = subprocess.run([sys.executable, "-c", code, *args, "--db", str(tmp_path / "x.db")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("error: the feedback app needs its extra: pip install 'preftune[feedback]' "
+                                   "(sqlalchemy is missing)"), done.stderr
+
+
 def test_commands_need_an_initialised_database(tmp_path):
     r = run("annotate", "stats", "demo", "--db", str(tmp_path / "new.db"), ok=False)
     assert r.exit_code == 2 and "annotate init" in r.output and "Traceback" not in r.output
