@@ -148,8 +148,47 @@ def test_kl_estimators():
     assert close(kl_penalty(logp, ref, "k1"), [0.5, -1.0])
     # k3 = (r - 1) - log r, r = ref/pi: log r = -0.5 -> e^-0.5 - 1 + 0.5; log r = 1 -> e - 1 - 1
     assert close(kl_penalty(logp, ref, "k3"), [math.exp(-0.5) - 0.5, math.e - 2])
+    assert close(kl_penalty(logp, ref, "k2"), [0.125, 0.5])  # (0.5^2) / 2, (1^2) / 2
     with pytest.raises(ValueError):
-        kl_penalty(logp, ref, "k2")
+        kl_penalty(logp, ref, "k4")
+
+
+def test_what_each_kl_estimator_pulls_as_a_loss_term():
+    """The exact expected gradient over a 5-token distribution, E_pi[grad k(x)] = sum_x pi(x) grad
+    k(x): zero for k1, the gradient of KL(pi || ref) for k2, of KL(ref || pi) for k3."""
+    theta = torch.tensor([0.5, -0.3, 0.2, 0.0, -0.1], dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([0.1, 0.4, -0.2, 0.3, 0.0], dtype=torch.float64), -1)
+
+    def expected_grad(estimator):
+        logp = torch.log_softmax(theta, -1)
+        (grad,) = torch.autograd.grad((logp.exp().detach() * kl_penalty(logp, ref, estimator)).sum(), theta)
+        return grad
+
+    def grad_of(kl):
+        logp = torch.log_softmax(theta, -1)
+        (grad,) = torch.autograd.grad(kl(logp), theta)
+        return grad
+
+    forward = grad_of(lambda logp: (logp.exp() * (logp - ref)).sum())  # KL(pi || ref)
+    reverse = grad_of(lambda logp: (ref.exp() * (ref - logp)).sum())  # KL(ref || pi)
+    assert forward.abs().max() > 0.05 and reverse.abs().max() > 0.05
+    assert torch.allclose(expected_grad("k1"), torch.zeros(5, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(expected_grad("k2"), forward, atol=1e-12)
+    assert torch.allclose(expected_grad("k3"), reverse, atol=1e-12)
+
+
+def test_k1_as_a_loss_term_is_refused():
+    from pydantic import ValidationError
+
+    from preftune.rl.config import GRPOConfig, RLOOConfig
+
+    paths = dict(policy="p", reward="r", prompts="q", out="o")
+    with pytest.raises(ValidationError, match="k1 pulls nothing as a loss term"):
+        RLOOConfig(**paths, kl_in="loss")
+    with pytest.raises(ValidationError, match="k1 pulls nothing as a loss term"):
+        GRPOConfig(**paths, kl_estimator="k1")
+    assert RLOOConfig(**paths, kl_in="loss", kl_estimator="k2").kl_estimator == "k2"
+    assert GRPOConfig(**paths, kl_estimator="k1", kl_in="reward").kl_in == "reward"  # k1 in the reward is fine
 
 
 def test_missing_eos_penalty_replaces_the_score():
@@ -320,6 +359,26 @@ def test_batch_scale_over_processes_equals_the_whole_batch():
     for t in threads:
         t.join()
     assert close(torch.cat(out), whole)
+
+
+def test_dynamic_sampling_drops_groups_by_their_scores_even_with_the_kl_in_the_reward():
+    """Found by a reading of the code: with --kl-in reward the filter looked at score - beta * KL,
+    which differs within every group, so no group was ever dropped."""
+    from preftune.rl.config import GRPOConfig
+    from preftune.rl.rollout import Rollout
+    from preftune.rl.trainer import advantages
+
+    cfg = GRPOConfig(policy="p", reward="r", prompts="q", out="o", samples_per_prompt=2, batch_size=4,
+                     kl_in="reward", dynamic_sampling=True)
+    mask = torch.ones(4, 2)
+    episodes = Rollout(prompt_ids=torch.zeros(4, 1, dtype=torch.long), prompt_mask=torch.ones(4, 1),
+                       response_ids=torch.zeros(4, 2, dtype=torch.long), response_mask=mask.clone(),
+                       logprobs=torch.zeros(4, 2))
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0])  # group 0: equal scores; group 1: different
+    kl = torch.tensor([[0.1, 0.0], [0.3, 0.1], [0.0, 0.0], [0.2, 0.0]])  # the KL differs in both
+    adv, _, _, stats = advantages(cfg, episodes, scores, kl, 0.05, None)
+    assert episodes.response_mask[:, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert stats["val/groups_dropped"] == 1
 
 
 def test_dynamic_sampling_keeps_groups_with_different_rewards():

@@ -58,8 +58,9 @@ class OnlineRLConfig(TrainConfig):
 
     kl_coef: float = Field(0.05, ge=0, description="KL coefficient beta (initial value if adaptive; 0: no leash).",
                            validation_alias=AliasChoices("kl_coef", "beta"), json_schema_extra={"flags": ["--beta"]})
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimate: k1 = log pi/pi_ref, k3 = "
-                                                                "(r - 1) - log r (non-negative, lower variance).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimate: k1 = log pi/pi_ref, "
+                                                    "k2 = (log pi/pi_ref)^2 / 2, k3 = (r - 1) - log r with r = "
+                                                    "pi_ref/pi (non-negative, lower variance).")
     adaptive_kl: bool = Field(False, description="Adapt beta towards --kl-target (Ziegler et al. 2019).")
     kl_target: float = Field(6.0, gt=0, description="Target KL per episode in nats for --adaptive-kl.")
     kl_horizon: int = Field(10_000, ge=1, description="Horizon of the adaptive controller in episodes.")
@@ -121,6 +122,9 @@ class CriticFreeConfig(OnlineRLConfig):
         if self.batch_size % self.samples_per_prompt:
             raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --samples-per-prompt "
                              f"{self.samples_per_prompt}")
+        if self.kl_in == "loss" and self.kl_estimator == "k1" and self.kl_coef > 0:
+            raise ValueError("--kl-estimator k1 pulls nothing as a loss term (its expected gradient is zero): with "
+                             "--kl-in loss use k2 (the gradient of KL(pi || ref)) or k3 (GRPO's)")
         return self
 
 
@@ -133,8 +137,9 @@ class GRPOConfig(CriticFreeConfig):
     algorithm: ClassVar[str] = "grpo"
     kl_in: Literal["reward", "loss"] = Field("loss", description="Where the KL leash acts: loss (beta x the "
                                              "per-token KL estimate added to the loss, as GRPO) or reward.")
-    kl_estimator: Literal["k1", "k3"] = Field("k3", description="Per-token KL estimate: k3 = (r - 1) - log r "
-                                                                "(GRPO's, non-negative), or k1 = log pi/pi_ref.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimate: k3 = (r - 1) - "
+                                                    "log r (GRPO's, non-negative), k2 = (log pi/pi_ref)^2 / 2, or k1 "
+                                                    "= log pi/pi_ref (with --kl-in reward only).")
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field("dapo", description="How per-token terms are "
                                                           "averaged: grpo (each sequence's mean, then over "
                                                           "sequences), dr_grpo (sum over sequences x "

@@ -22,7 +22,7 @@ import torch
 
 from preftune.models.logits import last_token_index
 
-KLEstimator = Literal["k1", "k3"]
+KLEstimator = Literal["k1", "k2", "k3"]
 # How a loss's per-token terms become one number (GRPO's --loss-type): "token_mean" divides the sum
 # by the tokens of the batch (DAPO; PPO's choice), "sequence_mean" averages each sequence's tokens,
 # then the sequences (GRPO's paper), "constant" divides the sum by sequences x the response length
@@ -104,16 +104,23 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi.
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020).
 
     k1 = log pi - log pi_ref (unbiased, can be negative per token);
-    k3 = (r - 1) - log r with r = pi_ref / pi (unbiased, never negative, lower variance)."""
+    k2 = (log pi - log pi_ref)^2 / 2 (biased, never negative);
+    k3 = (r - 1) - log r with r = pi_ref / pi (unbiased, never negative, lower variance).
+
+    As a loss term on sampled tokens (``kl_in = "loss"``) they differ in what they pull: k1's
+    expected gradient is zero (E_pi[grad log pi] = 0), k2's is the gradient of KL(pi || pi_ref),
+    k3's that of the reverse KL(pi_ref || pi) (GRPO's leash)."""
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
         return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r} (use k1 or k3)")
+    raise ValueError(f"unknown KL estimator {estimator!r} (use k1, k2 or k3)")
 
 
 def final_scores(scores: torch.Tensor, ended: torch.Tensor, missing_eos_penalty: float | None) -> torch.Tensor:

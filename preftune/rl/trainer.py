@@ -367,7 +367,7 @@ def advantages(cfg: OnlineRLConfig, episodes: Rollout, scores: torch.Tensor, kl:
     else:
         seq = group_advantages(rewards, K, cfg.scale_rewards, reduce=reduce)
         if cfg.dynamic_sampling:  # out of the loss (masked: the batch keeps its shape on every rank)
-            kept = varied_groups(rewards, K)
+            kept = varied_groups(scores, K)  # by the scores: a KL in the reward would make every group vary
             episodes.response_mask = mask * kept[:, None].to(mask.dtype)
             counts = torch.tensor([float((~kept).sum()), float(len(kept))], dtype=torch.float64)
             dropped, total = (reduce(counts) if reduce else counts).tolist()
