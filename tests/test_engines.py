@@ -70,6 +70,21 @@ def test_asking_for_a_missing_vllm_is_one_line(tmp_path, tiny_model_dir, monkeyp
         "('preftune[vllm]' with CUDA), or use --engine hf"]
 
 
+@vllm_only
+def test_vllm_sampler_correction_with_top_p_is_refused_in_one_line(tmp_path, tiny_model_dir):
+    """Found by a reading of vLLM's sampler: its "processed" log-probs are of the top-p/top-k
+    renormalised distribution, the trainer's of the whole one, so every correction weight would be
+    below 1 (about the nucleus' mass; RLOO's product over a response nearly 0)."""
+    prompts = write_lines(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
+    result = CliRunner().invoke(cli, ["ppo", "--policy", str(tiny_model_dir), "--reward", "length", "--prompts",
+                                      str(prompts), "--out", str(tmp_path / "o"), "--engine", "vllm", "--top-p", "0.9",
+                                      "--sampler-correction-cap", "2", "--steps", "1"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        "error: --sampler-correction-cap with --engine vllm needs --top-p 1 and --top-k 0: vLLM's log-probs are of "
+        "the truncated distribution, the trainer's of the whole one")
+
+
 # ---------------------------------------------------------------- vLLM (where installed)
 
 PROBE = """

@@ -130,6 +130,11 @@ def build_sampler(cfg: OnlineRLConfig, policy, tokenizer, run: TrainingRun) -> H
         if run.sharded:
             raise PreftuneError("--engine vllm with --fsdp: the engine needs the whole weights on every rank "
                                 "(use --engine hf, or DDP without --fsdp)")
+        if cfg.sampler_correction_cap and (cfg.top_p < 1 or cfg.top_k):
+            # vLLM reports log-probs of the top-p/top-k renormalised distribution, the trainer of the
+            # whole one: every weight pi_old / pi_sampler would be below 1 (about the nucleus' mass).
+            raise PreftuneError("--sampler-correction-cap with --engine vllm needs --top-p 1 and --top-k 0: vLLM's "
+                                "log-probs are of the truncated distribution, the trainer's of the whole one")
         from transformers import AutoConfig
 
         path = resolve_model_path(cfg.policy)
