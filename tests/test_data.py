@@ -181,6 +181,50 @@ def test_split_uses_split_field_else_seeded_fraction():
     assert held == [recs[3]] and len(train) == 19
 
 
+def test_split_tags_in_any_case_and_unknown_ones_refused(tmp_path):
+    """Found by a reading of the code: a record tagged "dev" or "Train" went to neither side."""
+    recs = [PromptRecord(messages=[{"role": "user", "content": str(i)}], split=tag)
+            for i, tag in enumerate(["train", "Train", "dev", "VAL", None, "held_out"])]
+    train, held = train_eval_split(recs, 0.25, seed=1)
+    assert [r.messages[0]["content"] for r in train] == ["0", "1", "4"]
+    assert [r.messages[0]["content"] for r in held] == ["2", "3", "5"]
+    path = write_lines(tmp_path / "p.jsonl", [{"prompt": "a", "split": "train"}, {"prompt": "b", "split": "later"}])
+    with pytest.raises(DataError, match=r"p\.jsonl:2: unknown \"split\" 'later': \"train\", or one of eval"):
+        read_jsonl(path, "prompts")
+
+
+def test_byte_order_mark_huge_numbers_deep_nesting_and_lone_surrogates(tmp_path):
+    """Found by a reading of the code: a UTF-8 byte-order mark made line 1 "invalid JSON"; a
+    number of 5,000 digits, 100,000 nested brackets and a lone surrogate escape ended in a
+    traceback (the last one only when writing)."""
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "first"}\n{"prompt": "second"}\n')
+    assert [r.messages[0]["content"] for r in read_jsonl(bom, "prompts").records] == ["first", "second"]
+    pair = write_lines(tmp_path / "pair.jsonl", [r'{"prompt": "smile \ud83d\ude00"}'])  # a valid pair
+    assert read_jsonl(pair, "prompts").records[0].messages[0]["content"] == "smile \U0001F600"
+    for name, line, message in (("huge", '{"prompt": "a", "n": ' + "9" * 5000 + "}", "more than 4,300 digits"),
+                                ("deep", '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+                                ("lone", r'{"prompt": "x \ud800 y"}', "lone UTF-16 surrogate")):
+        path = write_lines(tmp_path / f"{name}.jsonl", ['{"prompt": "ok"}', line])
+        with pytest.raises(DataError, match=rf"{name}\.jsonl:2: .*{message}"):
+            read_jsonl(path, "prompts")
+
+
+def test_convert_tells_the_kind_from_the_first_valid_record(tmp_path):
+    """Found by a reading of the code: a bad first line made the file look like prompts, and with
+    --skip-invalid every comparison lost its answers."""
+    from click.testing import CliRunner
+
+    from preftune.cli import cli
+
+    src = write_lines(tmp_path / "c.jsonl", ["not json", {"prompt": "q", "chosen": "yes", "rejected": "no"}])
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(cli, ["convert", str(src), "--to", "preftune", "--out", str(out), "--skip-invalid"])
+    assert result.exit_code == 0, result.output
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (row["chosen"], row["rejected"]) == ("yes", "no")
+
+
 def test_random_split_of_plain_items_is_the_untagged_split():
     keys = [f"prompt {i}" for i in range(20)]  # strings: no split field (str.split is a method)
     train, held = random_split(keys, 0.25, seed=1)

@@ -49,6 +49,22 @@ def test_implicit_text_pairs_split_where_trl_splits():
     rec = parse_comparison({"chosen": "\n\nHuman: Q\n\nAssistant: The answer is 4",
                             "rejected": "\n\nHuman: Q\n\nAssistant: The answer is 5"})
     assert (rec.messages, rec.chosen) == ([{"role": "user", "content": "Q"}], "The answer is 4")
+    # Text before the first turn is the system's (it was dropped); "Human:" may open the text.
+    rec = parse_comparison({"chosen": "You are kind.\n\nHuman: Q\n\nAssistant: yes",
+                            "rejected": "You are kind.\n\nHuman: Q\n\nAssistant: no"})
+    assert rec.messages == [{"role": "system", "content": "You are kind."}, {"role": "user", "content": "Q"}]
+    rec = parse_comparison({"chosen": "Human: Q\n\nAssistant: yes", "rejected": "Human: Q\n\nAssistant: no"})
+    assert (rec.messages, rec.chosen) == ([{"role": "user", "content": "Q"}], "yes")
+
+
+def test_trl_unpaired_kto_records_are_not_taken_for_demonstrations():
+    """Found by a reading of the code: {"prompt", "completion", "label": false} trained SFT on an
+    answer marked undesirable."""
+    from preftune.data.records import parse_demonstration
+
+    with pytest.raises(RecordError, match=r"unpaired preference \(KTO\) format"):
+        parse_demonstration({"prompt": "Q", "completion": "bad answer", "label": False})
+    assert parse_demonstration({"prompt": "Q", "completion": "a", "label": "math"}).completion == "a"
 
 
 def test_margin_is_strength():

@@ -13,7 +13,7 @@ def register(cli: click.Group, config_help: str) -> None:
                        "message lists, margin), which TRL reads with preftune's meaning; preftune: our own shapes.")
     @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output JSONL.")
     @click.option("--kind", type=click.Choice(["comparisons", "demonstrations", "prompts", "rankings", "ratings"]),
-                  default=None, help="What IN holds. [default: told from its first record]")
+                  default=None, help="What IN holds. [default: told from its first valid record]")
     @click.option("--skip-invalid", is_flag=True, help="Skip invalid records (counted and reported) "
                                                        "instead of stopping at the first.")
     def convert(src: str, to: str, out: str, kind: str | None, skip_invalid: bool) -> None:

@@ -50,7 +50,7 @@ def numbered_lines(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, str
     started = False
     for lineno, raw in enumerate(lines, start=1):
         try:
-            text = raw.decode("utf-8").strip()
+            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()  # (a byte-order mark)
         except UnicodeDecodeError as e:
             raise DataError(name, lineno,
                             f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
@@ -65,9 +65,20 @@ def numbered_lines(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, str
 def decode_json(text: str) -> Any:
     """One line's JSON value; ``RecordError`` with the column when it is not JSON."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise RecordError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except ValueError:  # Python refuses integers of more than 4,300 digits
+        raise RecordError("invalid JSON (a number with more than 4,300 digits)") from None
+    except RecursionError:
+        raise RecordError("invalid JSON (nested too deeply)") from None
+    if "\\ud" in text.lower():  # an escaped UTF-16 surrogate: fine in a pair, unwritable alone
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RecordError("a string holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
+                              "which cannot be written as UTF-8") from None
+    return value
 
 
 def decode_object(text: str) -> dict:
@@ -134,14 +145,17 @@ def read_numbered_dicts(path: str | Path) -> list[tuple[int, dict]]:
     return out
 
 
-def first_object(path: str | Path) -> dict:
-    """The first line's JSON object, to tell which kind of records a file holds ({} when that line
-    is not one: the reader that follows reports it with its line)."""
-    for _, text in _file_lines(Path(path)):
+def first_object(path: str | Path, lines: int = 100) -> dict:
+    """The first JSON object among the first ``lines`` lines, to tell which kind of records a file
+    holds ({} when there is none: the reader that follows reports the bad lines with their
+    numbers). A bad first line does not decide the kind of the rest."""
+    for n, (_, text) in enumerate(_file_lines(Path(path))):
+        if n >= lines:
+            break
         try:
             return decode_object(text)
         except RecordError:
-            return {}
+            continue
     return {}
 
 

@@ -171,8 +171,14 @@ def _prompt_messages(obj: dict) -> Messages:
     return messages
 
 
+TRAIN_TAGS = ("train",)
+HELD_OUT_TAGS = ("eval", "test", "validation", "held_out", "dev", "val", "valid")  # any case
+
+
 def _common(obj: dict) -> dict:
     split = _string(obj, "split", required=False)
+    if split is not None and split.lower() not in TRAIN_TAGS + HELD_OUT_TAGS:
+        raise RecordError(f'unknown "split" {split!r}: "train", or one of {", ".join(HELD_OUT_TAGS)} for held out')
     return {"id": _optional_id(obj), "split": split}
 
 
@@ -184,6 +190,9 @@ def parse_prompt(obj: dict) -> PromptRecord:
 
 
 def parse_demonstration(obj: dict) -> Demonstration:
+    if isinstance(obj.get("label"), bool):
+        raise RecordError('a record with a true/false "label" is TRL\'s unpaired preference (KTO) format, not a '
+                          'demonstration: give comparisons {"prompt", "chosen", "rejected"} to preftune reward or dpo')
     if "completion" in obj:
         messages = _prompt_messages(obj)
         if isinstance(obj["completion"], list):  # TRL's conversational prompt-completion
@@ -216,9 +225,13 @@ def _split_hh(text: str, key: str) -> tuple[Messages, str]:
     if cut < 0:
         raise RecordError(f'"{key}" has no "\\n\\nAssistant:" turn')
     head, reply = text[:cut], text[cut + len(HH_ASSISTANT):].strip()
-    messages: Messages = []
-    pos = 0
+    if head.startswith(HH_HUMAN.lstrip()):  # "Human: ..." at the very start, without the blank line
+        head = "\n\n" + head
     markers = {HH_HUMAN: "user", HH_ASSISTANT: "assistant"}
+    first = min([head.find(m) for m in markers if head.find(m) >= 0], default=len(head))
+    # Text before the first turn (an instruction to the assistant) is kept as a system message.
+    messages: Messages = [{"role": "system", "content": head[:first].strip()}] if head[:first].strip() else []
+    pos = first
     while pos < len(head):
         nexts = [(head.find(m, pos), m) for m in markers if head.find(m, pos) >= 0]
         if not nexts:

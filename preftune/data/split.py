@@ -6,6 +6,7 @@ import random
 from typing import Protocol, Sequence, TypeVar
 
 from preftune.data.jsonl import read_jsonl
+from preftune.data.records import HELD_OUT_TAGS, TRAIN_TAGS
 
 T = TypeVar("T")
 
@@ -17,7 +18,6 @@ class Tagged(Protocol):
 
 
 R = TypeVar("R", bound=Tagged)
-HELD_OUT_TAGS = ("eval", "test", "validation", "held_out")
 
 
 def random_split(items: Sequence[T], eval_fraction: float, seed: int) -> tuple[list[T], list[T]]:
@@ -35,10 +35,11 @@ def random_split(items: Sequence[T], eval_fraction: float, seed: int) -> tuple[l
 
 def train_eval_split(records: Sequence[R], eval_fraction: float, seed: int) -> tuple[list[R], list[R]]:
     """Split records by their ``split`` field when any record has one ("train", or one of
-    ``HELD_OUT_TAGS``), else ``random_split``. Returns (train, eval)."""
+    ``HELD_OUT_TAGS``, in any case; untagged records train), else ``random_split``. Returns
+    (train, eval). The readers refuse any other tag, so no record is in neither."""
     if any(r.split is not None for r in records):
-        train = [r for r in records if r.split in (None, "train")]
-        held = [r for r in records if r.split in HELD_OUT_TAGS]
+        train = [r for r in records if r.split is None or r.split.lower() in TRAIN_TAGS]
+        held = [r for r in records if r.split is not None and r.split.lower() in HELD_OUT_TAGS]
         return train, held
     return random_split(records, eval_fraction, seed)
 
