@@ -2,6 +2,7 @@
 the built-in scorers against hand-computed values."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -71,6 +72,12 @@ def test_bad_expressions_name_what_is_wrong(spec, message):
 def test_bad_arguments_and_functions_are_clear_errors(tmp_path):
     with pytest.raises(PreftuneError, match="bad arguments for length"):
         load_scorer("length(mx=3)")
+    # Found by a reading of the code: these were accepted (or a traceback).
+    for spec, message in (("keyword(a|b)(c)", "unbalanced parentheses"), ("length(max=50,max=5)", "max twice"),
+                          ("nonrepetitive(n=abc)", "whole number >= 1, got 'abc'"),
+                          ("nonrepetitive(n=0)", "whole number >= 1, got 0"), ("length(max=abc)", "a number > 0")):
+        with pytest.raises(PreftuneError, match=re.escape(message)):
+            load_scorer(spec)
     with pytest.raises(PreftuneError, match="has no function nope"):
         load_scorer("json:nope")
     with pytest.raises(PreftuneError, match="no such file"):

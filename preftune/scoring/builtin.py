@@ -56,8 +56,8 @@ def _words(text: str) -> list[str]:
 
 
 def length(max: float = 100) -> BuiltinFn:  # noqa: A002 - the documented argument name
-    if max <= 0:
-        raise PreftuneError("scorer length: max must be > 0")
+    if isinstance(max, bool) or not isinstance(max, (int, float)) or not max > 0:
+        raise PreftuneError(f"scorer length: max must be a number > 0, got {max!r}")
     return lambda prompts, responses: [min(len(_words(r)), max) / max for r in responses]
 
 
@@ -94,7 +94,8 @@ def distinct_ngram_share(text: str, n: int = 3) -> float:
 
 
 def nonrepetitive(n: int = 3) -> BuiltinFn:
-    n = int(n)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise PreftuneError(f"scorer nonrepetitive: n (the n-gram length) must be a whole number >= 1, got {n!r}")
     return lambda prompts, responses: [distinct_ngram_share(r, n) for r in responses]
 
 

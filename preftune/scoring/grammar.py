@@ -191,6 +191,8 @@ def _builtin(name: str, args: str | None, spec: str) -> list[Term]:
         if args:
             raise PreftuneError(f"scorer {spec!r}: {name} takes no arguments")
         return parse_scorer(NAMED[name])
+    if args is not None and not _balanced(args):  # keyword(a|b)(c): "a|b)(c" is no argument list
+        raise PreftuneError(f"scorer {spec!r}: unbalanced parentheses in {name}({args})")
     kwargs: dict[str, Any] = {}
     for arg in _split_top_level(args, ",") if args else []:
         key, eq, value = arg.partition("=")
@@ -198,8 +200,19 @@ def _builtin(name: str, args: str | None, spec: str) -> list[Term]:
             if name not in POSITIONAL:
                 raise PreftuneError(f"scorer {spec!r}: {name} takes no positional argument")
             key, value = POSITIONAL[name], arg
+        if key.strip() in kwargs:
+            raise PreftuneError(f"scorer {spec!r}: {name} is given {key.strip()} twice")
         kwargs[key.strip()] = _value(value.strip())
     return [Term(1.0, "builtin", name, kwargs)]
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if depth < 0:
+            return False
+    return depth == 0
 
 
 def _split_top_level(text: str, sep: str) -> list[str]:
