@@ -163,3 +163,20 @@ def test_label_writes_trl_comparisons(tmp_path):
     assert len(rows) == 3 and all(trl_reads(r)[1][-1]["content"] == "a much longer answer" for r in rows)
     result = CliRunner().invoke(cli, label + ["--kind", "ratings"])
     assert result.exit_code == 2 and "TRL has no format for ratings" in result.output
+
+
+def test_keys_preftune_does_not_read_are_written_back(tmp_path):
+    """Found by a reading of the code: a round trip dropped every key it did not know (TRL's
+    UltraFeedback ``score_chosen``, the ``chosen_model`` preftune label writes)."""
+    from conftest import write_lines
+    from preftune.data import read_jsonl, write_jsonl
+
+    src = write_lines(tmp_path / "in.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b", "score_chosen": 8.5,
+                                               "chosen_model": "sft", "source": {"dataset": "uf", "row": 3}}])
+    records = read_jsonl(src, "comparisons").records
+    for fmt in ("preftune", "trl"):
+        write_jsonl(tmp_path / f"{fmt}.jsonl", records, format=fmt)
+        row = json.loads((tmp_path / f"{fmt}.jsonl").read_text())
+        assert (row["score_chosen"], row["chosen_model"], row["source"]) == (8.5, "sft", {"dataset": "uf", "row": 3})
+    again = read_jsonl(tmp_path / "trl.jsonl", "comparisons").records[0]
+    assert again.extra == {"score_chosen": 8.5, "chosen_model": "sft", "source": {"dataset": "uf", "row": 3}}

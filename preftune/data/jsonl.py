@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from preftune.data.records import PARSERS, WRITERS, Record, RecordError, Source
+from preftune.data.records import PARSERS, WRITERS, Record, RecordError, Source, other_keys
 from preftune.errors import DataError
 
 
@@ -111,8 +111,11 @@ def read_jsonl(path: str | Path, kind: str, *, skip_invalid: bool = False,
     for lineno, text in _file_lines(path):
         any_content = True
         try:
-            record = parse(decode_object(text))
+            obj = decode_object(text)
+            record = parse(obj)
             record.source = Source(str(path), lineno)
+            if kind not in ("prompt_sources", "candidates"):  # (a prompt taken from a demonstration drops the rest)
+                record.extra = other_keys(obj, record)
             if record.id is not None:
                 if record.id in seen_ids:
                     raise RecordError(f'duplicate id "{record.id}" (first on line {seen_ids[record.id]})')

@@ -43,6 +43,7 @@ class PromptRecord:
     messages: Messages
     id: str | None = None
     split: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # other keys, kept
     source: Source = field(default_factory=Source, compare=False, repr=False)
 
 
@@ -52,6 +53,7 @@ class Demonstration:
     completion: str
     id: str | None = None
     split: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # other keys, kept
     source: Source = field(default_factory=Source, compare=False, repr=False)
 
 
@@ -64,6 +66,7 @@ class Comparison:
     annotator: str | None = None
     id: str | None = None
     split: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # other keys, kept
     source: Source = field(default_factory=Source, compare=False, repr=False)
 
 
@@ -75,6 +78,7 @@ class Ranking:
     annotator: str | None = None
     id: str | None = None
     split: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # other keys, kept
     source: Source = field(default_factory=Source, compare=False, repr=False)
 
 
@@ -88,6 +92,7 @@ class Rating:
     annotator: str | None = None
     id: str | None = None
     split: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # other keys, kept
     source: Source = field(default_factory=Source, compare=False, repr=False)
 
 
@@ -435,6 +440,24 @@ def parse_prompt_source(obj: dict) -> PromptRecord:
     return parse_prompt(obj)
 
 
+KNOWN_KEYS: dict[type, frozenset[str]] = {
+    PromptRecord: frozenset({"prompt", "messages", "id", "split"}),
+    Demonstration: frozenset({"prompt", "messages", "completion", "id", "split"}),
+    Comparison: frozenset({"prompt", "messages", "chosen", "rejected", "strength", "margin", "annotator", "id",
+                           "split"}),
+    Ranking: frozenset({"prompt", "messages", "responses", "ranking", "annotator", "id", "split"}),
+    Rating: frozenset({"prompt", "messages", "response", "rating", "scale", "flags", "annotator", "id", "split"}),
+}
+"""The keys each record's parser reads; ``read_jsonl`` keeps the others in ``record.extra``, and the
+writers write them back (e.g. TRL's ``score_chosen``, a dataset's ``source``)."""
+
+
+def other_keys(obj: dict, record: Any) -> dict[str, Any]:
+    """The keys of ``obj`` that ``record``'s parser did not read."""
+    known = KNOWN_KEYS.get(type(record))
+    return {} if known is None else {k: v for k, v in obj.items() if k not in known}
+
+
 PARSERS = {
     "prompts": parse_prompt,
     "demonstrations": parse_demonstration,
@@ -479,7 +502,12 @@ def to_json(rec: Record) -> dict:
                 "scale": rec.scale, "flags": rec.flags, **_extras(rec, "annotator")}
     else:
         raise TypeError(f"not a record: {type(rec).__name__}")
-    return {**_extras(rec, "id"), **body, **_extras(rec, "split")}
+    return _with_extra(rec, {**_extras(rec, "id"), **body, **_extras(rec, "split")})
+
+
+def _with_extra(rec: Any, body: dict) -> dict:
+    """``body`` and, after it, the record's other keys as they were read (never replacing a field)."""
+    return {**body, **{k: v for k, v in getattr(rec, "extra", {}).items() if k not in body}}
 
 
 def to_trl_json(rec: Record) -> dict:
@@ -497,7 +525,7 @@ def to_trl_json(rec: Record) -> dict:
     else:
         raise RecordError(f"TRL has no format for {type(rec).__name__.lower()}s: convert comparisons, "
                           f"demonstrations or prompts (`preftune reward` reads rankings and ratings as they are)")
-    return {**_extras(rec, "id"), **body, **_extras(rec, "split")}
+    return _with_extra(rec, {**_extras(rec, "id"), **body, **_extras(rec, "split")})
 
 
 WRITERS = {"preftune": to_json, "trl": to_trl_json}
