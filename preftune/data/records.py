@@ -435,7 +435,7 @@ def parse_prompt_source(obj: dict) -> PromptRecord:
     messages = obj.get("messages")
     if "completion" in obj or (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
                                and messages[-1].get("role") == "assistant" and "prompt" not in obj):
-        demo = parse_demonstration(obj)
+        demo = parse_demonstration({k: v for k, v in obj.items() if k != "label"})  # (a KTO record's prompt)
         return PromptRecord(demo.messages, demo.id, demo.split)
     return parse_prompt(obj)
 

@@ -117,13 +117,15 @@ class Run:
         if not self.config_file:
             return
         node: Any = read_config_file(self.config_file)
-        for depth in range(len(section.split("."))):
-            node = node.get(section.split(".")[depth]) if isinstance(node, dict) else None
-            clash = sorted(k for k in (node or {}) if k.replace("-", "_") in RUN_WIDE) if isinstance(node, dict) else []
+        tables = section.split(".")
+        for depth, name in enumerate(tables):  # [probes] and [probes.hallucination] both reach a probe
+            node = node.get(name) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                return
+            clash = sorted(k for k in node if k.replace("-", "_") in RUN_WIDE)
             if clash:
-                table = ".".join(section.split(".")[:depth + 1])
-                raise ConfigError(f"{self.config_file}: [{table}] {clash[0]}: set it in [run] or on the command "
-                                  f"line (the run's {', '.join(RUN_WIDE)} hold for every stage)")
+                raise ConfigError(f"{self.config_file}: [{'.'.join(tables[:depth + 1])}] {clash[0]}: set it in [run] "
+                                  f"or on the command line (the run's {', '.join(RUN_WIDE)} hold for every stage)")
 
     # ------------------------------------------------------------ stage bookkeeping
 
