@@ -33,7 +33,7 @@ def learns(rows) -> bool:
 
 @pytest.mark.parametrize("name, options", [
     ("rloo", {}),
-    ("rloo", {"kl_in": "loss", "kl_estimator": "k2", "normalize_advantages": True}),
+    ("rloo", {"kl_in": "loss", "kl_estimator": "k3", "normalize_advantages": True}),
     ("grpo", {}),
     ("grpo", {"loss_type": "grpo", "scale_rewards": "batch", "kl_coef": 0.0}),
     ("grpo", {"loss_type": "dr_grpo", "scale_rewards": "none", "clip_ratio_high": 0.28, "dynamic_sampling": True}),
