@@ -45,6 +45,7 @@ CHOICES = ("A", "B", "tie", "both_bad")
 STRENGTHS = (1, 2, 3, 4)  # slightly, somewhat, clearly, much better
 MAX_LEASE_SECONDS = 7 * 24 * 3600  # a week: longer leases only keep tasks from other annotators
 MAX_ID = 2 ** 31 - 1  # ids are 32-bit integers in PostgreSQL; a larger one names nothing
+CLOCK_SKEW = timedelta(seconds=60)  # how far the clocks of the app's hosts may disagree
 MAX_GUIDELINES = 100_000  # characters of markdown
 
 
@@ -553,9 +554,10 @@ def submit_judgement(session: Session, assignment_id: int, user: User, body: dic
     """Store a judgement; returns (judgement, its assignment, created). The same ``client_key``
     again returns the stored judgement unchanged, so a retried submit never creates a duplicate.
 
-    Locks the user's, the assignment's and the task's rows, not the project's, and counts the
-    task's other slots under that lock: a task never goes over its overlap, even when its lease
-    expired (or looked expired to another request) and the slot went to someone else."""
+    Locks the user's and the assignment's rows, not the project's. A judgement on a lease with more
+    than ``CLOCK_SKEW`` left fills the slot its lease holds; a later one (its lease expired, or
+    about to, by some host's clock) also holds the task's row and counts the other slots, so a task
+    never goes over its overlap when the slot went to someone else meanwhile."""
     client_key = body.get("client_key")
     if client_key is not None and (not isinstance(client_key, str) or not 1 <= len(client_key) <= 100
                                    or unstorable(client_key)):
@@ -571,10 +573,10 @@ def submit_judgement(session: Session, assignment_id: int, user: User, body: dic
     if assignment.status == "skipped":
         raise Conflict("this assignment was skipped")
     now = utcnow()
-    if not task.is_gold:
-        # The slot this judgement fills must still be free. A live lease holds one, but a lease
-        # claimed meanwhile may have read this one as expired by a clock a moment ahead (another
-        # request, another app host), so every submit holds the task's row and counts.
+    if not task.is_gold and assignment.expires_at - now <= CLOCK_SKEW:
+        # The slot this judgement fills must still be free. A live lease holds one, but near its
+        # end a lease claimed meanwhile may have read it as expired by a clock a little ahead
+        # (another request, another app host), so such a submit holds the task's row and counts.
         session.execute(TASK_LOCKED, {"task_id": task.id})
         others = session.scalar(OTHERS_ACTIVE, {"task_id": task.id, "assignment_id": assignment.id, "now": now})
         if others >= project.overlap:
