@@ -162,3 +162,20 @@ def test_the_main_job_with_people_stops_for_labels_and_continues(tmp_path, monke
     assert rate["ci"][0] <= metrics["winrate_ppo_vs_sft_human"] <= rate["ci"][1]
     html = (out / "report.html").read_text()
     assert "People&#x27;s judgements" in html or "People's judgements" in html
+
+
+def test_a_sample_the_database_cannot_hold_is_imported_as_shown(tmp_path):
+    """Found by CI: a tiny model's sample held a NUL (a byte-level token), and the main job's import
+    of its own samples stopped at the check a person's import gets. The run's samples are stored
+    with U+FFFD there, as a browser shows them; a person's file is still refused."""
+    from preftune.feedback.app.models import Task
+    from preftune.feedback.app.tasks import storable
+    from preftune.pipeline.people import FeedbackDB
+
+    assert storable({"responses": ["a\x00b", "ok"], "meta": {"n": 1, "x\ud800": [None, "\ud800"]}}) == \
+        {"responses": ["a\ufffdb", "ok"], "meta": {"n": 1, "x\ufffd": [None, "\ufffd"]}}
+    db = FeedbackDB.open(f"sqlite:///{tmp_path / 'f.db'}")
+    db.ensure_project("p", "pairwise", overlap=1)
+    assert db.import_records("p", [{"prompt": "q", "responses": ["caan\x00 the", "fine"]}]) == (1, 0)
+    with db.transaction(readonly=True) as s:
+        assert s.query(Task).one().responses == ["caan\ufffd the", "fine"]

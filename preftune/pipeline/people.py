@@ -65,8 +65,9 @@ class FeedbackDB:
         """Import task records (all or nothing; tasks already there are left as they are);
         returns (added, already present)."""
         from preftune.feedback.app.service import add_tasks, get_project
-        from preftune.feedback.app.tasks import parse_tasks
+        from preftune.feedback.app.tasks import parse_tasks, storable
 
+        records = [storable(r) for r in records]  # a sample may hold a NUL: shown (and stored) as U+FFFD
         with self.transaction() as s:
             p = get_project(s, name)
             result = add_tasks(s, p, parse_tasks(enumerate(records, start=1), p.kind, p.scale).specs)

@@ -92,6 +92,21 @@ def unstorable(text: str) -> str | None:
     return None
 
 
+def storable(value: Any) -> Any:
+    """``value`` with every character the database cannot hold (see ``unstorable``) in its strings
+    replaced by U+FFFD, as a browser would show it: for a model's own samples, which may hold a NUL
+    (a byte-level token), where a person's import is refused instead."""
+    if isinstance(value, str):
+        if not unstorable(value):
+            return value
+        return "".join("\ufffd" if c == "\x00" or 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    return value
+
+
 def _check_storable(value: Any, where: str = "the record") -> None:
     """Every string of a record (keys included) storable, or a ``RecordError`` naming the field."""
     if isinstance(value, str):
