@@ -36,6 +36,19 @@ def test_pad_token_added_and_embeddings_resized_as_last_resort():
     assert model.config.pad_token_id == vocab_free.pad_token_id
 
 
+def test_a_llama3_style_tokenizer_pads_with_its_own_pad_token_not_bos():
+    """Found by a reading of the code: with no pad and no unk token BOS became the pad, and Llama 3's
+    chat template writes BOS into every text, so a reward model refused every record."""
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|finetune_right_pad_id|>"]})
+    tok.pad_token = tok.unk_token = tok.eos_token
+    real_vocab = tok.get_vocab
+    tok.get_vocab = lambda: {k: v for k, v in real_vocab().items() if k != "<|endoftext|>"}
+    ensure_pad_token(tok)
+    assert tok.pad_token == "<|finetune_right_pad_id|>" and tok.pad_token_id not in (tok.bos_token_id,
+                                                                                  tok.eos_token_id)
+
+
 def _save(tok):
     import tempfile
 

