@@ -1,17 +1,22 @@
 """Active selection of labels: held-out reward-model accuracy against the number of labels, when the
-pairs to label are drawn at random or chosen by the reward model's uncertainty.
+pairs to label are drawn at random or chosen by the reward model's uncertainty or its ensemble's
+disagreement.
 
 1. Candidates (e.g. SmolLM2-135M-Instruct's answers, ``preftune sample --n 4``) are split by prompt
    into a pool (80 %) and a held-out set (20 %); every pair of distinct answers of a pool prompt is
    one pair that could be labelled.
 2. One simulated annotator labels each pair once (Bradley-Terry noise on the gold scores, the
    temperature calibrated to 73 % agreement between two annotators, as the main job does); its label
-   of a pair is drawn up front, so both methods reveal the same labels and differ only in which pairs.
-3. For each seed, both methods start from the same random ``--budgets[0]`` labels and the same reward
+   of a pair is drawn up front, so all methods reveal the same labels and differ only in which pairs.
+3. For each seed, all methods start from the same random ``--budgets[0]`` labels and the same reward
    model. ``random`` then adds pairs in a fixed random order; ``uncertainty`` adds the unlabelled pairs
    of highest preference entropy under the reward model trained on the labels so far
-   (``preftune.annotators.selection``, what ``preftune run --select uncertainty`` uses). A reward model
-   is trained (the main job's MiniLM settings) at every budget.
+   (``preftune.annotators.selection``, what ``preftune run --select uncertainty`` uses);
+   ``disagreement`` the pairs of highest mutual information (BALD) between ``--members`` models: the
+   one trained on the labels so far and members trained on bootstrap resamples of them. A reward
+   model is trained (the main job's MiniLM settings) at every budget, and its held-out accuracy is
+   what each curve shows. A point already in ``--out`` (``point.json``) is reused, so an interrupted
+   run continues and more seeds can be added later.
 4. Held-out accuracy is the expected agreement of the reward model with a fresh label of the same
    annotator on every held-out pair (the mean of P(annotator agrees), a lower-variance estimate of
    accuracy on drawn labels); its agreement with the noiseless gold is printed next to it.
@@ -20,7 +25,7 @@ The script prints the learning curves (mean and per seed), the labels each metho
 random's final accuracy (linear interpolation between budgets) and their ratio.
 
     python benchmarks/active_labels.py --candidates runs/bench-prec540/candidates.jsonl \
-        --out runs/bench-active --seeds 0 1 2
+        --out runs/bench-active --seeds 0 1 2 --methods random,uncertainty,disagreement
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from preftune.annotators.selection import Pair, candidate_pairs, pair_entropy  # noqa: E402
+from preftune.annotators.selection import Pair, candidate_pairs, pair_disagreement, pair_entropy  # noqa: E402
 from preftune.annotators.simulated import bt_probability, calibrate_temperature, noise_ceiling  # noqa: E402
 from preftune.data.jsonl import read_jsonl, write_jsonl  # noqa: E402
 from preftune.data.records import CandidateSet, PromptRecord, to_json  # noqa: E402
@@ -72,13 +77,13 @@ def comparison_rows(items: list[CandidateSet], pairs: list[Pair], prefers_i: np.
     return rows
 
 
-def train_rm(model: str, rows: list[dict], out: Path, seed: int, threads: int) -> None:
+def train_rm(model: str, rows: list[dict], out: Path, seed: int, threads: int, **options) -> None:
     from preftune.reward.config import RewardConfig
     from preftune.reward.fit import fit_reward
 
     write_jsonl(out / "train.jsonl", rows)
     cfg = RewardConfig(model=model, data=str(out / "train.jsonl"), out=str(out / "rm"), seed=seed,
-                       threads=threads, **RM_OPTIONS)
+                       threads=threads, **RM_OPTIONS, **options)
     fit_reward(cfg, quiet=True)
 
 
@@ -112,49 +117,74 @@ def labels_to_reach(budgets: list[int], curve: list[float], target: float) -> fl
     return None
 
 
+def member_scores_of(rm_dirs: list[Path], items: list[CandidateSet]) -> list[torch.Tensor]:
+    """Every model's score of every response, per candidate set: ``[models, responses]``."""
+    per_model = [scores_of(d, items) for d in rm_dirs]
+    return [torch.stack([scores[n] for scores in per_model]) for n in range(len(items))]
+
+
 def run_seed(args, seed: int, pool_items, eval_items, pool, eval_pairs, gold_pool, gold_eval, temperature) -> dict:
     labels = draw_labels(pool, gold_pool, temperature, seed=1000 + seed)
     order = list(range(len(pool)))
     random.Random(seed).shuffle(order)
     start = order[:args.budgets[0]]
     curves: dict[str, list[dict]] = {}
-    first = None  # the first budget's point: the same labels and seed give the same reward model
     root = Path(args.out) / f"seed{seed}"
-    for method in ("random", "uncertainty"):
+    # The first budget's point is shared: the same labels and seed give the same reward model.
+    shared = root / "start" / f"n{args.budgets[0]}"
+    for method in args.methods:
         chosen = list(start)
         curves[method] = []
-        previous_rm = root / "random" / f"n{args.budgets[0]}" / "rm"
+        previous = shared
         for k, budget in enumerate(args.budgets):
             if k > 0:
                 have = set(chosen)
                 rest = [n for n in order if n not in have]
-                if method == "uncertainty":
-                    scores = scores_of(previous_rm, pool_items)
-                    entropy = pair_entropy([pool[n] for n in rest], scores, None)
-                    ranked = sorted(range(len(rest)), key=lambda m: (-float(entropy[m]), m))
+                if method in ("uncertainty", "disagreement"):
+                    rest_pairs = [pool[n] for n in rest]
+                    if method == "uncertainty":
+                        score = pair_entropy(rest_pairs, scores_of(previous / "rm", pool_items), None)
+                    else:
+                        members = [previous / "rm"] + [previous / f"member-{m}" / "rm" for m in range(1, args.members)]
+                        score = pair_disagreement(rest_pairs, member_scores_of(members, pool_items))
+                    ranked = sorted(range(len(rest)), key=lambda m: (-float(score[m]), m))
                     rest = [rest[m] for m in ranked]
                 chosen += rest[:budget - len(chosen)]
-            if k == 0 and first is not None:
-                curves[method].append(first)
-                continue
-            out = root / method / f"n{budget}"
-            previous_rm = out / "rm"
-            t = time.perf_counter()
-            train_rm(args.model, comparison_rows(pool_items, [pool[n] for n in chosen], labels[chosen]), out,
-                     seed, args.threads)
-            acc, gold_acc = held_out_accuracy(scores_of(out / "rm", eval_items), eval_pairs, gold_eval, temperature)
-            point = {"labels": len(chosen), "accuracy": acc, "gold_accuracy": gold_acc,
-                     "train_label_agreement_with_gold": float(np.mean(
-                         [labels[n] == (gold_pool[pool[n].item][pool[n].i] > gold_pool[pool[n].item][pool[n].j])
-                          for n in chosen])),
-                     "seconds": round(time.perf_counter() - t, 1)}
+            out = shared if k == 0 else root / method / f"n{budget}"
+            rows = comparison_rows(pool_items, [pool[n] for n in chosen], labels[chosen])
+            point = train_and_evaluate(args, rows, out, seed, eval_items, eval_pairs, gold_eval, temperature)
+            point["train_label_agreement_with_gold"] = float(np.mean(
+                [labels[n] == (gold_pool[pool[n].item][pool[n].i] > gold_pool[pool[n].item][pool[n].j])
+                 for n in chosen]))
             curves[method].append(point)
-            print(f"seed {seed} {method:11s} {len(chosen):5d} labels: held-out {acc:.1%} (gold {gold_acc:.1%}), "
-                  f"labels agreeing with gold {point['train_label_agreement_with_gold']:.1%}, {point['seconds']} s",
-                  flush=True)
-            if k == 0:
-                first = point
+            print(f"seed {seed} {method:12s} {len(chosen):5d} labels: held-out {point['accuracy']:.1%} "
+                  f"(gold {point['gold_accuracy']:.1%}), labels agreeing with gold "
+                  f"{point['train_label_agreement_with_gold']:.1%}, {point['seconds']} s", flush=True)
+            if method == "disagreement" and k < len(args.budgets) - 1:
+                # The selecting ensemble: the evaluated model and K - 1 members trained on bootstrap
+                # resamples of the same labels' prompts (as `preftune reward --ensemble K` trains them).
+                for m in range(1, args.members):
+                    if not (out / f"member-{m}" / "rm").exists():
+                        train_rm(args.model, rows, out / f"member-{m}", seed + m, args.threads,
+                                 resample_seed=seed * 100 + m)
+            previous = out
     return curves
+
+
+def train_and_evaluate(args, rows: list[dict], out: Path, seed: int, eval_items, eval_pairs, gold_eval,
+                       temperature) -> dict:
+    """Train the reward model of one budget (or reuse the one an earlier run left in ``out``) and
+    measure its held-out accuracy."""
+    cached = out / "point.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    t = time.perf_counter()
+    train_rm(args.model, rows, out, seed, args.threads)
+    acc, gold_acc = held_out_accuracy(scores_of(out / "rm", eval_items), eval_pairs, gold_eval, temperature)
+    point = {"labels": len(rows), "accuracy": acc, "gold_accuracy": gold_acc,
+             "seconds": round(time.perf_counter() - t, 1)}
+    cached.write_text(json.dumps(point) + "\n")
+    return point
 
 
 def main() -> None:
@@ -167,9 +197,17 @@ def main() -> None:
     parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[200, 400, 600, 900, 1300],
                         help="Comma-separated label counts at which a reward model is trained.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=["random", "uncertainty"],
+                        help="Comma-separated, random first: random, uncertainty (the entropy of one reward "
+                             "model's preference), disagreement (the mutual information of an ensemble's).")
+    parser.add_argument("--members", type=int, default=3,
+                        help="disagreement: the selecting ensemble's size (the evaluated model and K - 1 "
+                             "bootstrap members).")
     parser.add_argument("--eval-share", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.methods[0] != "random" or not set(args.methods) <= {"random", "uncertainty", "disagreement"}:
+        parser.error(f"--methods: {','.join(args.methods)}: random first, then uncertainty and/or disagreement")
     torch.set_num_threads(args.threads)
     if args.model == "minilm":
         from preftune.models.loading import bundled_minilm_path
@@ -206,9 +244,9 @@ def main() -> None:
         results[seed] = run_seed(args, seed, pool_items, eval_items, pool, eval_pairs, gold_pool, gold_eval,
                                  temperature)
     mean = {m: [float(np.mean([results[s][m][k]["accuracy"] for s in args.seeds])) for k in range(len(args.budgets))]
-            for m in ("random", "uncertainty")}
+            for m in args.methods}
     gold_mean = {m: [float(np.mean([results[s][m][k]["gold_accuracy"] for s in args.seeds]))
-                     for k in range(len(args.budgets))] for m in ("random", "uncertainty")}
+                     for k in range(len(args.budgets))] for m in args.methods}
     target = mean["random"][-1]
     needed = {m: labels_to_reach(args.budgets, mean[m], target) for m in mean}
     print(f"\nheld-out accuracy (mean of seeds {args.seeds}; gold agreement in brackets), ceiling {ceiling:.1%}:")
@@ -217,8 +255,9 @@ def main() -> None:
         print(f"{m:12s} " + "".join(f"{a:>8.1%} ({g:.1%})" for a, g in zip(mean[m], gold_mean[m])))
     print(f"random's final accuracy {target:.1%} at {args.budgets[-1]} labels; labels to reach it: " +
           ", ".join(f"{m} {'not reached' if n is None else f'{n:.0f}'}" for m, n in needed.items()))
-    if needed["uncertainty"] is not None:
-        print(f"uncertainty needs {needed['uncertainty'] / args.budgets[-1]:.0%} of random's labels (target <= 70 %)")
+    for m in args.methods[1:]:
+        if needed[m] is not None:
+            print(f"{m} needs {needed[m] / args.budgets[-1]:.0%} of random's labels (target <= 70 %)")
     summary = {"pool_pairs": len(pool), "eval_pairs": len(eval_pairs), "temperature": temperature,
                "noise_ceiling": ceiling, "budgets": args.budgets, "seeds": args.seeds, "curves": results,
                "mean_accuracy": mean, "mean_gold_accuracy": gold_mean, "labels_to_reach_random_final": needed,

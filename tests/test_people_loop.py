@@ -13,7 +13,15 @@ import torch
 from click.testing import CliRunner
 
 from conftest import ROOT
-from preftune.annotators.selection import Pair, candidate_pairs, order_pairs, pair_entropy, preference_entropy
+from preftune.annotators.selection import (
+    Pair,
+    candidate_pairs,
+    mutual_information,
+    order_pairs,
+    pair_disagreement,
+    pair_entropy,
+    preference_entropy,
+)
 from preftune.cli import cli
 from preftune.data.records import CandidateSet
 
@@ -27,6 +35,30 @@ def test_preference_entropy_by_hand():
     assert preference_entropy(torch.tensor([2 * math.log(3)], dtype=torch.float64),
                               torch.tensor([s], dtype=torch.float64)).item() == pytest.approx(0.5623351446)
     assert preference_entropy(torch.tensor([200.0])).item() == pytest.approx(0.0, abs=1e-12)  # finite, no NaN
+
+
+def test_mutual_information_by_hand():
+    l3 = math.log(3)
+    # Members at P = 3/4 and 1/4: their mean is 1/2, so ln 2 - H(3/4) = 0.6931471806 - 0.5623351446.
+    # Members at 3/4 and 1/2: H(5/8) - (H(3/4) + ln 2) / 2 = 0.6615632381 - 0.6277411626.
+    # Members that agree carry no information, even on a coin flip (margin 0) or a sure pair (200).
+    margins = torch.tensor([[l3, l3, 0.0, l3, 200.0], [-l3, 0.0, 0.0, l3, 200.0]], dtype=torch.float64)
+    assert mutual_information(margins).tolist() == pytest.approx([0.1308120360, 0.0338220755, 0, 0, 0], abs=1e-9)
+    # One member alone cannot disagree; the score never exceeds ln 2 (members at P = 0 and 1).
+    assert mutual_information(margins[:1]).tolist() == pytest.approx([0.0] * 5, abs=1e-12)
+    assert mutual_information(torch.tensor([[300.0], [-300.0]])).item() == pytest.approx(math.log(2))
+
+
+def test_pair_disagreement_ranks_the_pairs_members_disagree_on_first():
+    item = CandidateSet(messages=[{"role": "user", "content": "q"}], responses=["a", "b", "c"],
+                        models=["m", "m", "m"], id="q")
+    pairs = candidate_pairs([item])  # (0, 1), (0, 2), (1, 2)
+    # Both members call 0-1 a tie (the mean's highest entropy, no disagreement); they disagree on c.
+    members = [torch.tensor([[0.0, 0.0, 3.0], [0.0, 0.0, -1.0]])]
+    mi = pair_disagreement(pairs, members)
+    assert mi[0].item() == pytest.approx(0.0, abs=1e-12)
+    assert order_pairs(pairs, "uncertainty", 0, mi) == [Pair(0, 0, 2), Pair(0, 1, 2), Pair(0, 0, 1)]
+    assert order_pairs(pairs, "uncertainty", 0, pair_entropy(pairs, [members[0].mean(0)], None))[0] == Pair(0, 0, 1)
 
 
 def test_pairs_across_models_and_most_uncertain_first():

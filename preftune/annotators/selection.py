@@ -6,6 +6,10 @@ ensemble also says how unsure it is of each score (the members' spread); treatin
 Gaussian with that spread, the probit approximation (MacKay 1992) gives
 P(a > b) ~ sigmoid(margin / sqrt(1 + pi * spread^2 / 8)). The pairs whose P is closest to 1/2, i.e.
 whose preference entropy is highest, go to people first.
+
+That entropy mixes two things: how unsure the model is, and how close the two answers are (a near-tie
+that a person's label will not settle either). Members' disagreement alone, the mutual information
+between a label and which member is right (BALD, Houlsby et al. 2011), measures only the former.
 """
 
 from __future__ import annotations
@@ -38,6 +42,20 @@ def preference_entropy(margin: torch.Tensor, spread: torch.Tensor | None = None)
     p = torch.sigmoid(margin)
     # -p log p - (1 - p) log(1 - p), written with logsigmoid so large margins stay finite.
     return -(p * torch.nn.functional.logsigmoid(margin) + (1 - p) * torch.nn.functional.logsigmoid(-margin))
+
+
+def binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """-p ln p - (1 - p) ln(1 - p) in nats, 0 at p = 0 and p = 1."""
+    return -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p))
+
+
+def mutual_information(margins: torch.Tensor) -> torch.Tensor:
+    """BALD score of each pair from the members' margins ``[K, P]`` (r_a - r_b per member): the
+    entropy of the members' mean P(a > b) minus the mean of their own entropies. It is 0 when all
+    members agree, however close to 1/2 their P is, and at most ln 2."""
+    margins = margins.double()
+    mean_p = torch.sigmoid(margins).mean(0)
+    return binary_entropy(mean_p) - preference_entropy(margins).mean(0)
 
 
 def candidate_pairs(items: list[CandidateSet], across_models: bool = False) -> list[Pair]:
@@ -94,3 +112,10 @@ def pair_items(items: list[CandidateSet], pairs: list[Pair]) -> list[CandidateSe
                                 ended=None if item.ended is None else [item.ended[p.i], item.ended[p.j]],
                                 id=f"{base}:{p.i}-{p.j}", split=item.split))
     return out
+
+
+def pair_disagreement(pairs: list[Pair], member_scores: list[torch.Tensor]) -> torch.Tensor:
+    """``mutual_information`` of each pair from every member's score of every response
+    (``member_scores[item]``: ``[K, responses]``)."""
+    margins = torch.stack([member_scores[p.item][:, p.i] - member_scores[p.item][:, p.j] for p in pairs], dim=1)
+    return mutual_information(margins)
