@@ -107,6 +107,23 @@ def test_ended_flag_comes_from_the_eos_id_not_the_pad_id(tiny_model_dir):
     assert eos_tok.pad_token_id != frequent
 
 
+def test_num_eos_tokens_counts_the_stop_ids_the_model_declares(tiny_model_dir, files):
+    """A model whose generation config lists more EOS ids than the tokenizer's (Llama 3 adds
+    <|eot_id|>) ends responses at any of them; ``val/num_eos_tokens`` counts those ends too, one per
+    ended response. A quarter of the tiny model's vocabulary is declared EOS, so most responses end."""
+    tmp, prompts, rewards = files
+    model, tok = load_causal_lm(tiny_model_dir, dtype="fp32")
+    declared = [i for i in range(len(tok) // 4) if i != tok.pad_token_id]
+    model.generation_config.eos_token_id = declared
+    model.save_pretrained(tmp / "many-eos")
+    tok.save_pretrained(tmp / "many-eos")
+    cfg = config(tmp / "many-eos", tmp, prompts, rewards, steps=2)
+    train_rl(cfg, quiet=True)
+    rows = read_metrics(cfg.out)
+    assert sum(r["val/ended"] for r in rows) > 0
+    assert [r["val/num_eos_tokens"] for r in rows] == [round(r["val/ended"] * cfg.batch_size) for r in rows]
+
+
 def test_inverse_cdf_sampling():
     probs = torch.tensor([[0.2, 0.0, 0.5, 0.3]])  # cumulative 0.2, 0.2, 0.7, 1.0
     picks = [inverse_cdf_sample(probs, torch.tensor([u], dtype=torch.float64)).item()

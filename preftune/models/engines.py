@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from preftune.errors import PreftuneError
-from preftune.models.generation import Generation, _cut_at_stop, _extra_eos_ids, generate, left_pad
+from preftune.models.generation import Generation, _cut_at_stop, generate, left_pad, stop_token_ids
 
 ENGINES = ("auto", "hf", "vllm")
 
@@ -125,7 +125,7 @@ class VLLMEngine(_Engine):
         self.llm = LLM(model=str(path), tokenizer=str(path), dtype=dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=cpu, logprobs_mode="processed_logprobs",
                        gpu_memory_utilization=0.9 if cpu else 0.3, **options)
-        self.eos_ids = sorted({tokenizer.eos_token_id} | set(_extra_eos_ids(_generation_config(path), tokenizer)))
+        self.eos_ids = stop_token_ids(_generation_config(path), tokenizer)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] = (), min_new_tokens: int = 0,

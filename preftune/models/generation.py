@@ -133,8 +133,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
     if row_seeds is not None and len(row_seeds) != len(prompts):
         raise ValueError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
     uniforms = row_uniforms(row_seeds, max_new_tokens).to(device) if row_seeds is not None else None
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    eos_ids = torch.tensor(sorted({eos_id} | set(_extra_eos_ids(model, tokenizer))), device=device)
+    pad_id = tokenizer.pad_token_id
+    eos_ids = torch.tensor(stop_token_ids(model, tokenizer), device=device)
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
     batch = prompt_ids.shape[0]
     attention = prompt_mask.clone()
@@ -204,14 +204,13 @@ def _returned_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
-def _extra_eos_ids(model, tokenizer) -> list[int]:
-    """EOS ids declared by the model's generation config (some models list several)."""
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids a response ends at: the tokenizer's EOS and those the model's generation config
+    declares (some models list several, e.g. Llama 3's <|eot_id|>), but never the pad id."""
     config = getattr(model, "generation_config", None)
     ids = getattr(config, "eos_token_id", None) if config is not None else None
-    if ids is None:
-        return []
-    ids = [ids] if isinstance(ids, int) else list(ids)
-    return [i for i in ids if i != tokenizer.pad_token_id]
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted({tokenizer.eos_token_id} | {i for i in ids if i != tokenizer.pad_token_id})
 
 
 # ---------------------------------------------------------------- many prompts

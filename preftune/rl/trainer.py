@@ -46,7 +46,7 @@ from preftune.data.batching import collate, count_targets, encode_demonstrations
 from preftune.data.jsonl import read_jsonl, write_json
 from preftune.errors import PreftuneError
 from preftune.models.engines import HFEngine, VLLMEngine, choose_engine
-from preftune.models.generation import Generation, generate, row_seed
+from preftune.models.generation import Generation, generate, row_seed, stop_token_ids
 from preftune.models.loading import load_causal_lm, load_tokenizer, resolve_model_path, same_vocabulary
 from preftune.models.logits import ResponseLogits, unwrap
 from preftune.models.saving import save_final_model, save_model_copy
@@ -595,7 +595,7 @@ def train_rl(cfg: OnlineRLConfig, *, reward_fn: Callable | None = None, gold_fn:
     if run.is_main:
         keep_rows_up_to(samples_path, run.start_step if state else None)
 
-    eos_ids = torch.tensor([tokenizer.eos_token_id], device=device)
+    eos_ids = torch.tensor(stop_token_ids(policy, tokenizer), device=device)  # what generation stops at
     summary: dict = {"steps": total_steps, "prompts": len(prompts), "world_size": info.world}
     last: dict = {}
     with run.progress(total_steps) as bar:
