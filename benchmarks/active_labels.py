@@ -164,7 +164,7 @@ def run_seed(args, seed: int, pool_items, eval_items, pool, eval_pairs, gold_poo
                 # The selecting ensemble: the evaluated model and K - 1 members trained on bootstrap
                 # resamples of the same labels' prompts (as `preftune reward --ensemble K` trains them).
                 for m in range(1, args.members):
-                    if not (out / f"member-{m}" / "rm").exists():
+                    if not (out / f"member-{m}" / "rm" / "metrics.json").exists():  # written last
                         train_rm(args.model, rows, out / f"member-{m}", seed + m, args.threads,
                                  resample_seed=seed * 100 + m)
             previous = out
