@@ -169,36 +169,43 @@ class Results:
 
 
 def annotate_until_done(base: str, token: str, results: Results, deadline: float, on_ack=None,
-                        think: tuple[float, float] = (0.0, 0.0), cap: int = 0) -> None:
+                        think: tuple[float, float] = (0.0, 0.0), cap: int = 0, submit_next: bool = False) -> None:
     """One simulated annotator: next, think, judge, repeat; retries through connection failures
     with the same client key until acknowledged, and stops at 204, the deadline, or once ``cap``
-    judgements are acknowledged in all (0: no cap)."""
+    judgements are acknowledged in all (0: no cap). ``submit_next``: each submit asks for the next
+    assignment in its answer (``?next=true``, as the annotate page does), so a judgement is one round
+    trip; /next is called only for the first task and after a failed submit."""
     import random
 
     rng = random.Random(token)
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
         pending = None  # (assignment, body) submitted but not acknowledged yet
+        given = None  # the next assignment, as a submit answered it
+        url = "/api/v1/assignments/{}/judgement" + ("?next=true" if submit_next else "")
         while time.monotonic() < deadline:
             try:
                 if pending is None:
                     if cap and len(results.acked) >= cap:
                         return
-                    t0 = time.perf_counter()
-                    r = client.get("/api/v1/projects/load/next")
-                    if r.status_code == 204:
-                        return
-                    r.raise_for_status()
-                    with results.lock:
-                        results.next_latencies.append(time.perf_counter() - t0)
-                    a = r.json()
+                    if given is not None:
+                        a, given = given, None
+                    else:
+                        t0 = time.perf_counter()
+                        r = client.get("/api/v1/projects/load/next")
+                        if r.status_code == 204:
+                            return
+                        r.raise_for_status()
+                        with results.lock:
+                            results.next_latencies.append(time.perf_counter() - t0)
+                        a = r.json()
                     pending = (a, {"choice": "A" if hash(a["task_id"]) % 3 else "B", "strength": 2,
                                    "client_key": uuid.uuid4().hex})
                 a, body = pending
                 if think[1] > 0:
                     time.sleep(rng.uniform(*think))
                 t0 = time.perf_counter()
-                r = client.post(f"/api/v1/assignments/{a['assignment_id']}/judgement", json=body)
+                r = client.post(url.format(a["assignment_id"]), json=body)
                 elapsed = time.perf_counter() - t0
                 with results.lock:
                     results.statuses[r.status_code] += 1
@@ -209,6 +216,10 @@ def annotate_until_done(base: str, token: str, results: Results, deadline: float
                     pending = None
                     if on_ack:
                         on_ack()
+                    if submit_next:
+                        given = r.json()["next"]
+                        if given is None:
+                            return  # nothing left
                 else:
                     with results.lock:
                         results.errors.append(f"{r.status_code} {r.text[:200]}")
@@ -224,7 +235,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def run(db_url: str, annotators: int, tasks: int, overlap: int, crash_after: int = 0,
         time_limit: float = 600.0, workdir: Path | None = None, workers: int = 1,
-        think: tuple[float, float] = (0.0, 0.0), judgements: int = 0) -> dict:
+        think: tuple[float, float] = (0.0, 0.0), judgements: int = 0, submit_next: bool = False) -> dict:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="feedback-load-"))
     tokens = prepare(db_url, annotators, tasks, overlap)
     server = Server(db_url, free_port(), workdir / "server.log", workers)
@@ -239,7 +250,8 @@ def run(db_url: str, annotators: int, tasks: int, overlap: int, crash_after: int
 
     deadline = time.monotonic() + time_limit
     threads = [threading.Thread(target=annotate_until_done, args=(base, tokens[f"annotator{i:03d}"], results, deadline,
-                                                                  on_ack, think, judgements), daemon=True)
+                                                                  on_ack, think, judgements, submit_next),
+                                daemon=True)
                for i in range(annotators)]
     t0 = time.perf_counter()
     cpu0 = os.times()
@@ -275,7 +287,7 @@ def run(db_url: str, annotators: int, tasks: int, overlap: int, crash_after: int
     missing = [k for k in results.acked if exported[k] != 1]
     return {
         "db": db_url.split("://")[0], "workers": workers, "think_s": list(think), "annotators": annotators,
-        "tasks": tasks, "overlap": overlap, "judgements_cap": judgements,
+        "tasks": tasks, "overlap": overlap, "judgements_cap": judgements, "submit_next": submit_next,
         "acknowledged": len(results.acked), "exported": len(rows),
         "acknowledged_missing_or_duplicated": len(missing),
         "duplicates_in_export": sum(1 for n in exported.values() if n > 1),
@@ -312,12 +324,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="server processes (annotate serve --workers)")
     parser.add_argument("--think", default="0,0", metavar="MIN,MAX",
                         help="seconds each annotator thinks before submitting, drawn uniformly (e.g. 2,5)")
+    parser.add_argument("--submit-next", action="store_true",
+                        help="one round trip per judgement: each submit answers the next assignment "
+                             "(POST .../judgement?next=true, as the annotate page does) instead of a GET /next")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="feedback-load-"))
     db = args.db or f"sqlite:///{workdir / 'load.db'}"
     think = tuple(float(x) for x in args.think.split(","))
     result = run(db, args.annotators, args.tasks, args.overlap, args.crash_after, args.time_limit, workdir,
-                 args.workers, think, args.judgements)
+                 args.workers, think, args.judgements, args.submit_next)
     print(json.dumps(result, indent=2))
     ok = (result["acknowledged_missing_or_duplicated"] == 0 and result["tasks_over_overlap"] == 0
           and result["duplicates_in_export"] == 0 and result["all_done"])

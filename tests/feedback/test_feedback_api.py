@@ -114,6 +114,28 @@ def test_idempotent_submit_same_client_key(env):
         assert s.scalar(select(func.count(Judgement.id))) == 1
 
 
+def test_submit_with_next_answers_the_next_lease_in_the_same_round_trip(env):
+    env.project("p", overlap=1)
+    env.tasks("p", pair_tasks(2))
+    a = env.next("p", "ann1")
+    url = f"/api/v1/assignments/{a['assignment_id']}/judgement?next=true&html=true"
+    first = env.client.post(url, json={"choice": "A", "client_key": "k1"}, headers=env.auth("ann1"))
+    assert first.status_code == 201 and first.json()["choice"] == "A"
+    given = first.json()["next"]
+    assert given["task_id"] != a["task_id"] and given["progress"] == {"done": 1, "remaining": 1}
+    assert given["html"]["responses"][0].startswith("<p>")
+    shown = env.next("p", "ann1")  # the lease /next gives now is the one the submit answered
+    assert shown["assignment_id"] == given["assignment_id"] and shown["responses"] == given["responses"]
+    # A retried submit (same key) answers the stored judgement and the same next lease, not another.
+    again = env.client.post(url, json={"choice": "B", "client_key": "k1"}, headers=env.auth("ann1"))
+    assert again.status_code == 200 and again.json()["choice"] == "A"
+    assert again.json()["next"]["assignment_id"] == given["assignment_id"]
+    last = env.client.post(f"/api/v1/assignments/{given['assignment_id']}/judgement?next=true",
+                           json={"choice": "B"}, headers=env.auth("ann1"))
+    assert last.status_code == 201 and last.json()["next"] is None  # nothing left
+    assert "next" not in env.judge(a["assignment_id"], "ann1", choice="A", client_key="k1").json()  # not asked
+    assert len(env.export("p")) == 2
+
 def test_skip_frees_the_task_for_others_and_never_returns(env):
     env.project("p", overlap=1)
     env.tasks("p", pair_tasks(1))

@@ -14,11 +14,13 @@ from .conftest import PG_SKIP, PG_URL
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
-def test_fifty_annotators_and_a_sigkill_lose_no_acknowledged_judgement(kind, tmp_path):
+@pytest.mark.parametrize("submit_next", [False, True], ids=["next-then-submit", "submit-answers-next"])
+def test_fifty_annotators_and_a_sigkill_lose_no_acknowledged_judgement(kind, submit_next, tmp_path):
     if kind == "postgres" and not PG_URL:
         pytest.skip(PG_SKIP)
     url = PG_URL if kind == "postgres" else f"sqlite:///{tmp_path / 'load.db'}"
-    result = run(url, annotators=50, tasks=100, overlap=2, crash_after=70, time_limit=150, workdir=tmp_path)
+    result = run(url, annotators=50, tasks=100, overlap=2, crash_after=70, time_limit=150, workdir=tmp_path,
+                 submit_next=submit_next)
     assert result["killed_after_acks"] is not None and result["killed_after_acks"] < 200  # killed mid-load
     assert result["errors"] == 0, result["first_errors"]
     assert result["acknowledged"] == 200

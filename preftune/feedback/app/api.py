@@ -140,22 +140,34 @@ def import_tasks(request: Request, _: Admin, project: str, records: list[Any] = 
 def next_task(request: Request, user: AnyUser, project: str,
               html: bool = Query(False, description="add the prompt and responses rendered from markdown "
                                                     "as safe HTML (what the annotate page shows)")):
+    view = _next_view(request, user, project, html)
+    # JSON types already: answered as they are (FastAPI's encoder would walk them again)
+    return Response(status_code=204) if view is None else JSONResponse(view)
+
+
+def _next_view(request: Request, user: User, project: str, html: bool) -> dict[str, Any] | None:
     with tx(request) as s:  # one short write transaction: the lease, its task, the progress line
         p, assignment, task = service.next_assignment(s, project, user)
         if assignment is None:
-            return Response(status_code=204)
-        progress = service.progress(s, p, user)
-    # JSON types already: answered as they are (FastAPI's encoder would walk them again)
-    return JSONResponse({**service.assignment_json(assignment, task, p, html=html), "progress": progress})
+            return None
+        return {**service.assignment_json(assignment, task, p, html=html), "progress": service.progress(s, p, user)}
 
 
 @router.post("/assignments/{assignment_id}/judgement", status_code=201,
              summary="Submit a judgement (201; 200 with the stored one for a repeated client_key)")
-def submit(request: Request, user: AnyUser, assignment_id: int, body: JudgementIn):
+def submit(request: Request, user: AnyUser, assignment_id: int, body: JudgementIn,
+           then_next: bool = Query(False, alias="next", description=(
+               'also answer my next assignment in this project under "next", as /next answers it (null when '
+               "nothing is left): one round trip per judgement. The judgement commits first, on its own; "
+               "should the lease fail, the same submit again (same client_key) is safe")),
+           html: bool = Query(False, description='with next: add "html" to it, as /next?html=true')):
     with tx(request) as s:
         judgement, assignment, created = service.submit_judgement(s, assignment_id, user, body.model_dump(),
                                                                   request.app.state.settings.limits)
         content = service.judgement_json(judgement, assignment)
+        project = s.get(Project, assignment.project_id).name if then_next else None
+    if project is not None:
+        content["next"] = _next_view(request, user, project, html)
     return JSONResponse(content, status_code=201 if created else 200)
 
 

@@ -232,10 +232,14 @@
     const id = document.getElementById("assignment_id").value;
     const next = () => api("GET", `/api/v1/projects/${encodeURIComponent(project)}/next?html=true`);
     try {
-      if (skip) await api("POST", `/api/v1/assignments/${id}/skip`);
-      else await api("POST", `/api/v1/assignments/${id}/judgement`, body());
+      let shown;
+      if (skip) {
+        await api("POST", `/api/v1/assignments/${id}/skip`);
+        shown = await next();
+      } else {  // one round trip: the answer to the submit carries the next task
+        shown = (await api("POST", `/api/v1/assignments/${id}/judgement?next=true&html=true`, body())).next;
+      }
       dropDraft();
-      const shown = await next();
       undoForm.hidden = !skip;
       if (skip) document.getElementById("undo-id").value = id;
       if (skip && !shown) { window.location.href = `${window.location.pathname}?skipped=${id}`; return; }
