@@ -51,8 +51,8 @@ def measure(db_url: str, judgements: int, annotators: int = 50) -> dict[str, flo
 
     def submit(user, assignment_id: int, key: str) -> None:
         with transaction(sessions) as s:
-            judgement, assignment, _ = service.submit_judgement(s, assignment_id, user,
-                                                                {"choice": "A", "strength": 2, "client_key": key})
+            judgement, assignment, _, _ = service.submit_judgement(s, assignment_id, user,
+                                                                   {"choice": "A", "strength": 2, "client_key": key})
             service.judgement_json(judgement, assignment)
 
     for k in range(judgements):

@@ -162,12 +162,11 @@ def submit(request: Request, user: AnyUser, assignment_id: int, body: JudgementI
                "should the lease fail, the same submit again (same client_key) is safe")),
            html: bool = Query(False, description='with next: add "html" to it, as /next?html=true')):
     with tx(request) as s:
-        judgement, assignment, created = service.submit_judgement(s, assignment_id, user, body.model_dump(),
-                                                                  request.app.state.settings.limits)
+        judgement, assignment, project, created = service.submit_judgement(
+            s, assignment_id, user, body.model_dump(), request.app.state.settings.limits)
         content = service.judgement_json(judgement, assignment)
-        project = s.get(Project, assignment.project_id).name if then_next else None
-    if project is not None:
-        content["next"] = _next_view(request, user, project, html)
+    if then_next:
+        content["next"] = _next_view(request, user, project.name, html)
     return JSONResponse(content, status_code=201 if created else 200)
 
 

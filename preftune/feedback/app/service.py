@@ -550,8 +550,8 @@ def _by_client_key(session: Session, user: User, client_key: str, assignment: As
 
 
 def submit_judgement(session: Session, assignment_id: int, user: User, body: dict[str, Any],
-                     limits: Limits = Limits()) -> tuple[Judgement, Assignment, bool]:
-    """Store a judgement; returns (judgement, its assignment, created). The same ``client_key``
+                     limits: Limits = Limits()) -> tuple[Judgement, Assignment, Project, bool]:
+    """Store a judgement; returns (judgement, its assignment, their project, created). The same ``client_key``
     again returns the stored judgement unchanged, so a retried submit never creates a duplicate.
 
     Locks the user's and the assignment's rows, not the project's. A judgement on a lease with more
@@ -567,7 +567,7 @@ def submit_judgement(session: Session, assignment_id: int, user: User, body: dic
     if client_key is not None:  # (after the lock: a retry racing its first attempt finds its judgement)
         previous = _by_client_key(session, user, client_key, assignment)
         if previous is not None:
-            return previous, assignment, False
+            return previous, assignment, project, False
     if assignment.status == "done":
         raise Conflict("this assignment is already judged")
     if assignment.status == "skipped":
@@ -598,7 +598,7 @@ def submit_judgement(session: Session, assignment_id: int, user: User, body: dic
         set_committed_value(task, "needed", needed)
         if needed == 0:
             _count_open(session, project, -1)
-    return judgement, assignment, True
+    return judgement, assignment, project, True
 
 
 ANSWER_FIELDS = ("choice", "label", "strength", "ranking", "rating", "flags", "rationale")
