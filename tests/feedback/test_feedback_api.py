@@ -136,6 +136,7 @@ def test_submit_with_next_answers_the_next_lease_in_the_same_round_trip(env):
     assert "next" not in env.judge(a["assignment_id"], "ann1", choice="A", client_key="k1").json()  # not asked
     assert len(env.export("p")) == 2
 
+
 def test_skip_frees_the_task_for_others_and_never_returns(env):
     env.project("p", overlap=1)
     env.tasks("p", pair_tasks(1))
