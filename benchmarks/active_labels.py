@@ -13,7 +13,9 @@ disagreement.
    of highest preference entropy under the reward model trained on the labels so far
    (``preftune.annotators.selection``, what ``preftune run --select uncertainty`` uses);
    ``disagreement`` the pairs of highest mutual information (BALD) between ``--members`` models: the
-   one trained on the labels so far and members trained on bootstrap resamples of them. A reward
+   one trained on the labels so far and members trained on bootstrap resamples of them; ``spread``
+   the same disagreement ranking taken in rounds over the prompts (every prompt's best pair before
+   any prompt's second, counting the labels it has, ``selection.spread_over_items``). A reward
    model is trained (the main job's MiniLM settings) at every budget, and its held-out accuracy is
    what each curve shows. A point already in ``--out`` (``point.json``) is reused, so an interrupted
    run continues and more seeds can be added later.
@@ -35,6 +37,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +46,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from preftune.annotators.selection import Pair, candidate_pairs, pair_disagreement, pair_entropy  # noqa: E402
+from preftune.annotators.selection import (  # noqa: E402
+    Pair,
+    candidate_pairs,
+    pair_disagreement,
+    pair_entropy,
+    spread_over_items,
+)
 from preftune.annotators.simulated import bt_probability, calibrate_temperature, noise_ceiling  # noqa: E402
 from preftune.data.jsonl import read_jsonl, write_jsonl  # noqa: E402
 from preftune.data.records import CandidateSet, PromptRecord, to_json  # noqa: E402
@@ -140,14 +149,17 @@ def run_seed(args, seed: int, pool_items, eval_items, pool, eval_pairs, gold_poo
             if k > 0:
                 have = set(chosen)
                 rest = [n for n in order if n not in have]
-                if method in ("uncertainty", "disagreement"):
+                if method != "random":
                     rest_pairs = [pool[n] for n in rest]
                     if method == "uncertainty":
                         score = pair_entropy(rest_pairs, scores_of(previous / "rm", pool_items), None)
                     else:
                         members = [previous / "rm"] + [previous / f"member-{m}" / "rm" for m in range(1, args.members)]
                         score = pair_disagreement(rest_pairs, member_scores_of(members, pool_items))
-                    ranked = sorted(range(len(rest)), key=lambda m: (-float(score[m]), m))
+                    if method == "spread":  # the same ranking, in rounds over the prompts
+                        ranked = spread_over_items(rest_pairs, score, Counter(pool[n].item for n in chosen))
+                    else:
+                        ranked = sorted(range(len(rest)), key=lambda m: (-float(score[m]), m))
                     rest = [rest[m] for m in ranked]
                 chosen += rest[:budget - len(chosen)]
             out = shared if k == 0 else root / method / f"n{budget}"
@@ -160,7 +172,7 @@ def run_seed(args, seed: int, pool_items, eval_items, pool, eval_pairs, gold_poo
             print(f"seed {seed} {method:12s} {len(chosen):5d} labels: held-out {point['accuracy']:.1%} "
                   f"(gold {point['gold_accuracy']:.1%}), labels agreeing with gold "
                   f"{point['train_label_agreement_with_gold']:.1%}, {point['seconds']} s", flush=True)
-            if method == "disagreement" and k < len(args.budgets) - 1:
+            if method in ("disagreement", "spread") and k < len(args.budgets) - 1:
                 # The selecting ensemble: the evaluated model and K - 1 members trained on bootstrap
                 # resamples of the same labels' prompts (as `preftune reward --ensemble K` trains them).
                 for m in range(1, args.members):
@@ -199,15 +211,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", type=lambda s: s.split(","), default=["random", "uncertainty"],
                         help="Comma-separated, random first: random, uncertainty (the entropy of one reward "
-                             "model's preference), disagreement (the mutual information of an ensemble's).")
+                             "model's preference), disagreement (the mutual information of an ensemble's), "
+                             "spread (disagreement in rounds over the prompts).")
     parser.add_argument("--members", type=int, default=3,
-                        help="disagreement: the selecting ensemble's size (the evaluated model and K - 1 "
+                        help="disagreement, spread: the selecting ensemble's size (the evaluated model and K - 1 "
                              "bootstrap members).")
     parser.add_argument("--eval-share", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if args.methods[0] != "random" or not set(args.methods) <= {"random", "uncertainty", "disagreement"}:
-        parser.error(f"--methods: {','.join(args.methods)}: random first, then uncertainty and/or disagreement")
+    if args.methods[0] != "random" or not set(args.methods) <= {"random", "uncertainty", "disagreement", "spread"}:
+        parser.error(f"--methods: {','.join(args.methods)}: random first, then any of uncertainty, disagreement, "
+                     "spread")
     torch.set_num_threads(args.threads)
     if args.model == "minilm":
         from preftune.models.loading import bundled_minilm_path

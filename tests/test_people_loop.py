@@ -21,6 +21,7 @@ from preftune.annotators.selection import (
     pair_disagreement,
     pair_entropy,
     preference_entropy,
+    spread_over_items,
 )
 from preftune.cli import cli
 from preftune.data.records import CandidateSet
@@ -35,6 +36,17 @@ def test_preference_entropy_by_hand():
     assert preference_entropy(torch.tensor([2 * math.log(3)], dtype=torch.float64),
                               torch.tensor([s], dtype=torch.float64)).item() == pytest.approx(0.5623351446)
     assert preference_entropy(torch.tensor([200.0])).item() == pytest.approx(0.0, abs=1e-12)  # finite, no NaN
+
+
+def test_spread_over_items_takes_every_items_best_pair_before_any_second_by_hand():
+    pairs = [Pair(0, 0, 1), Pair(0, 0, 2), Pair(1, 0, 1), Pair(1, 1, 2), Pair(2, 0, 1)]
+    score = torch.tensor([0.9, 0.8, 0.5, 0.4, 0.1])
+    # Round 0: each item's best pair by score (0.9, 0.5, 0.1); round 1: the seconds (0.8, 0.4).
+    assert spread_over_items(pairs, score) == [0, 2, 4, 1, 3]
+    # Item 0 holds a label already, so its best pair belongs to round 1, its second to round 2.
+    assert spread_over_items(pairs, score, labelled={0: 1}) == [2, 4, 0, 3, 1]
+    # Ties in score keep the pairs' order.
+    assert spread_over_items(pairs, torch.zeros(5)) == [0, 2, 4, 1, 3]
 
 
 def test_mutual_information_by_hand():

@@ -120,3 +120,15 @@ def pair_disagreement(pairs: list[Pair], member_scores: list[torch.Tensor]) -> t
     (``member_scores[item]``: ``[K, responses]``)."""
     margins = torch.stack([member_scores[p.item][:, p.i] - member_scores[p.item][:, p.j] for p in pairs], dim=1)
     return mutual_information(margins)
+
+
+def spread_over_items(pairs: list[Pair], score: torch.Tensor, labelled: dict[int, int] | None = None) -> list[int]:
+    """Indices of ``pairs`` by ``score``, highest first, in rounds over the items: an item's n-th pair
+    comes after every item's (n-1)-th, counting the pairs of it ``labelled`` already. A plain ranking
+    piles its picks onto the prompts it finds hardest; this keeps them spread over the prompts."""
+    seen = dict(labelled or {})
+    rank_in_item = {}
+    for k in sorted(range(len(pairs)), key=lambda k: (-float(score[k]), k)):
+        rank_in_item[k] = seen.get(pairs[k].item, 0)
+        seen[pairs[k].item] = rank_in_item[k] + 1
+    return sorted(range(len(pairs)), key=lambda k: (rank_in_item[k], -float(score[k]), k))
