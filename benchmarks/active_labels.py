@@ -18,7 +18,8 @@ disagreement.
    any prompt's second, counting the labels it has, ``selection.spread_over_items``). A reward
    model is trained (the main job's MiniLM settings) at every budget, and its held-out accuracy is
    what each curve shows. A point already in ``--out`` (``point.json``) is reused, so an interrupted
-   run continues and more seeds can be added later.
+   run continues and more seeds can be added later; ``--out`` records the candidates' hash and the
+   settings (``setup.json``) and refuses a run with others.
 4. Held-out accuracy is the expected agreement of the reward model with a fresh label of the same
    annotator on every held-out pair (the mean of P(annotator agrees), a lower-variance estimate of
    accuracy on drawn labels); its agreement with the noiseless gold is printed next to it.
@@ -33,6 +34,7 @@ random's final accuracy (linear interpolation between budgets) and their ratio.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import sys
@@ -199,6 +201,23 @@ def train_and_evaluate(args, rows: list[dict], out: Path, seed: int, eval_items,
     return point
 
 
+def check_same_setup(parser: argparse.ArgumentParser, out: Path, args) -> None:
+    """The points, gold scores and members reused from ``out`` are only valid for the candidates and
+    settings that made them: record those on the first run and refuse another set-up in the same folder."""
+    setup = {"candidates_sha256": hashlib.sha256(Path(args.candidates).read_bytes()).hexdigest(),
+             "model": args.model, "labeler": args.labeler, "target_agreement": args.target_agreement,
+             "eval_share": args.eval_share}
+    path = out / "setup.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in setup if before.get(k) != setup[k])
+        if changed:
+            parser.error(f"--out {out}: holds points made with other {', '.join(changed)} ({path}); "
+                         "use a new --out")
+    else:
+        path.write_text(json.dumps(setup, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidates", required=True, help="Candidates JSONL (preftune sample).")
@@ -222,6 +241,8 @@ def main() -> None:
     if args.methods[0] != "random" or not set(args.methods) <= {"random", "uncertainty", "disagreement", "spread"}:
         parser.error(f"--methods: {','.join(args.methods)}: random first, then any of uncertainty, disagreement, "
                      "spread")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    check_same_setup(parser, Path(args.out), args)
     torch.set_num_threads(args.threads)
     if args.model == "minilm":
         from preftune.models.loading import bundled_minilm_path

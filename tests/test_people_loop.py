@@ -49,6 +49,29 @@ def test_spread_over_items_takes_every_items_best_pair_before_any_second_by_hand
     assert spread_over_items(pairs, torch.zeros(5)) == [0, 2, 4, 1, 3]
 
 
+def test_active_labels_benchmark_refuses_reusing_points_made_from_other_candidates(tmp_path):
+    import argparse
+
+    from benchmarks.active_labels import check_same_setup
+
+    candidates = tmp_path / "candidates.jsonl"
+    candidates.write_text('{"id": "a"}\n')
+    args = argparse.Namespace(candidates=str(candidates), model="minilm", labeler="helpful",
+                              target_agreement=0.73, eval_share=0.2)
+    out = tmp_path / "out"
+    out.mkdir()
+    parser = argparse.ArgumentParser()
+    check_same_setup(parser, out, args)  # first run: records the set-up
+    check_same_setup(parser, out, args)  # the same again: continues
+    candidates.write_text('{"id": "b"}\n')
+    with pytest.raises(SystemExit):
+        check_same_setup(parser, out, args)
+    candidates.write_text('{"id": "a"}\n')
+    args.labeler = "concise"
+    with pytest.raises(SystemExit):
+        check_same_setup(parser, out, args)
+
+
 def test_mutual_information_by_hand():
     l3 = math.log(3)
     # Members at P = 3/4 and 1/4: their mean is 1/2, so ln 2 - H(3/4) = 0.6931471806 - 0.5623351446.
