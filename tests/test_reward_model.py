@@ -185,8 +185,8 @@ def tiny_bert_dir(tmp_path):
     words = sorted({w for text in ["user assistant system be brief say hello what is the capital of france "
                                    "hi paris there it nice to meet you sep"] for w in text.split()})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *".,!?:[]"]
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})  # transformers 5 has no vocab_file
+    assert tok.tokenize("hello there") == ["hello", "there"]  # the words are in it, not [UNK]
     bert = build_tiny_model(tok, kind="bert")
     bert.save_pretrained(tmp_path / "bert")
     tok.save_pretrained(tmp_path / "bert")
@@ -229,6 +229,20 @@ def test_bert_reward_reads_a_literal_separator_in_the_text_as_text(tiny_bert_dir
     assert batch["input_ids"][0].tolist() == ids
     with torch.no_grad():
         assert torch.allclose(rm.raw_scores(["Hi"], ["hello [SEP] there"]), hf(**batch).logits[:, 0], atol=1e-5)
+
+
+def test_bert_reward_cuts_a_long_pair_from_the_prompt_and_keeps_the_whole_response(tiny_bert_dir):
+    rm = RewardModel.from_backbone(str(tiny_bert_dir), device="cpu")
+    tok, response = rm.tokenizer, "hello there " * 8  # 16 tokens: longer than the prompt
+    whole = rm.encode("hi", response)
+    response_ids = tok(response, add_special_tokens=False)["input_ids"]
+    rm.meta.max_length = len(whole) - 2  # two of the prompt's tokens must go
+    cut = rm.encode("hi", response)
+    assert len(cut) == len(whole) - 2 and cut[-len(response_ids) - 1:-1] == response_ids
+    assert cut[1:-len(response_ids) - 2] == whole[3:-len(response_ids) - 2]  # the prompt lost its start
+    # A response over the limit on its own loses tokens too; the pair still fits.
+    rm.meta.max_length = len(response_ids) - 4
+    assert len(rm.encode("hi", response)) == len(response_ids) - 4
 
 
 def test_missing_metadata_is_a_clear_error(tiny_model_dir):

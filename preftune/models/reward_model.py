@@ -154,11 +154,15 @@ def encode_text_pair(tokenizer, messages: Messages, response: str, max_length: i
     if not truncate:
         raise RecordError(f"prompt + response is {len(full)} tokens, over --max-length {max_length} "
                           f"(use --truncate to cut the prompt)")
+    # Only the prompt loses tokens, unless the response alone is over (then both do, as the decoder's
+    # cut keeps the end): "longest_first" would cut a long response's start before a short prompt.
+    prompt_length = len(tokenizer(prompt, add_special_tokens=False, split_special_tokens=literal)["input_ids"])
+    strategy = "only_first" if prompt_length > len(full) - max_length else "longest_first"
     side = tokenizer.truncation_side
     tokenizer.truncation_side = "left"
     try:
         return tokenizer(prompt, response, add_special_tokens=True, split_special_tokens=literal,
-                         truncation="longest_first", max_length=max_length)["input_ids"]
+                         truncation=strategy, max_length=max_length)["input_ids"]
     finally:
         tokenizer.truncation_side = side
 
