@@ -75,6 +75,9 @@ def test_ensemble_trains_saves_loads_and_scores(tmp_path, synthetic_model_dir): 
     assert manifest["bootstrap"] is True and len(summary["member_eval_accuracy"]) == 3
     held = {json.loads((tmp_path / "ens" / m / "metrics.json").read_text())["eval_groups"] for m in manifest["members"]}
     assert held == {summary["eval_groups"]}  # one held-out split for every member
+    references = {json.loads((tmp_path / "ens" / m / "metrics.json").read_text())["normalisation"]["count"]
+                  for m in manifest["members"]}
+    assert len(references) == 1  # every member normalised on the same responses, not on its own resample
     for key in ("eval_accuracy", "eval_accuracy_wco", "eval_accuracy_uwo_0.5", "eval_ece", "eval_disagreement"):
         assert 0 <= summary[key] <= 1 or key == "eval_disagreement"
 

@@ -100,10 +100,6 @@ def read_preferences(cfg: RewardConfig) -> tuple[list[PreferenceGroup], list[Pre
         train_groups, eval_groups = train_eval_split(groups, cfg.eval_split, split_seed)
     if not train_groups:
         raise PreftuneError(f"{cfg.data}: no training pairs (all preferences were ties, single ratings or invalid)")
-    if cfg.resample_seed is not None:
-        train_groups = bootstrap_resample(train_groups, cfg.resample_seed)
-        notes.append(f"bootstrap resample: {len({id(g) for g in train_groups})} distinct of {len(train_groups)} "
-                     f"training prompts (seed {cfg.resample_seed})")
     return train_groups, eval_groups, notes
 
 

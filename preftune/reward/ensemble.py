@@ -42,7 +42,7 @@ def finished(out: str | Path) -> bool:
 def held_out_member_scores(cfg: RewardConfig, members: list[RewardModel]) -> tuple[torch.Tensor, tuple]:
     """Normalised scores [K, N] of every held-out response by every member, and the pairs
     (``flatten``'s layout) they form. The members share a backbone, so one encoding serves all."""
-    _, eval_groups, _ = read_preferences(cfg.model_copy(update={"resample_seed": None}))
+    _, eval_groups, _ = read_preferences(cfg)
     held, _ = encode_groups(eval_groups, members[0], cfg.max_length, cfg.truncate, cfg.skip_invalid)
     sequences, w, l, gid, margin = flatten(held)
     scores = torch.stack([m.meta.gain * score_sequences(m.forward_ids, sequences, cfg.batch_size * 4) + m.meta.bias

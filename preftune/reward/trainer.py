@@ -26,6 +26,7 @@ from preftune.models.reward_model import RewardModel, right_pad, sequence_scores
 from preftune.reward.config import RewardConfig
 from preftune.reward.data import (
     EncodedGroup,
+    bootstrap_resample,
     encode_groups,
     flat_lengths,
     flatten,
@@ -147,11 +148,12 @@ def normalisation(raw: torch.Tensor, with_gain: bool) -> tuple[float, float]:
 
 def normalise(rm: RewardModel, cfg: RewardConfig, train_groups: list[PreferenceGroup], score=None,
               info: DistInfo = DistInfo(), everyone: bool = False) -> dict:
-    """Set ``rm``'s gain and bias from raw scores of the reference responses (``score`` as in
-    ``score_sequences``; default: ``rm.forward_ids``)."""
+    """Set ``rm``'s gain and bias from raw scores of the reference responses: ``--reference``, else
+    ``train_groups``' responses (the whole training split, not a member's resample of it; ``score``
+    as in ``score_sequences``, default ``rm.forward_ids``)."""
     pairs = read_reference(cfg.reference, cfg.skip_invalid) if cfg.reference else unique_responses(train_groups)
-    if len(pairs) > cfg.normalize_samples:
-        pairs = random.Random(cfg.seed).sample(pairs, cfg.normalize_samples)
+    if len(pairs) > cfg.normalize_samples:  # drawn with the split's seed: the same for every ensemble member
+        pairs = random.Random(cfg.seed if cfg.split_seed is None else cfg.split_seed).sample(pairs, cfg.normalize_samples)
     was_training = rm.model.training
     rm.model.eval()
     encoded = [rm.encode(p, r) for p, r in pairs]
@@ -186,6 +188,11 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
     run = TrainingRun(cfg, "reward", quiet=quiet, stop_after=stop_after)
     info = run.info
     train_groups, eval_groups, notes = read_preferences(cfg)  # bad input fails before the model loads
+    reference_groups = train_groups  # normalised on the whole split: an ensemble's members share one scale
+    if cfg.resample_seed is not None:
+        train_groups = bootstrap_resample(train_groups, cfg.resample_seed)
+        notes.append(f"bootstrap resample: {len({id(g) for g in train_groups})} distinct of {len(train_groups)} "
+                     f"training prompts (seed {cfg.resample_seed})")
     if cfg.head_only and cfg.lora:
         raise PreftuneError("--head-only trains the score head alone; --lora would train adapters too: choose one")
     trunk_trained = not (cfg.lora or cfg.head_only)
@@ -273,7 +280,7 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None, quiet: boo
             if run.stopping(done):
                 return run.stop(done)
     train_seconds = time.perf_counter() - t_loop - eval_seconds
-    norm = normalise(rm, cfg, train_groups, eval_score, info, everyone=run.sharded)
+    norm = normalise(rm, cfg, reference_groups, eval_score, info, everyone=run.sharded)
     summary = {"steps": total_steps, "train_groups": len(train), "train_pairs": sum(len(g.winners) for g in train),
                "eval_groups": len(held), "final_loss": last.get("loss"), **evals,
                **{f"initial_{k}": v for k, v in initial.items() if k in ("eval_accuracy", "eval_loss")},
