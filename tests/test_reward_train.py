@@ -95,6 +95,20 @@ def _weights(directory):
     return load_file(str(directory / "model.safetensors"))
 
 
+def test_held_out_split_keeps_every_prompt_on_one_side_when_its_comparisons_share_no_response(tmp_path):
+    """Found by a reading of the code: such comparisons stay separate groups, and the split was of
+    groups, so a prompt could train and be held out at once."""
+    from preftune.reward.data import read_preferences
+
+    rows = [{"prompt": f"p{i}", "chosen": f"a{i}{k}", "rejected": f"b{i}{k}"} for i in range(10) for k in range(2)]
+    write_lines(tmp_path / "train.jsonl", rows)
+    train, held, _ = read_preferences(RewardConfig(model="m", data=str(tmp_path / "train.jsonl"), out="o",
+                                                   eval_split=0.3, seed=0))
+    prompts = lambda groups: {g.messages[0]["content"] for g in groups}  # noqa: E731
+    assert len(train) + len(held) == 20 and len(held) == 6  # 3 of the 10 prompts, with both their groups
+    assert not prompts(train) & prompts(held)
+
+
 def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path, synthetic_model_dir):
     _small_data(tmp_path)
     kw = dict(eval_split=0.25, save_every=2, epochs=2, batch_size=8)

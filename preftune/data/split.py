@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Protocol, Sequence, TypeVar
+from typing import Callable, Hashable, Protocol, Sequence, TypeVar
 
 from preftune.data.jsonl import read_jsonl
 from preftune.data.records import HELD_OUT_TAGS, TRAIN_TAGS
@@ -33,15 +33,23 @@ def random_split(items: Sequence[T], eval_fraction: float, seed: int) -> tuple[l
             [r for i, r in enumerate(items) if i in held_idx])
 
 
-def train_eval_split(records: Sequence[R], eval_fraction: float, seed: int) -> tuple[list[R], list[R]]:
+def train_eval_split(records: Sequence[R], eval_fraction: float, seed: int,
+                     key: Callable[[R], Hashable] | None = None) -> tuple[list[R], list[R]]:
     """Split records by their ``split`` field when any record has one ("train", or one of
-    ``HELD_OUT_TAGS``, in any case; untagged records train), else ``random_split``. Returns
-    (train, eval). The readers refuse any other tag, so no record is in neither."""
+    ``HELD_OUT_TAGS``, in any case; untagged records train), else ``random_split``: of the records,
+    or of their distinct ``key`` values (records of one key, one prompt say, land on the same side;
+    with distinct keys the split is the records' own). Returns (train, eval). The readers refuse any
+    other tag, so no record is in neither."""
     if any(r.split is not None for r in records):
         train = [r for r in records if r.split is None or r.split.lower() in TRAIN_TAGS]
         held = [r for r in records if r.split is not None and r.split.lower() in HELD_OUT_TAGS]
         return train, held
-    return random_split(records, eval_fraction, seed)
+    if key is None:
+        return random_split(records, eval_fraction, seed)
+    keys = [key(r) for r in records]
+    held_keys = set(random_split(list(dict.fromkeys(keys)), eval_fraction, seed)[1])
+    return ([r for r, k in zip(records, keys) if k not in held_keys],
+            [r for r, k in zip(records, keys) if k in held_keys])
 
 
 def read_train_eval(data: str, eval_data: str | None, kind: str, *, eval_split: float, seed: int,

@@ -97,7 +97,9 @@ def read_preferences(cfg: RewardConfig) -> tuple[list[PreferenceGroup], list[Pre
         train_groups, eval_groups = groups, read(cfg.eval_data)
     else:
         split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-        train_groups, eval_groups = train_eval_split(groups, cfg.eval_split, split_seed)
+        # By prompt: groups of one prompt that share no response stay apart, but never across the split.
+        train_groups, eval_groups = train_eval_split(groups, cfg.eval_split, split_seed,
+                                                     key=lambda g: json.dumps(g.messages, sort_keys=True))
     if not train_groups:
         raise PreftuneError(f"{cfg.data}: no training pairs (all preferences were ties, single ratings or invalid)")
     return train_groups, eval_groups, notes
