@@ -115,6 +115,15 @@ def test_bon_reports_kl_and_monotone_proxy(tiny_model_dir, files, tmp_path):
     assert "over-optimisation: gold reward 1 at step 20" in html and "<td>rl</td>" in html
 
 
+def test_bon_with_too_few_n_to_fit_writes_the_rows_without_a_fit(tiny_model_dir, files, tmp_path):
+    judge, prompts = files
+    r = invoke(["bon", "--model", tiny_model_dir, "--reward", f"{judge}:letter_e", "--gold", f"{judge}:words",
+                "--prompts", prompts, "--n", "1,2", "--out", tmp_path / "bon", "--max-new-tokens", 4, "--samples", 2])
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "bon" / "bon.json").read_text())
+    assert [row["n"] for row in result["results"]] == [1, 2] and result["gold_fit"] is None  # one equation, two unknowns
+
+
 def test_probes_on_a_tiny_model(tiny_model_dir, tmp_path):
     questions = write_lines(tmp_path / "q.jsonl", [
         {"id": "q1", "question": "What is the capital of France?", "answers": ["Paris"], "category": "capitals"},

@@ -82,3 +82,19 @@ def test_plot_fits_ppo_and_bon_points():
     assert fits["bon"].beta == pytest.approx(0.2)
     assert len(fig.axes[0].lines) == 6  # proxy, gold, fit for each
 
+
+def test_too_few_informative_points_refuse_a_fit_and_the_plot_shows_the_points_alone():
+    """Found by a reading of the code: the point at d = 0 (and a repeated d) counted towards the
+    two a fit needs, so one equation gave two parameters; and a best-of-n row without gold made
+    the plot call the fit on two points and raise."""
+    with pytest.raises(ValueError, match="two distinct"):
+        fit_gao([0.0, 1.0], [0.0, 1.0], "bon")  # alpha - beta = 1: any such pair fits
+    with pytest.raises(ValueError, match="two distinct"):
+        fit_gao([0.0, 1.0, 1.0], [0.0, 1.0, 1.0], "bon")
+    with pytest.raises(ValueError, match="three distinct"):
+        fit_gao([0.5, 1.0, 1.0], [0.5, 1.0, 1.0], "rl")
+    fig, fits = plot_overoptimisation(bon_rows=[{"sqrt_kl": 0.0, "gold": None, "proxy": 0.0},
+                                                {"sqrt_kl": 1.0, "gold": 1.0, "proxy": 1.0},
+                                                {"sqrt_kl": 2.0, "gold": 1.5, "proxy": 2.0}])
+    assert fits["bon"] is None and len(fig.axes[0].lines) == 2  # proxy and gold, no fit
+

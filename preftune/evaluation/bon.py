@@ -77,8 +77,11 @@ def run_bon(cfg: BonConfig, quiet: bool = False) -> dict:
     rows = bon_curve(proxy.reshape(shape), None if gold is None else gold.reshape(shape), cfg.n,
                      seed=cfg.seed, resamples=cfg.bootstrap)
     fit = None
-    if gold is not None and len(rows) >= 2:
-        fit = fit_gao([r["sqrt_kl"] for r in rows], [r["gold"] for r in rows], "bon").to_json()
+    if gold is not None:
+        try:
+            fit = fit_gao([r["sqrt_kl"] for r in rows], [r["gold"] for r in rows], "bon").to_json()
+        except ValueError:  # too few n to fit (e.g. --n 1,2): the rows alone
+            pass
     result = {"model": cfg.model, "reward": cfg.reward, "gold": cfg.gold, "prompts": cfg.prompts,
               "precision": inference_precision(cfg.dtype, cfg.device),
               "n_prompts": len(records), "samples_per_prompt": N, "results": rows, "gold_fit": fit}

@@ -83,14 +83,16 @@ def fit_gao(d: Sequence[float], gold: Sequence[float], curve: Curve, offset: flo
     if offset is None and (d_arr == 0).any():
         offset = float(g[d_arr == 0].mean())
     features = gao_features(d_arr, curve)
+    # Distinct distances decide the fit: repeats, and with R0 known the points at d = 0, add no equation.
+    informative = np.unique(d_arr).size if offset is None else np.unique(d_arr[d_arr > 0]).size
     if offset is None:
-        if d_arr.size < 3:
-            raise ValueError("need at least three points to fit a Gao curve with its intercept")
+        if informative < 3:
+            raise ValueError("need at least three distinct sqrt(KL) values to fit a Gao curve with its intercept")
         coef, *_ = np.linalg.lstsq(np.column_stack([np.ones_like(d_arr), features]), g, rcond=None)
         offset, coef = float(coef[0]), coef[1:]
     else:
-        if d_arr.size < 2:
-            raise ValueError("need at least two points to fit a Gao curve")
+        if informative < 2:
+            raise ValueError("need at least two distinct sqrt(KL) values above 0 to fit a Gao curve")
         coef, *_ = np.linalg.lstsq(features, g - offset, rcond=None)
     return GaoFit(curve, float(coef[0]), float(coef[1]), float(offset), int(d_arr.size))
 
@@ -139,8 +141,11 @@ def plot_overoptimisation(ppo_rows: Sequence[dict] = (), bon_rows: Sequence[dict
             ax.plot(d, proxy, "o", mfc="none", color=colour, label=f"{label} proxy")
         if np.isfinite(gold).any():
             ax.plot(d, gold, "o", color=colour, label=f"{label} gold")
-            if np.isfinite(gold).sum() >= (2 if (d == 0).any() else 3):
+            try:
                 fit = fits[curve] = fit_gao(d, gold, curve)
+            except ValueError:  # too few points to fit: the points alone are shown
+                fit = None
+            if fit is not None:
                 grid = np.linspace(0, d[np.isfinite(d)].max() * 1.05, 100)
                 ax.plot(grid, fit.predict(grid), "-", color=colour, alpha=0.7,
                         label=f"{label} gold fit (a={fit.alpha:.3g}, b={fit.beta:.3g})")
