@@ -109,6 +109,19 @@ def test_held_out_split_keeps_every_prompt_on_one_side_when_its_comparisons_shar
     assert not prompts(train) & prompts(held)
 
 
+def test_held_out_split_of_too_few_prompts_holds_out_groups_and_says_so(tmp_path):
+    """One prompt (a single instruction judged many times) left nothing held out once the split was
+    over prompts: held-out metrics vanished without a word."""
+    from preftune.reward.data import read_preferences
+
+    rows = [{"prompt": "p", "chosen": f"a{k}", "rejected": f"b{k}"} for k in range(20)]
+    write_lines(tmp_path / "train.jsonl", rows)
+    train, held, notes = read_preferences(RewardConfig(model="m", data=str(tmp_path / "train.jsonl"), out="o",
+                                                       eval_split=0.25, seed=0))
+    assert len(train) == 15 and len(held) == 5
+    assert any("too few to hold out whole prompts" in n for n in notes)
+
+
 def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path, synthetic_model_dir):
     _small_data(tmp_path)
     kw = dict(eval_split=0.25, save_every=2, epochs=2, batch_size=8)
