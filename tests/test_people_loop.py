@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,11 @@ def test_two_rounds_continue_from_the_first_rounds_policy(tmp_path, monkeypatch)
     round1 = [json.loads(line)["chosen"] for line in (out / "data" / "comparisons.jsonl").read_text().splitlines()]
     assert sum(c in train for c in round1) > 0
     assert "Rounds of iterated RLHF" in (out / "report.html").read_text()
+    # Found by a reading of the code: with fewer rounds the evaluation judged round 2's policy still.
+    again = quick(out, "--rounds", "1", "--select", "uncertainty", "--labels-per-round", "30")
+    assert again.exit_code == 0, again.output
+    assert "stage eval finished" in again.output and "stage ppo finished" not in again.output
+    assert len(json.loads((out / "metrics.json").read_text())["rounds"]) == 1
 
 
 # ---------------------------------------------------------------- people in the feedback app
@@ -217,7 +223,14 @@ def test_the_main_job_with_people_stops_for_labels_and_continues(tmp_path, monke
     assert {r["id"] for r in admin_rows(out / "data" / "comparisons.jsonl")} <= {r["id"] for r in used}
     assert all(r["annotator"] in tokens for r in exported)
 
-    judged_eval = judge_everything(client, tokens, "t-eval", gold, seed=3)
+    from preftune.feedback.app.models import Project
+    from preftune.pipeline.people import FeedbackDB
+
+    with FeedbackDB.open(f"sqlite:///{db}").transaction(readonly=True) as s:
+        (eval_project,) = [p.name for p in s.query(Project) if p.name.startswith("t-eval")]
+    assert re.fullmatch(r"t-eval-ppo-[0-9a-f]{6}", eval_project)  # named by the method and the compared answers
+    assert eval_project in second.output
+    judged_eval = judge_everything(client, tokens, eval_project, gold, seed=3)
     third = quick(out, *options)
     assert third.exit_code == 0, third.output
     metrics = json.loads((out / "metrics.json").read_text())

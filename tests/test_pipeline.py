@@ -257,3 +257,26 @@ def test_a_stage_table_setting_what_the_run_sets_for_every_stage_is_refused(tmp_
         run.stage_config(PPOConfig, "ppo", policy="x", reward="y", prompts="z", out="w")
     config.write_text('[run]\nseed = 1\n\n[ppo]\nlr = 1e-5\n')
     assert run.stage_config(PPOConfig, "ppo", policy="x", reward="y", prompts="z", out="w").lr == 1e-5
+
+
+def test_run_skip_invalid_reaches_the_prompt_split(tmp_path):
+    """Found by a reading of the code: --skip-invalid was listed by `preftune run --help` and reached
+    no stage; the run's own prompt split stopped at the first bad line."""
+    from conftest import write_lines
+
+    from preftune.errors import DataError
+    from preftune.pipeline.config import RunConfig
+    from preftune.pipeline.run import Run, split_prompts
+    from preftune.sft.config import SFTConfig
+
+    prompts = write_lines(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b", "split": "eval"}, {"text": "x"}])
+    demos = write_lines(tmp_path / "d.jsonl", [{"prompt": "c", "completion": "d"}])
+
+    def run(**kw):
+        return Run(RunConfig(prompts=str(prompts), demos=str(demos), out=str(tmp_path / "out"), **kw), None, quiet=True)
+
+    with pytest.raises(DataError, match=r"p\.jsonl:3"):
+        split_prompts(run())
+    paths = split_prompts(run(skip_invalid=True))
+    assert paths["rl"].read_text().count("\n") == 1 and paths["eval"].read_text().count("\n") == 1
+    assert run(skip_invalid=True).stage_config(SFTConfig, "sft", model="m", data="d", out="o").skip_invalid

@@ -50,10 +50,10 @@ def register(cli: click.Group, config_help: str) -> None:
         metrics = run_loop(cfg, config_file=file)
         gold, m = metrics["gold_reward"], cfg.algorithm
         click.echo("gold reward: " + ", ".join(f"{k} {gold[k]['mean']:.3f}" for k in ("base", "sft", m))
-                   + f"; {METHOD_TITLES[m]} beats SFT {100 * metrics[f'winrate_{m}_vs_sft_gold']:.0f}% (gold); "
-                   f"RM accuracy {metrics['rm_eval_accuracy']:.3f}; {metrics['seconds_total'] / 60:.1f} min")
+                   + f"; {METHOD_TITLES[m]} beats SFT {_percent(metrics[f'winrate_{m}_vs_sft_gold'])} (gold); "
+                   f"RM accuracy {_percent(metrics['rm_eval_accuracy'])}; {metrics['seconds_total'] / 60:.1f} min")
         if f"winrate_{m}_vs_sft_human" in metrics:
-            click.echo(f"people prefer {METHOD_TITLES[m]} over SFT {100 * metrics[f'winrate_{m}_vs_sft_human']:.0f}% "
+            click.echo(f"people prefer {METHOD_TITLES[m]} over SFT {_percent(metrics[f'winrate_{m}_vs_sft_human'])} "
                        f"({metrics['human_eval']['judgements']} judgements)")
         click.echo(f"report: {Path(cfg.out) / 'report.html'}")
 
@@ -81,3 +81,8 @@ def register(cli: click.Group, config_help: str) -> None:
             click.echo(f"{row['method']:>9}: gold {row['gold']['mean']:.3f}, KL {kl:.2f} nats, "
                        f"{row['episodes']} responses sampled, {row['seconds']:.0f} s, {row['peak_rss_mb']:.0f} MB")
         click.echo(f"report: {Path(cfg.out or Path(cfg.run, 'compare')) / 'report.html'}")
+
+
+def _percent(rate: float | None) -> str:
+    """A rate as a percentage; "n/a" where there was nothing to measure it on (no held-out pairs)."""
+    return "n/a" if rate is None else f"{100 * rate:.1f}%"

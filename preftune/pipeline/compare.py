@@ -44,7 +44,7 @@ def open_run(cfg: CompareConfig, config_file: str | None, method: str):
         raise PreftuneError(f"{cfg.run}: not a run directory of preftune run (no run_config.json)")
     values = json.loads(recorded.read_text())
     own_file = values.pop("config_file", None)
-    given = {k: getattr(cfg, k) for k in (*RUN_WIDE, "skip_invalid") if k in cfg.model_fields_set}
+    given = {k: getattr(cfg, k) for k in RUN_WIDE if k in cfg.model_fields_set}
     run_cfg = RunConfig(**{**values, **given, "out": cfg.run,
                            "algorithm": method if method in METHOD_TITLES else "ppo"})
     return Run(run_cfg, config_file or own_file, quiet=True)

@@ -66,14 +66,14 @@ class RunConfig(StageConfig):
                                              "a PostgreSQL URL or a SQLite path (default: $PREFTUNE_DB, else "
                                              "preftune-feedback.db here, as preftune annotate uses).")
     project: str | None = Field(None, description="Name prefix of the run's projects (PREFIX-ratings, PREFIX-pairs, "
-                                                  "PREFIX-eval; later rounds add -r2, ...; default: the name of "
-                                                  "--out).")
+                                                  "-r2 ... added in later rounds, and PREFIX-eval-METHOD-DIGEST; "
+                                                  "default: the name of --out).")
     wait: bool = Field(False, description="Wait (polling the database, with a progress bar) until people have "
                                           "judged every task instead of stopping.")
     poll_seconds: float = Field(10.0, gt=0, description="How often --wait looks at the database.")
     eval_judge: Literal["gold", "human"] = Field("gold", description="Final evaluation: the gold and the reward "
                                                  "model only, or also people (human: SFT-vs-tuned pairs of the "
-                                                 "held-out prompts go to the PREFIX-eval project; the report gives "
+                                                 "held-out prompts go to the PREFIX-eval-METHOD-DIGEST project; the report gives "
                                                  "their win rate with its Wilson interval and agreement).")
     rounds: int = Field(1, ge=1, le=20, description="Iterated RLHF: each round after the first samples new "
                                                     "candidates from the last round's policy and the SFT model, "

@@ -4,7 +4,8 @@
     annotators or people in the feedback app) -> reward -> ppo | rloo | grpo | reinforce (KL leash
     to SFT, gold monitored) or dpo (on the comparisons)
     [-> rounds 2..N: sample (SFT + the last policy) -> label -> reward (on everything judged so
-    far) -> tune (from the last policy, KL leash still to SFT)]
+    far) -> tune (from the last policy; online RL keeps its KL leash to SFT, DPO's implicit
+    reference is the model it starts from)]
     -> eval (held-out prompts: base / SFT / the tuned model by gold and proxy) [-> human_eval
     (people compare SFT and tuned answers)] -> probes (hallucination, adversarial) -> report
 
@@ -18,7 +19,9 @@ out); online RL trains on every training prompt.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import shutil
 import time
@@ -53,7 +56,7 @@ def stage_names(method: str, rounds: int = 1, human_eval: bool = False, probes: 
     return ["sft", *per_round, "eval", *(["human_eval"] if human_eval else []), *(["probes"] if probes else [])]
 
 
-RUN_WIDE = ("seed", "device", "dtype", "threads", "engine")  # options of [run] that every stage takes
+RUN_WIDE = ("seed", "device", "dtype", "threads", "engine", "skip_invalid")  # [run] options every stage takes
 
 
 @dataclass
@@ -105,14 +108,14 @@ class Run:
     def stage_config(self, cls, section: str, defaults: dict[str, Any] | None = None, **fixed):
         """Every stage's config, built one way: the stage's own defaults < ``defaults`` (what the
         run chooses, e.g. its response length) < the config file's ``[section]`` table < the run's
-        seed, device, dtype, threads and engine < ``fixed`` (the paths between stages)."""
+        ``RUN_WIDE`` options (seed, device, ...) < ``fixed`` (the paths between stages)."""
         self._refuse_run_wide_keys(section)
         common = {k: getattr(self.cfg, k) for k in RUN_WIDE}
         return build_config(cls, file=self.config_file, section=section, defaults=defaults,
                             overrides={**{k: v for k, v in common.items() if k in cls.model_fields}, **fixed})
 
     def _refuse_run_wide_keys(self, section: str) -> None:
-        """The run's seed, device, dtype, threads and engine hold for every stage, so the same key
+        """The run's ``RUN_WIDE`` options hold for every stage, so the same key
         in a stage's table would be ignored: it is refused instead, in one line."""
         if not self.config_file:
             return
@@ -137,8 +140,8 @@ class Run:
         write_json(self.path("stages.json"), self.state)
 
     def run_stage(self, name: str, func: Callable[[], dict], outputs: list[Path], of: str | None = None) -> dict:
-        """Run a stage, or reuse its finished outputs; ``of``: the model the stage judges (a finished
-        evaluation of another method's model is not reused)."""
+        """Run a stage, or reuse its finished outputs; ``of``: the stage whose model it uses (a finished
+        evaluation of another method's or another round's model is not reused)."""
         done = self.state.get(name)
         index, total = self.stages.index(name) + 1, len(self.stages)
         if done and done.get("of") == of and all(p.exists() for p in outputs):
@@ -160,8 +163,13 @@ class Run:
 
 def split_prompts(run: Run) -> dict[str, Path]:
     """Write the prompt subsets of this run under OUT/data (deterministic in the seed)."""
-    records = read_jsonl(run.cfg.prompts, "prompts").records
-    demo_prompts = {r.messages[-1]["content"] for r in read_jsonl(run.cfg.demos, "demonstrations").records}
+    prompts, demos = (read_jsonl(path, kind, skip_invalid=run.cfg.skip_invalid)
+                      for path, kind in ((run.cfg.prompts, "prompts"), (run.cfg.demos, "demonstrations")))
+    for read in (prompts, demos):
+        if read.skipped:
+            run.say(read.summary())
+    records = prompts.records
+    demo_prompts = {r.messages[-1]["content"] for r in demos.records}
     train = [r for r in records if r.split in (None, "train")]
     held = [r for r in records if r.split in ("eval", "test", "validation")]
     if not held:
@@ -353,8 +361,8 @@ def gold_on_held_out(cfg, gold: str) -> dict:
 
 def stage_tune(run: Run, prompts: dict[str, Path], r: int) -> dict:
     """Stage 4 of round ``r``: the SFT model (round 1) or the last round's policy tuned by the run's
-    method against this round's reward model, always leashed to the SFT model; its options come
-    from the method's own table."""
+    method against this round's reward model, leashed to the SFT model (DPO: see ``stage_dpo``); its
+    options come from the method's own table."""
     if run.method == "dpo":
         return stage_dpo(run, r)
     from preftune.rl.config import ALGORITHMS
@@ -369,7 +377,9 @@ def stage_tune(run: Run, prompts: dict[str, Path], r: int) -> dict:
 
 def stage_dpo(run: Run, r: int) -> dict:
     """DPO from the SFT model (round 1) or the last round's model on the round's comparisons (the
-    reward model's training labels; the gold, not DPO, judges the result in the evaluation)."""
+    reward model's training labels; the gold, not DPO, judges the result in the evaluation). DPO's
+    implicit reference is the model it starts from, so from round 2 it is leashed to the last
+    round's model, not to SFT, and learns from this round's comparisons only."""
     from preftune.dpo.config import DPOConfig
     from preftune.dpo.trainer import train_dpo
 
@@ -471,7 +481,7 @@ def stage_probes(run: Run, base: str) -> dict:
 
 def stage_human_eval(run: Run) -> dict:
     """People compare the SFT model's and the tuned model's answers to the held-out prompts (the
-    evaluation stage's samples) in the PREFIX-eval project: the human win rate with its Wilson
+    evaluation stage's samples) in the PREFIX-eval-METHOD-DIGEST project: the human win rate with its Wilson
     interval, and the people's agreement."""
     from preftune.evaluation.harness import win_rate_summary
     from preftune.pipeline.labels import project_names
@@ -481,7 +491,10 @@ def stage_human_eval(run: Run) -> dict:
     rows = read_dicts(run.path("eval", "samples.jsonl"))
     records = eval_records([r["prompt"] for r in rows], [r["sft"] for r in rows], [r[m] for r in rows],
                            seed=run.cfg.seed)
-    name = project_names(run, 1)["eval"]
+    # One project per set of compared answers: another method, round or --force gets its own, and a
+    # re-run that continues finds the same one (people's judgements of other answers stay there).
+    digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:6]
+    name = f"{project_names(run, 1)['eval']}-{m}-{digest}"
     db = FeedbackDB.open(run.cfg.db)
     db.ensure_project(name, "pairwise", overlap=run.cfg.annotators)
     db.import_records(name, records)
@@ -496,12 +509,13 @@ def stage_round(run: Run, base: str, prompts: dict[str, Path], r: int) -> dict[s
     """One round of the loop: candidates, labels, reward model, tuning."""
     m = run.method
     name = lambda stage: round_stage(stage, r)  # noqa: E731
+    of = None if r == 1 else round_stage(m, r - 1)  # later rounds sample the previous round's policy
     return {
-        "sample": run.run_stage(name("sample"), lambda: stage_sample(run, base, prompts, r), [run.candidates(r)]),
+        "sample": run.run_stage(name("sample"), lambda: stage_sample(run, base, prompts, r), [run.candidates(r)], of),
         "label": run.run_stage(name("label"), lambda: stage_label(run, r),
-                               [run.round_path(r, "data", "comparisons.jsonl")]),
+                               [run.round_path(r, "data", "comparisons.jsonl")], of),
         "reward": run.run_stage(name("reward"), lambda: stage_reward(run, base, r),
-                                [run.round_path(r, "rm", "metrics.json")]),
+                                [run.round_path(r, "rm", "metrics.json")], of),
         m: run.run_stage(name(m), lambda: stage_tune(run, prompts, r), [run.policy(r) / "config.json"]),
     }
 
@@ -522,9 +536,9 @@ def run_loop(cfg: RunConfig, config_file: str | None = None, quiet: bool = False
     from preftune.models.loading import inference_precision, set_threads
     from preftune.pipeline.report import write_report
 
-    if cfg.eval_judge == "human" and cfg.feedback != "app" and cfg.db is None:
-        raise ConfigError("eval_judge = \"human\" needs the feedback app's database: set [run] db (or feedback = "
-                          "\"app\")")
+    if cfg.eval_judge == "human" and cfg.feedback != "app" and not (cfg.db or os.environ.get("PREFTUNE_DB")):
+        raise ConfigError("eval_judge = \"human\" needs the feedback app's database: set [run] db or $PREFTUNE_DB "
+                          "(or feedback = \"app\")")
     run = Run(cfg, config_file, quiet)
     run.out.mkdir(parents=True, exist_ok=True)
     if cfg.force:  # outputs of an earlier run (data/ is rewritten by the stages themselves)
@@ -546,13 +560,14 @@ def run_loop(cfg: RunConfig, config_file: str | None = None, quiet: bool = False
             results.update(this)
         else:
             results.update({round_stage(k, r): v for k, v in this.items()})
+    final = round_stage(m, cfg.rounds)  # the stage whose policy (and reward model) the last stages judge
     results["eval"] = run.run_stage("eval", lambda: stage_eval(run, base, prompts["eval"]),
-                                    [run.path("eval", "eval.json")], of=m)
+                                    [run.path("eval", "eval.json")], of=final)
     if cfg.eval_judge == "human":
-        results["human_eval"] = run.run_stage("human_eval", lambda: stage_human_eval(run), [], of=m)
+        results["human_eval"] = run.run_stage("human_eval", lambda: stage_human_eval(run), [], of=final)
     if cfg.probes:
         results["probes"] = run.run_stage("probes", lambda: stage_probes(run, base),
-                                          [run.path("probes", "adversarial", "probe.json")], of=m)
+                                          [run.path("probes", "adversarial", "probe.json")], of=final)
     results["rounds"] = rounds
     seconds_per_stage = {name: run.state[name]["seconds"] for name in run.stages if name in run.state}
     ev = results["eval"]
