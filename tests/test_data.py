@@ -19,7 +19,7 @@ from preftune.data import (
     to_json,
     write_jsonl,
 )
-from preftune.data.split import random_split, train_eval_split
+from preftune.data.split import random_split, read_train_eval, train_eval_split
 from preftune.errors import DataError
 
 
@@ -191,6 +191,25 @@ def test_split_tags_in_any_case_and_unknown_ones_refused(tmp_path):
     path = write_lines(tmp_path / "p.jsonl", [{"prompt": "a", "split": "train"}, {"prompt": "b", "split": "later"}])
     with pytest.raises(DataError, match=r"p\.jsonl:2: unknown \"split\" 'later': \"train\", or one of eval"):
         read_jsonl(path, "prompts")
+
+
+def test_sft_and_dpo_hold_out_whole_prompts(tmp_path):
+    """Found by a reading of the code: SFT's and DPO's --eval-split drew records, not prompts, so a
+    prompt with several demonstrations or judgements was trained on and held out at once (the
+    reward model's split was already over prompts)."""
+    comparisons = [{"prompt": f"q{i % 10}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(60)]
+    path = write_lines(tmp_path / "c.jsonl", comparisons)
+    train, held, notes = read_train_eval(str(path), None, "comparisons", eval_split=0.2, seed=3, skip_invalid=False)
+    prompts = lambda recs: {r.messages[0]["content"] for r in recs}  # noqa: E731
+    assert len(prompts(held)) == 2 and len(held) == 12 and len(train) == 48
+    assert not prompts(train) & prompts(held) and not notes
+    # one prompt only: holding it out would leave nothing to train on, so records are drawn, and said
+    demos = write_lines(tmp_path / "d.jsonl", [{"prompt": "q", "completion": f"a{i}"} for i in range(10)])
+    train, held, notes = read_train_eval(str(demos), None, "demonstrations", eval_split=0.2, seed=3,
+                                         skip_invalid=False)
+    assert (len(train), len(held)) == (8, 2)
+    assert notes == [f"{demos}: 1 prompt(s), too few to hold out whole prompts at eval_split=0.2: "
+                     "held out by records (a prompt may be on both sides)"]
 
 
 def test_byte_order_mark_huge_numbers_deep_nesting_and_lone_surrogates(tmp_path):

@@ -259,6 +259,26 @@ def test_a_stage_table_setting_what_the_run_sets_for_every_stage_is_refused(tmp_
     assert run.stage_config(PPOConfig, "ppo", policy="x", reward="y", prompts="z", out="w").lr == 1e-5
 
 
+def test_run_prompt_split_knows_every_split_tag(tmp_path):
+    """Found by a reading of the code: the run's own prompt split knew only "train", "eval", "test"
+    and "validation" in lower case, so prompts tagged "dev", "val" or "Train" (which the readers
+    accept) were silently dropped, and a file held out only by "dev" had "no held-out prompts"."""
+    from conftest import write_lines
+
+    from preftune.pipeline.config import RunConfig
+    from preftune.pipeline.run import Run, split_prompts
+
+    tags = ["train", "Train", None, "dev", "VAL", "Eval", "held_out"]
+    prompts = write_lines(tmp_path / "p.jsonl", [{"prompt": f"p{i}", **({"split": t} if t else {})}
+                                                 for i, t in enumerate(tags)])
+    demos = write_lines(tmp_path / "d.jsonl", [{"prompt": "c", "completion": "d"}])
+    cfg = RunConfig(prompts=str(prompts), demos=str(demos), out=str(tmp_path / "out"), eval_prompts=10)
+    paths = split_prompts(Run(cfg, None, quiet=True))
+    read = lambda key: sorted(json.loads(line)["prompt"] for line in paths[key].read_text().splitlines())  # noqa: E731
+    assert read("rl") == ["p0", "p1", "p2"]
+    assert read("eval") == ["p3", "p4", "p5", "p6"]
+
+
 def test_run_skip_invalid_reaches_the_prompt_split(tmp_path):
     """Found by a reading of the code: --skip-invalid was listed by `preftune run --help` and reached
     no stage; the run's own prompt split stopped at the first bad line."""

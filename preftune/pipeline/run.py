@@ -34,8 +34,8 @@ import torch
 
 from preftune.config import build_config, read_config_file
 from preftune.data.jsonl import read_dicts, read_jsonl, write_json, write_jsonl
-from preftune.data.records import prompt_text, to_json
-from preftune.data.split import random_split
+from preftune.data.records import HELD_OUT_TAGS, prompt_text, to_json
+from preftune.data.split import random_split, split_by_tags
 from preftune.errors import ConfigError, PreftuneError
 from preftune.pipeline.config import METHOD_TITLES, RunConfig
 from preftune.pipeline.labels import stage_label
@@ -169,11 +169,11 @@ def split_prompts(run: Run) -> dict[str, Path]:
         if read.skipped:
             run.say(read.summary())
     records = prompts.records
-    demo_prompts = {r.messages[-1]["content"] for r in demos.records}
-    train = [r for r in records if r.split in (None, "train")]
-    held = [r for r in records if r.split in ("eval", "test", "validation")]
+    demo_prompts = {prompt_text(r.messages) for r in demos.records}
+    train, held = split_by_tags(records)
     if not held:
-        raise PreftuneError(f"{run.cfg.prompts}: no held-out prompts (records with \"split\": \"eval\")")
+        raise PreftuneError(f"{run.cfg.prompts}: no held-out prompts (records with \"split\": \"eval\"; "
+                            f"any of {', '.join(HELD_OUT_TAGS)} holds out)")
     rng = random.Random(run.cfg.seed)
     free = [r for r in train if prompt_text(r.messages) not in demo_prompts]
     comparison = rng.sample(free, min(run.cfg.comparison_prompts, len(free)))

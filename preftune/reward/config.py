@@ -15,9 +15,9 @@ class RewardConfig(TrainConfig):
     out: str = Field(..., description="Output directory: the reward model (Hugging Face directory with "
                                       "reward_model.json), metrics and checkpoints.")
     eval_data: str | None = Field(None, description="Held-out preferences JSONL.")
-    eval_split: float = Field(0.1, ge=0, lt=1, description="Share of --data held out when no --eval-data is "
-                                                          "given (records with a 'split' field decide "
-                                                          "themselves).")
+    eval_split: float = Field(0.1, ge=0, lt=1, description="Share of --data's prompts held out (each prompt's "
+                                                           "records on one side) when no --eval-data is given; "
+                                                           "records with a 'split' field decide themselves.")
     lr: float = Field(3e-5, gt=0, description="Peak learning rate (LoRA typically wants 1e-4..5e-4).")
     margin_scale: float = Field(1.0, ge=0, description="Margin per unit of a comparison's 'strength': loss "
                                                        "-log sigmoid(r_w - r_l - margin_scale * strength).")

@@ -16,7 +16,7 @@ import torch
 
 from preftune.data.jsonl import first_object, read_jsonl
 from preftune.data.records import Messages, RecordError
-from preftune.data.split import train_eval_split
+from preftune.data.split import split_by_prompt
 from preftune.errors import DataError, PreftuneError
 from preftune.models.reward_model import RewardModel
 from preftune.reward.config import RewardConfig
@@ -97,17 +97,8 @@ def read_preferences(cfg: RewardConfig) -> tuple[list[PreferenceGroup], list[Pre
         train_groups, eval_groups = groups, read(cfg.eval_data)
     else:
         split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-        prompt_of = lambda g: json.dumps(g.messages, sort_keys=True)  # noqa: E731
-        n_prompts = len({prompt_of(g) for g in groups})
-        # By prompt: groups of one prompt that share no response stay apart, but never across the split;
-        # with too few prompts for the fraction (one, say) holding out whole prompts would hold out far
-        # more than asked (or nothing), so the split is of groups, and the notes say so.
-        by_prompt = any(g.split is not None for g in groups) or n_prompts * cfg.eval_split >= 1
-        if cfg.eval_split > 0 and not by_prompt:
-            notes.append(f"{cfg.data}: {n_prompts} prompt(s), too few to hold out whole prompts at "
-                         f"eval_split={cfg.eval_split}: held out by groups (a prompt may be on both sides)")
-        train_groups, eval_groups = train_eval_split(groups, cfg.eval_split, split_seed,
-                                                     key=prompt_of if by_prompt else None)
+        train_groups, eval_groups, split_notes = split_by_prompt(groups, cfg.eval_split, split_seed, cfg.data)
+        notes += split_notes
     if not train_groups:
         raise PreftuneError(f"{cfg.data}: no training pairs (all preferences were ties, single ratings or invalid)")
     return train_groups, eval_groups, notes
