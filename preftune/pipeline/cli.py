@@ -26,7 +26,8 @@ def register(cli: click.Group, config_help: str) -> None:
                        "[probes.adversarial]) for any "
                        "option of those stages' commands (see examples/demo/demo.toml).")
     @click.option("--quick", is_flag=True, help="Tiny models and small counts: the whole loop in under 2 minutes, "
-                                                "on a config and data that ship with preftune.")
+                                                "on a config and data that ship with preftune (a --config "
+                                                "replaces that config; the data stay the defaults).")
     @config_options(RunConfig)
     def run(quick: bool, **kwargs) -> None:
         """Run the whole RLHF loop and write a report.
