@@ -80,4 +80,4 @@ def test_candidates_are_read_without_importing_the_sampling_stage(tmp_path):
 def test_demonstrations_work_as_prompts(tmp_path):
     demo = parse_prompt_source({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
     assert demo.messages == [{"role": "user", "content": "hi"}]
-    assert parse_prompt_source({"prompt": "q", "completion": "a", "id": 3}).id == "3"
+    assert parse_prompt_source({"prompt": "q", "completion": "a", "id": 3}).id == 3

@@ -30,7 +30,7 @@ def test_prompt_forms(tmp_path):
          "split": "eval"},
     ])
     recs = read_jsonl(path, "prompts").records
-    assert recs[0] == PromptRecord(messages=[{"role": "user", "content": "Hi"}], id="1")
+    assert recs[0] == PromptRecord(messages=[{"role": "user", "content": "Hi"}], id=1)  # as the file gave it
     assert recs[1].messages[0]["role"] == "system" and recs[1].split == "eval"
     assert recs[1].source.line == 2
 
@@ -242,6 +242,24 @@ def test_convert_tells_the_kind_from_the_first_valid_record(tmp_path):
     assert result.exit_code == 0, result.output
     [row] = [json.loads(line) for line in out.read_text().splitlines()]
     assert (row["chosen"], row["rejected"]) == ("yes", "no")
+
+
+def test_integer_ids_are_written_back_as_integers(tmp_path):
+    """Found by a reading of the code: `"id": 7` came back from preftune convert (and every data
+    file the main job writes again) as `"id": "7"`."""
+    from click.testing import CliRunner
+
+    from preftune.cli import cli
+
+    rows = [{"id": 7, "prompt": "q", "chosen": "yes", "rejected": "no"},
+            {"id": "8", "prompt": "r", "chosen": "yes", "rejected": "no"}]
+    src, out = write_lines(tmp_path / "c.jsonl", rows), tmp_path / "out.jsonl"
+    result = CliRunner().invoke(cli, ["convert", str(src), "--to", "preftune", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [7, "8"]
+    dup = write_lines(tmp_path / "dup.jsonl", [{"id": 7, "prompt": "a"}, {"id": "7", "prompt": "b"}])
+    with pytest.raises(DataError, match=r'dup\.jsonl:2: duplicate id "7" \(first on line 1\)'):
+        read_jsonl(dup, "prompts")
 
 
 def test_random_split_of_plain_items_is_the_untagged_split():

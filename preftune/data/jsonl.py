@@ -117,9 +117,10 @@ def read_jsonl(path: str | Path, kind: str, *, skip_invalid: bool = False,
             if kind not in ("prompt_sources", "candidates"):  # (a prompt taken from a demonstration drops the rest)
                 record.extra = other_keys(obj, record)
             if record.id is not None:
-                if record.id in seen_ids:
-                    raise RecordError(f'duplicate id "{record.id}" (first on line {seen_ids[record.id]})')
-                seen_ids[record.id] = lineno
+                key = str(record.id)  # 7 and "7" name the same record downstream (task ids, pair ids)
+                if key in seen_ids:
+                    raise RecordError(f'duplicate id "{record.id}" (first on line {seen_ids[key]})')
+                seen_ids[key] = lineno
             if check is not None:
                 check(record)
         except RecordError as e:

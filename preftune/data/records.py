@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Messages = list[dict[str, str]]
+RecordId = str | int  # a record's own "id", kept as the file gave it
 
 RATING_FLAGS = ("hallucination", "harmful", "ignores_instruction", "unhelpful", "other")
 """The documented flag vocabulary of ratings (see docs/data-formats.md)."""
@@ -41,7 +42,7 @@ class Source:
 @dataclass
 class PromptRecord:
     messages: Messages
-    id: str | None = None
+    id: RecordId | None = None
     split: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # other keys, kept
     source: Source = field(default_factory=Source, compare=False, repr=False)
@@ -51,7 +52,7 @@ class PromptRecord:
 class Demonstration:
     messages: Messages  # the conversation before the target turn
     completion: str
-    id: str | None = None
+    id: RecordId | None = None
     split: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # other keys, kept
     source: Source = field(default_factory=Source, compare=False, repr=False)
@@ -64,7 +65,7 @@ class Comparison:
     rejected: str
     strength: float | None = None
     annotator: str | None = None
-    id: str | None = None
+    id: RecordId | None = None
     split: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # other keys, kept
     source: Source = field(default_factory=Source, compare=False, repr=False)
@@ -76,7 +77,7 @@ class Ranking:
     responses: list[str]
     ranking: list[list[int]]  # groups of tied indices, best group first
     annotator: str | None = None
-    id: str | None = None
+    id: RecordId | None = None
     split: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # other keys, kept
     source: Source = field(default_factory=Source, compare=False, repr=False)
@@ -90,7 +91,7 @@ class Rating:
     scale: int = 3
     flags: list[str] = field(default_factory=list)
     annotator: str | None = None
-    id: str | None = None
+    id: RecordId | None = None
     split: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # other keys, kept
     source: Source = field(default_factory=Source, compare=False, repr=False)
@@ -106,7 +107,7 @@ class CandidateSet:
     responses: list[str]
     models: list[str]
     ended: list[bool] | None = None
-    id: str | None = None
+    id: RecordId | None = None
     split: str | None = None
     source: Source = field(default_factory=Source, compare=False, repr=False)
 
@@ -130,13 +131,13 @@ def _string(obj: dict, key: str, *, required: bool = True, nonempty: bool = Fals
     return value
 
 
-def _optional_id(obj: dict) -> str | None:
+def _optional_id(obj: dict) -> RecordId | None:
     if obj.get("id") is None:
         return None
     value = obj["id"]
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise RecordError('"id" must be a string or an integer')
-    return str(value)
+    return value  # as given: an integer id is written back as an integer
 
 
 def _messages(value: Any, key: str) -> Messages:
