@@ -8,11 +8,11 @@ from datetime import timedelta
 from unittest import mock
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 
 from preftune.feedback.app import service
 from preftune.feedback.app.db import transaction
-from preftune.feedback.app.models import Project, Task, User, utcnow
+from preftune.feedback.app.models import Assignment, Project, Task, User, utcnow
 
 from .conftest import pair_tasks
 
@@ -136,6 +136,41 @@ def test_one_annotator_asking_twice_at_once_gets_one_lease(env):
     s.close()
     thread.join(10)
     assert out[0][0] == held.id
+
+
+def test_a_lease_that_finds_its_task_full_lets_go_of_it(env):
+    """Found by CI (deadlock detected, 500s in the SIGKILL load test on PostgreSQL): a lease whose
+    claimed task had been filled by a lease committed meanwhile kept that row locked while it
+    claimed, or waited for, the next one; two such leases could each hold what the other waited for."""
+    if env.url.startswith("sqlite"):
+        pytest.skip("SQLite serialises writers: no lease commits while another is in flight")
+    env.project("q", overlap=1)
+    env.tasks("q", pair_tasks(2))
+    sessions = env.client.app.state.sessions
+    s = sessions()
+    ann1, ann2 = (s.scalar(select(User).where(User.name == n)) for n in ("ann1", "ann2"))
+
+    def lease_committed_meanwhile(state) -> None:  # ann2 takes the task ann1 has just claimed
+        if state.statement is service.OTHERS_LIVE_LEASES and not filled:
+            filled.append(state.parameters["task_id"])
+            with transaction(sessions) as s2:
+                now = utcnow()
+                s2.add(Assignment(task_id=filled[0], user_id=ann2.id, project_id=state.parameters["project_id"],
+                                  shown_order=[0, 1], status="leased", leased_at=now,
+                                  expires_at=now + timedelta(hours=1)))
+
+    filled: list[int] = []
+    event.listen(s, "do_orm_execute", lease_committed_meanwhile)
+    try:
+        _, assignment, task = service.next_assignment(s, "q", ann1)
+        assert filled and task.id != filled[0]  # the filled task missed; the other one was taken
+        with transaction(sessions) as s3:  # the task ann1 found full is free to lock again
+            free = s3.scalars(select(Task.id).where(Task.project_id == task.project_id)
+                              .with_for_update(skip_locked=True)).all()
+        assert free == [filled[0]]
+    finally:
+        s.rollback()
+        s.close()
 
 
 def test_a_skip_racing_a_submit_of_the_same_assignment_never_unjudges_it(env):

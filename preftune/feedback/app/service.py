@@ -337,7 +337,8 @@ PROJECT_BY_NAME = select(Project).where(Project.name == bindparam("name"))
 # A lease claims its task row, skipping rows other leases hold, so annotators asking at once take
 # different tasks instead of queueing on one lock. Every change to a task's slots (lease, unskip,
 # late submit) holds the task's row, and each one's caller's user row first: one request at a time
-# per annotator (one live lease each, however many tabs), and one lock order, so they cannot deadlock.
+# per annotator (one live lease each, however many tabs), and one lock order: user, then a single
+# task (a lease's pass that finds its task full lets go of it before the next), so they cannot deadlock.
 NEXT_TASK_CLAIMED = NEXT_TASK.with_for_update(of=Task, key_share=True, skip_locked=True)
 NEXT_TASK_WAITING = NEXT_TASK.with_for_update(of=Task, key_share=True)
 TASK_LOCKED = select(Task.id).where(Task.id == bindparam("task_id")).with_for_update(key_share=True)
@@ -397,10 +398,15 @@ def _claim(session: Session, project: Project, user: User, now) -> tuple[Task, A
     if not is_postgres(session):  # one writer at a time: what the read sees stays true
         return session.execute(NEXT_TASK, params).first()
     for _ in range(100):  # each pass reads newer state, and a miss means another lease committed
+        # Each pass in a savepoint, so that a task found full is let go of at once: a lease that kept
+        # it locked while waiting for the next task deadlocked with a lease doing the same the other way.
+        attempt = session.begin_nested()
         row = (session.execute(NEXT_TASK_CLAIMED, params).first()
                or session.execute(NEXT_TASK_WAITING, params).first())
         if row is None or session.scalar(OTHERS_LIVE_LEASES, {**params, "task_id": row[0].id}) < row[0].needed:
+            attempt.commit()
             return row
+        attempt.rollback()  # (releases the row lock taken in this pass)
     raise Conflict("the queue is too busy right now: ask again")
 
 
