@@ -73,8 +73,9 @@ class RunConfig(StageConfig):
     poll_seconds: float = Field(10.0, gt=0, description="How often --wait looks at the database.")
     eval_judge: Literal["gold", "human"] = Field("gold", description="Final evaluation: the gold and the reward "
                                                  "model only, or also people (human: SFT-vs-tuned pairs of the "
-                                                 "held-out prompts go to the PREFIX-eval-METHOD-DIGEST project; the report gives "
-                                                 "their win rate with its Wilson interval and agreement).")
+                                                 "held-out prompts go to the PREFIX-eval-METHOD-DIGEST project; "
+                                                 "the report gives their win rate with its Wilson interval and "
+                                                 "agreement).")
     rounds: int = Field(1, ge=1, le=20, description="Iterated RLHF: each round after the first samples new "
                                                     "candidates from the last round's policy and the SFT model, "
                                                     "labels them, retrains the reward model on everything judged so "
